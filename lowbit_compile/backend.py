@@ -1,0 +1,123 @@
+"""The `lowbit` torch.compile backend: options, the pass pipeline, and Inductor.
+
+    torch.compile(model, backend="lowbit", options={"policy": "w8a8", "dump_dir": "/tmp/dump"})
+
+The entry point in pyproject.toml registers it under `torch_dynamo_backends`, so no import is needed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+
+from lowbit_compile import ops  # noqa: F401  (registers torch.ops.lowbit)
+from lowbit_compile.dump import StageRecorder, graph_text, render_stage
+from lowbit_compile.policy import Policy, as_policy
+from lowbit_compile.report import Report, build_report, measure_site_sqnr
+
+log = logging.getLogger(__name__)
+
+OPTION_DOCS = {
+    "policy": "a lowbit_compile.Policy or a recipe name (lowbit_compile.RECIPES); default: the 8-bit default policy",
+    "dump_dir": "directory for stage graphs, the report and Inductor's output code (or env LOWBIT_DUMP_DIR)",
+    "compute_sqnr": "measure each site's SQNR on the compile-time inputs (default True)",
+    "inductor": "False to stop after the fused stage and run it without Inductor (debugging); default True",
+    "inductor_config": "dict of torch._inductor.config patches for this compile",
+}
+VALID_OPTIONS = tuple(OPTION_DOCS)
+_graph_counter = itertools.count()
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    policy: Policy
+    dump_dir: str | None = None
+    compute_sqnr: bool = True
+    inductor: bool = True
+    inductor_config: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, options: dict[str, Any] | None) -> BackendOptions:
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(VALID_OPTIONS))
+        if unknown:
+            valid = "; ".join(f"{k}: {doc}" for k, doc in OPTION_DOCS.items())
+            raise ValueError(f"unknown lowbit option(s) {unknown}; valid options are {valid}")
+        inductor_config = options.get("inductor_config") or {}
+        if not isinstance(inductor_config, dict):
+            raise ValueError("option inductor_config must be a dict of torch._inductor.config settings")
+        return cls(
+            policy=as_policy(options.get("policy")),
+            dump_dir=options.get("dump_dir"),
+            compute_sqnr=bool(options.get("compute_sqnr", True)),
+            inductor=bool(options.get("inductor", True)),
+            inductor_config=dict(inductor_config),
+        )
+
+
+def _graph_id() -> str:
+    compile_id = torch._guards.CompileContext.current_compile_id()
+    return str(compile_id).replace("/", "_") if compile_id is not None else str(next(_graph_counter))
+
+
+def compile_graph(
+    gm: torch.fx.GraphModule,
+    example_inputs: list[Any],
+    options: BackendOptions,
+    on_report: Callable[[Report], None] | None = None,
+    on_stages: Callable[[dict[str, str]], None] | None = None,
+) -> Callable[..., Any]:
+    """Run the pipeline on one Dynamo graph and return what Dynamo should call instead."""
+    from passes.lower import lower_with_inductor
+    from passes.pipeline import run_pipeline
+
+    policy = options.policy
+    graph_id = _graph_id()
+    recorder = StageRecorder(options.dump_dir, graph_id)
+
+    def observe(stage: str, state: Any) -> None:
+        if stage == "annotated" and options.compute_sqnr:
+            measure_site_sqnr(state.gm, state.example_inputs, state.sites, state.parameters)
+        sites = state.sites if stage != "captured" else None
+        recorder.record(stage, render_stage(stage, graph_text(state.gm), policy, graph_id, sites))
+
+    state = run_pipeline(gm, example_inputs, policy, observe)
+    report = build_report(state.sites, policy, graph_id)
+    log.info("%s", report.table())
+    recorder.record("report", report.table() + "\n", suffix=".txt")
+    recorder.record("report_json", report.to_json(), suffix=".json")
+    if on_report is not None:
+        on_report(report)
+
+    for tensor in state.folded_inputs:
+        if tensor.is_cuda:  # CUDA graphs must not copy the folded weights on every replay
+            torch._dynamo.mark_static_address(tensor)
+    if options.inductor:
+        compiled = lower_with_inductor(
+            state,
+            on_lowered_graph=lambda graph: recorder.record(
+                "lowered", render_stage("lowered", str(graph), policy, graph_id)
+            ),
+            on_output_code=lambda code: recorder.record("output_code", code),
+            config_patches=options.inductor_config,
+        )
+    else:
+        fused, folded = state.gm, list(state.folded_inputs)
+
+        def compiled(*args: Any) -> Any:
+            return fused(*args, *folded)
+
+    if on_stages is not None:
+        on_stages(recorder.texts)
+    return compiled
+
+
+def lowbit_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], options: dict[str, Any] | None = None) -> Callable[..., Any]:
+    """The function registered as `backend="lowbit"`."""
+    return compile_graph(gm, example_inputs, BackendOptions.parse(options))

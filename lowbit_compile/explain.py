@@ -1,0 +1,30 @@
+"""`explain(model, *args, policy=...)`: the per-site report, without running Inductor."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lowbit_compile.backend import BackendOptions, compile_graph
+from lowbit_compile.policy import Policy
+from lowbit_compile.report import Report
+
+
+def explain(model: Any, *args: Any, policy: Policy | str | None = None, **kwargs: Any) -> Report:
+    """Capture `model(*args, **kwargs)` with Dynamo, run the pass pipeline up to the fused stage and
+    return the report: one row per matmul site (all graphs of the model, in order)."""
+    reports: list[Report] = []
+    options = BackendOptions.parse({"policy": policy, "inductor": False})
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        return compile_graph(gm, example_inputs, options, on_report=reports.append)
+
+    with torch.no_grad():
+        torch.compile(model, backend=backend, dynamic=False)(*args, **kwargs)
+    if not reports:
+        return Report(policy=options.policy.name, policy_key=options.policy.cache_key())
+    merged = reports[0]
+    for report in reports[1:]:
+        merged = merged + report
+    return merged

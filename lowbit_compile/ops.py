@@ -1,0 +1,217 @@
+"""The `torch.ops.lowbit` namespace: q/dq ops and fused low-bit matmul / attention ops.
+
+Two families:
+
+* `quantize` / `dequantize` are CompositeImplicitAutograd: they run the reference math of
+  `lowbit_compile.reference` and decompose into ordinary aten pointwise/reduction ops when traced,
+  so Inductor can fuse activation quantization into the op that produces the activation.
+* `weight_only_mm`, `scaled_mm`, `auto_mm` and `attention` are opaque custom ops with a fake
+  (meta) implementation and a reference implementation registered for every device: on CPU it is
+  the implementation, on a GPU without a specialised kernel it is the (slow but correct) fallback.
+  Kernels for specific devices register over the reference with `register_kernel`.
+
+Absent optional quantization outputs (zero point, global scale) are passed as 0-element tensors so
+every op has a fixed tensor signature. Formats are passed by registry name (`lowbit_compile.formats`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lowbit_compile import reference
+from lowbit_compile.formats import get_format
+
+NAMESPACE = "lowbit"
+_library = torch.library.Library(NAMESPACE, "FRAGMENT")
+
+
+def _absent(like: Tensor) -> Tensor:
+    return torch.empty(0, dtype=torch.float32, device=like.device)
+
+
+def _present(t: Tensor) -> Tensor | None:
+    return None if t.numel() == 0 else t
+
+
+def _quantized(data: Tensor, scale: Tensor, zero_point: Tensor, global_scale: Tensor) -> reference.QuantizedTensor:
+    return reference.QuantizedTensor(data, scale, _present(zero_point), _present(global_scale))
+
+
+# -- quantize / dequantize (decomposable) --------------------------------------------------------
+
+_library.define("quantize(Tensor x, str fmt) -> (Tensor, Tensor, Tensor, Tensor)")
+_library.define(
+    "dequantize(Tensor data, Tensor scale, Tensor zero_point, Tensor global_scale, str fmt, "
+    "ScalarType dtype) -> Tensor"
+)
+
+
+def _quantize_impl(x: Tensor, fmt: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    q = reference.quantize(x, get_format(fmt))
+    zero_point = q.zero_point if q.zero_point is not None else _absent(x)
+    global_scale = q.global_scale if q.global_scale is not None else _absent(x)
+    return q.data, q.scale, zero_point, global_scale
+
+
+def _dequantize_impl(
+    data: Tensor, scale: Tensor, zero_point: Tensor, global_scale: Tensor, fmt: str, dtype: torch.dtype
+) -> Tensor:
+    return reference.dequantize(_quantized(data, scale, zero_point, global_scale), get_format(fmt), dtype)
+
+
+_library.impl("quantize", _quantize_impl, "CompositeImplicitAutograd")
+_library.impl("dequantize", _dequantize_impl, "CompositeImplicitAutograd")
+
+
+# -- fused ops (opaque) ---------------------------------------------------------------------------
+
+
+def _linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    """fp32 accumulate, one rounding to the output dtype at the end (what the kernels do)."""
+    out = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    return out.to(out_dtype)
+
+
+def _out_features(w_data: Tensor) -> int:
+    return w_data.shape[0]
+
+
+@torch.library.custom_op("lowbit::weight_only_mm", mutates_args=())
+def weight_only_mm(
+    x: Tensor,
+    w_data: Tensor,
+    w_scale: Tensor,
+    w_zero_point: Tensor,
+    w_global_scale: Tensor,
+    bias: Tensor | None,
+    w_fmt: str,
+) -> Tensor:
+    """y[..., N] = x[..., K] @ dequantize(w)[N, K].T + bias, in x.dtype (A16 x low-bit weight)."""
+    weight = reference.dequantize(
+        _quantized(w_data, w_scale, w_zero_point, w_global_scale), get_format(w_fmt), torch.float32
+    )
+    return _linear_reference(x, weight, bias, x.dtype)
+
+
+@weight_only_mm.register_fake
+def _(x, w_data, w_scale, w_zero_point, w_global_scale, bias, w_fmt):
+    return x.new_empty((*x.shape[:-1], _out_features(w_data)))
+
+
+@torch.library.custom_op("lowbit::scaled_mm", mutates_args=())
+def scaled_mm(
+    x_data: Tensor,
+    x_scale: Tensor,
+    x_global_scale: Tensor,
+    w_data: Tensor,
+    w_scale: Tensor,
+    w_global_scale: Tensor,
+    bias: Tensor | None,
+    x_fmt: str,
+    w_fmt: str,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """y[..., N] = dequantize(x)[..., K] @ dequantize(w)[N, K].T + bias (A8W8 / FP8 / block / MX)."""
+    empty = _absent(x_data)
+    x = reference.dequantize(_quantized(x_data, x_scale, empty, x_global_scale), get_format(x_fmt), torch.float32)
+    weight = reference.dequantize(_quantized(w_data, w_scale, empty, w_global_scale), get_format(w_fmt), torch.float32)
+    return _linear_reference(x, weight, bias, out_dtype)
+
+
+@scaled_mm.register_fake
+def _(x_data, x_scale, x_global_scale, w_data, w_scale, w_global_scale, bias, x_fmt, w_fmt, out_dtype):
+    return x_data.new_empty((*x_data.shape[:-1], _out_features(w_data)), dtype=out_dtype)
+
+
+@torch.library.custom_op("lowbit::auto_mm", mutates_args=())
+def auto_mm(
+    x: Tensor,
+    w_data: Tensor,
+    w_scale: Tensor,
+    w_zero_point: Tensor,
+    w_global_scale: Tensor,
+    bias: Tensor | None,
+    w_fmt: str,
+    x_fmt: str,
+    weight_only_below_m: int,
+) -> Tensor:
+    """Shape-aware: weight-only below `weight_only_below_m` rows, activation-quantized at or above.
+
+    The choice is made here, at run time, from the actual row count, so a graph compiled with a
+    dynamic M serves decode and prefill from the same stored weight without recompiling.
+    """
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if rows < weight_only_below_m:
+        return weight_only_mm(x, w_data, w_scale, w_zero_point, w_global_scale, bias, w_fmt)
+    x_data, x_scale, _, x_global_scale = _quantize_impl(x, x_fmt)
+    return scaled_mm(x_data, x_scale, x_global_scale, w_data, w_scale, w_global_scale, bias, x_fmt, w_fmt, x.dtype)
+
+
+@auto_mm.register_fake
+def _(x, w_data, w_scale, w_zero_point, w_global_scale, bias, w_fmt, x_fmt, weight_only_below_m):
+    return x.new_empty((*x.shape[:-1], _out_features(w_data)))
+
+
+@torch.library.custom_op("lowbit::attention", mutates_args=())
+def attention(
+    q_data: Tensor,
+    q_scale: Tensor,
+    k_data: Tensor,
+    k_scale: Tensor,
+    v_data: Tensor,
+    v_scale: Tensor,
+    attn_mask: Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+    fmt: str,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """softmax(Q K^T * scale + mask) V with Q, K, V quantized per token along the head dim.
+
+    Shapes as `F.scaled_dot_product_attention`: q (..., Hq, L, D), k/v (..., Hkv, S, D); the
+    probabilities stay in fp32 and are not quantized.
+    """
+    fmt_ = get_format(fmt)
+    empty = _absent(q_data)
+    q, k, v = (
+        reference.dequantize(_quantized(d, s, empty, empty), fmt_, torch.float32)
+        for d, s in ((q_data, q_scale), (k_data, k_scale), (v_data, v_scale))
+    )
+    mask = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.float()
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    return out.to(out_dtype)
+
+
+@attention.register_fake
+def _(q_data, q_scale, k_data, k_scale, v_data, v_scale, attn_mask, is_causal, scale, enable_gqa, fmt, out_dtype):
+    value_dim = v_data.shape[-1] * (2 if get_format(fmt).bits == 4 else 1)
+    return q_data.new_empty((*q_data.shape[:-1], value_dim), dtype=out_dtype)
+
+
+FUSED_OPS = {
+    "weight_only_mm": torch.ops.lowbit.weight_only_mm.default,
+    "scaled_mm": torch.ops.lowbit.scaled_mm.default,
+    "auto_mm": torch.ops.lowbit.auto_mm.default,
+    "attention": torch.ops.lowbit.attention.default,
+}
+
+
+@torch.library.custom_op("lowbit::fake_quantize_from_rows", mutates_args=())
+def fake_quantize_from_rows(x: Tensor, fmt: str, min_rows: int) -> Tensor:
+    """dequantize(quantize(x)) when x has at least `min_rows` rows, else x unchanged (a copy).
+
+    The q/dq reference of `auto_mm`: whether activations are quantized depends on the row count,
+    which is only known per call under dynamic shapes, so the choice is opaque to tracing.
+    """
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if rows < min_rows:
+        return x.clone()
+    return _dequantize_impl(*_quantize_impl(x, fmt), fmt, x.dtype)
+
+
+@fake_quantize_from_rows.register_fake
+def _(x, fmt, min_rows):
+    return torch.empty_like(x)

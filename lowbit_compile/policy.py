@@ -1,0 +1,333 @@
+"""Policies: which matmul site gets which format, as frozen, validated, JSON-round-trippable data.
+
+A `Policy` is an ordered tuple of `Rule`s plus a default `QuantSpec`. The first rule whose predicates
+all match a site decides its spec; `spec=None` in a rule means "leave this site in high precision".
+Policies are hashable and part of the compile cache key (see `Policy.cache_key`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import fnmatch
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from lowbit_compile.formats import Format, get_format
+
+
+class OpKind(str, enum.Enum):
+    """What kind of matmul a site is."""
+
+    LINEAR = "linear"  # activation x parameter (nn.Linear, F.linear, x @ W.t(), addmm, einsum, ...)
+    MATMUL = "matmul"  # activation x activation (bmm, matmul of two computed tensors)
+    ATTENTION = "attention"  # SDPA, or matmul -> softmax -> matmul
+
+
+class Kernel(str, enum.Enum):
+    """The fused op a site lowers to; chosen from the spec, never configured separately."""
+
+    WEIGHT_ONLY_MM = "weight_only_mm"
+    SCALED_MM = "scaled_mm"
+    AUTO_MM = "auto_mm"
+    ATTENTION = "attention"
+
+
+def _format_name(fmt: Format | str | None) -> str | None:
+    return None if fmt is None else get_format(fmt).name
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one site is quantized.
+
+    weight:      format of the parameter operand (linear sites); None keeps it in high precision.
+    activation:  format of the activation operand(s) (quantized dynamically, per call); None = weight-only.
+    weight_only_below_m: with both formats set, rows M below this run weight-only (A16) and rows at or
+                 above it quantize activations too, decided at run time from one stored weight.
+    Formats are stored by registry name so the spec stays plain, hashable data.
+    """
+
+    weight: str | None = None
+    activation: str | None = None
+    weight_only_below_m: int | None = None
+
+    def __init__(
+        self,
+        weight: Format | str | None = None,
+        activation: Format | str | None = None,
+        weight_only_below_m: int | None = None,
+    ) -> None:
+        object.__setattr__(self, "weight", _format_name(weight))
+        object.__setattr__(self, "activation", _format_name(activation))
+        object.__setattr__(self, "weight_only_below_m", weight_only_below_m)
+        self.__post_init__()
+
+    def __post_init__(self) -> None:
+        if self.weight is None and self.activation is None:
+            raise ValueError(
+                "QuantSpec needs a weight and/or an activation format; to leave a site unquantized "
+                "use Rule(spec=None, ...)"
+            )
+        if self.weight_only_below_m is not None:
+            if self.weight is None or self.activation is None:
+                raise ValueError(
+                    "weight_only_below_m switches between weight-only and activation quantization: "
+                    "it needs both a weight and an activation format"
+                )
+            if not isinstance(self.weight_only_below_m, int) or self.weight_only_below_m < 1:
+                raise ValueError(f"weight_only_below_m must be a positive int, got {self.weight_only_below_m!r}")
+
+    @property
+    def weight_format(self) -> Format | None:
+        return None if self.weight is None else get_format(self.weight)
+
+    @property
+    def activation_format(self) -> Format | None:
+        return None if self.activation is None else get_format(self.activation)
+
+    def kernel(self, kind: OpKind) -> Kernel:
+        if kind is OpKind.ATTENTION:
+            return Kernel.ATTENTION
+        if self.weight_only_below_m is not None:
+            return Kernel.AUTO_MM
+        if self.activation is None:
+            return Kernel.WEIGHT_ONLY_MM
+        return Kernel.SCALED_MM
+
+    def describe(self) -> str:
+        parts = []
+        if self.activation:
+            parts.append(f"A={self.activation}")
+        else:
+            parts.append("A=16bit")
+        if self.weight:
+            parts.append(f"W={self.weight}")
+        if self.weight_only_below_m is not None:
+            parts.append(f"weight-only below M={self.weight_only_below_m}")
+        return " ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "weight": self.weight,
+            "activation": self.activation,
+            "weight_only_below_m": self.weight_only_below_m,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantSpec:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One line of a policy: predicates on a site, and the spec for sites that match them all.
+
+    fqn:   module path pattern; a glob (`layers.*.mlp.*`) or, prefixed with `re:`, a regex
+           matched with `re.fullmatch`. None matches every site.
+    op:    an `OpKind` (or its string value), or None for every kind.
+    min_k/max_k/min_n/max_n: inclusive bounds on the site's static reduction size K and output size
+           N (shape predicates; the row count M is dynamic and is never a compile-time predicate).
+    spec:  the `QuantSpec` for matching sites, or None to leave them unquantized.
+    """
+
+    spec: QuantSpec | None
+    fqn: str | None = None
+    op: OpKind | None = None
+    min_k: int | None = None
+    max_k: int | None = None
+    min_n: int | None = None
+    max_n: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.spec is not None and not isinstance(self.spec, QuantSpec):
+            raise ValueError(f"Rule.spec must be a QuantSpec or None, got {type(self.spec).__name__}")
+        if self.op is not None and not isinstance(self.op, OpKind):
+            try:
+                object.__setattr__(self, "op", OpKind(self.op))
+            except ValueError:
+                valid = ", ".join(k.value for k in OpKind)
+                raise ValueError(f"Rule.op {self.op!r} is not an op kind; use one of: {valid}") from None
+        if self.fqn is not None:
+            if not isinstance(self.fqn, str) or not self.fqn:
+                raise ValueError("Rule.fqn must be a non-empty glob or 're:<regex>' string")
+            if self.fqn.startswith("re:"):
+                try:
+                    re.compile(self.fqn[3:])
+                except re.error as error:
+                    raise ValueError(f"Rule.fqn regex {self.fqn[3:]!r} does not compile: {error}") from None
+        for name in ("min_k", "max_k", "min_n", "max_n"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"Rule.{name} must be a non-negative int or None, got {value!r}")
+
+    def matches(self, fqn: str, kind: OpKind, n: int | None, k: int | None) -> bool:
+        if self.op is not None and self.op is not kind:
+            return False
+        if self.fqn is not None:
+            if self.fqn.startswith("re:"):
+                if re.fullmatch(self.fqn[3:], fqn) is None:
+                    return False
+            elif not fnmatch.fnmatchcase(fqn, self.fqn):
+                return False
+        bounds = ((self.min_k, k, 1), (self.max_k, k, -1), (self.min_n, n, 1), (self.max_n, n, -1))
+        for bound, value, sign in bounds:
+            if bound is None:
+                continue
+            if value is None or sign * (value - bound) < 0:
+                return False
+        return True
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["spec"] = None if self.spec is None else self.spec.to_dict()
+        data["op"] = None if self.op is None else self.op.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Rule:
+        data = dict(data)
+        spec = data.pop("spec")
+        return cls(spec=None if spec is None else QuantSpec.from_dict(spec), **data)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Ordered rules plus a default; the first matching rule wins."""
+
+    rules: tuple[Rule, ...] = ()
+    default: QuantSpec | None = None
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rules, list):
+            object.__setattr__(self, "rules", tuple(self.rules))
+        for rule in self.rules:
+            if not isinstance(rule, Rule):
+                raise ValueError(f"Policy.rules must hold Rule objects, got {type(rule).__name__}")
+        if self.default is not None and not isinstance(self.default, QuantSpec):
+            raise ValueError("Policy.default must be a QuantSpec or None")
+
+    def decide(self, fqn: str, kind: OpKind, n: int | None, k: int | None) -> tuple[QuantSpec | None, str]:
+        """The spec for a site and why: which rule matched, or the default."""
+        for index, rule in enumerate(self.rules):
+            if rule.matches(fqn, kind, n, k):
+                return rule.spec, f"rule {index}"
+        return self.default, "default"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "rules": [rule.to_dict() for rule in self.rules],
+            "default": None if self.default is None else self.default.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Policy:
+        default = data.get("default")
+        return cls(
+            rules=tuple(Rule.from_dict(r) for r in data.get("rules", ())),
+            default=None if default is None else QuantSpec.from_dict(default),
+            name=data.get("name", "custom"),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Policy:
+        return cls.from_dict(json.loads(text))
+
+    def cache_key(self) -> str:
+        """A stable digest of the policy and every format it names (formats can be user-registered)."""
+        names = sorted(
+            {
+                name
+                for spec in [self.default, *(r.spec for r in self.rules)]
+                if spec is not None
+                for name in (spec.weight, spec.activation)
+                if name is not None
+            }
+        )
+        formats = {name: get_format(name).to_dict() for name in names}
+        text = json.dumps({"policy": self.to_dict(), "formats": formats}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def __str__(self) -> str:
+        lines = [f"Policy {self.name!r} (key {self.cache_key()})"]
+        for index, rule in enumerate(self.rules):
+            preds = [
+                f"{f.name}={getattr(rule, f.name).value if f.name == 'op' else getattr(rule, f.name)!r}"
+                for f in dataclasses.fields(rule)
+                if f.name != "spec" and getattr(rule, f.name) is not None
+            ]
+            target = "skip" if rule.spec is None else rule.spec.describe()
+            lines.append(f"  rule {index}: {' '.join(preds) or '*'} -> {target}")
+        lines.append(f"  default: {'skip' if self.default is None else self.default.describe()}")
+        return "\n".join(lines)
+
+
+# Recipes ---------------------------------------------------------------------------------------
+
+_SKIP_MATMUL_AND_ATTENTION = (Rule(spec=None, op=OpKind.MATMUL), Rule(spec=None, op=OpKind.ATTENTION))
+
+
+def _linear_recipe(name: str, weight: str, activation: str | None) -> Policy:
+    return Policy(rules=_SKIP_MATMUL_AND_ATTENTION, default=QuantSpec(weight, activation), name=name)
+
+
+_RECIPE_BUILDERS = {
+    "w8a16": lambda: _linear_recipe("w8a16", "int8_row", None),
+    "w4a16": lambda: _linear_recipe("w4a16", "int4_g128_asym", None),
+    "w8a8": lambda: _linear_recipe("w8a8", "int8_row", "int8_row"),
+    "fp8": lambda: _linear_recipe("fp8", "fp8_e4m3_row", "fp8_e4m3_row"),
+    "fp8-block": lambda: _linear_recipe("fp8-block", "fp8_e4m3_128x128", "fp8_e4m3_1x128"),
+    "mxfp8": lambda: _linear_recipe("mxfp8", "mxfp8", "mxfp8"),
+    "mxfp4": lambda: _linear_recipe("mxfp4", "mxfp4", "mxfp4"),
+    "nvfp4": lambda: _linear_recipe("nvfp4", "nvfp4", "nvfp4"),
+    "fp8-attention": lambda: Policy(
+        rules=(
+            Rule(spec=None, op=OpKind.MATMUL),
+            Rule(spec=QuantSpec(activation="fp8_e4m3_row"), op=OpKind.ATTENTION),
+        ),
+        default=QuantSpec("fp8_e4m3_row", "fp8_e4m3_row"),
+        name="fp8-attention",
+    ),
+    # One int8 per-channel weight serves both regimes: decode-sized M is memory bound (weight-only
+    # wins), prefill-sized M is compute bound (int8 x int8 wins). The switch is decided per call.
+    "auto": lambda: Policy(
+        rules=_SKIP_MATMUL_AND_ATTENTION,
+        default=QuantSpec("int8_row", "int8_row", weight_only_below_m=AUTO_SWITCH_M),
+        name="auto",
+    ),
+}
+
+AUTO_SWITCH_M = 128
+RECIPES: tuple[str, ...] = tuple(_RECIPE_BUILDERS)
+DEFAULT_RECIPE = "w8a16"
+
+
+def recipe(name: str) -> Policy:
+    """The named recipe as a `Policy`; `RECIPES` lists the names."""
+    try:
+        return _RECIPE_BUILDERS[name]()
+    except KeyError:
+        raise ValueError(f"unknown recipe {name!r}; valid recipes: {', '.join(RECIPES)}") from None
+
+
+def default_policy() -> Policy:
+    """Safe for accuracy: 8-bit per-channel weights, 16-bit activations."""
+    return recipe(DEFAULT_RECIPE)
+
+
+def as_policy(policy: Policy | str | None) -> Policy:
+    if policy is None:
+        return default_policy()
+    if isinstance(policy, Policy):
+        return policy
+    if isinstance(policy, str):
+        return recipe(policy)
+    raise ValueError(f"policy must be a Policy or a recipe name ({', '.join(RECIPES)}), got {type(policy).__name__}")

@@ -1,0 +1,331 @@
+"""Reference quantize / dequantize / 4-bit packing for every `Format`, in plain torch ops.
+
+This is the numerical definition of each format: kernels are tested against it, and the `qdq` stage
+of the pipeline runs it. It is traced by torch.fx / aot_autograd with symbolic leading dims, so it
+uses only tensor ops: no loops over elements, no `.item()`, no Python branches on tensor values
+(branches on the Format record are static and fine).
+
+Layouts (x has shape (..., R, K); quantization is along the last dim K):
+- data:  `fmt.storage_dtype`, shape (..., K); packed 4-bit is uint8 (..., K//2) with element 2i in
+         the low nibble and 2i+1 in the high nibble. Signed int4 codes are stored as code + 8,
+         fp4 e2m1 codes as sign << 3 | magnitude index (0..7 for 0, .5, 1, 1.5, 2, 3, 4, 6).
+- scale: same rank as x: TENSOR (1, ..., 1); ROW (..., 1); GROUP (..., K//g);
+         BLOCK (..., ceil(R/block_rows), K//g). Stored as `fmt.scale_dtype`: fp32, bf16,
+         e8m0 as a uint8 biased exponent (2**(e-127), 255 = NaN), e4m3 as float8_e4m3fn.
+- zero_point: asymmetric int only: float32 of the scale's shape, integer values in [0, 15].
+- global_scale: NVFP4 only: float32 0-dim, multiplies the decoded block scales.
+
+Numerics: all math in float32. x ~= decode(data) * scale (asymmetric: (code - zero_point) * scale).
+An all-zero group gets scale 0 (e8m0: 2**-127) and dequantizes to exact zeros. A NaN or Inf in a
+group makes that group's scale non-finite, so the whole group dequantizes to NaN; it is never
+replaced by a finite value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lowbit_compile.formats import ElementType, Format, Granularity, ScaleType, get_format
+
+__all__ = [
+    "QuantizedTensor",
+    "quantize",
+    "dequantize",
+    "fake_quantize",
+    "pack_4bit",
+    "unpack_4bit",
+    "scale_to_float",
+    "expand_scale",
+    "check_quantizable",
+]
+
+SUPPORTED_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+_E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448, the largest NVFP4 block scale
+_INT4_SIGNED_OFFSET = 8  # signed int4 code c is stored in its nibble as c + 8
+_NIBBLE_MASK = 0x0F
+_NIBBLE_BITS = 4
+
+_FLOAT32_MANTISSA_BITS = 23
+_FLOAT32_EXPONENT_MASK = 0xFF
+_E8M0_BIAS = 127
+_E8M0_MAX_STORED = 254  # 2**127
+_E8M0_NAN = 255
+_E8M0_SMALLEST_FLOAT32_BITS = 1 << 22  # bit pattern of 2**-127, e8m0's smallest value
+
+_FP4_SIGN_SHIFT = 3
+_FP4_INDEX_MASK = 0x07
+# Midpoints between neighbouring e2m1 magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6. Crossing midpoint i moves
+# from index i to i + 1; a value exactly on a midpoint goes to the even index (even mantissa).
+_FP4_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+
+
+class QuantizedTensor(NamedTuple):
+    """A quantized tensor in the layout described in the module docstring."""
+
+    data: Tensor
+    scale: Tensor
+    zero_point: Tensor | None = None
+    global_scale: Tensor | None = None
+
+
+# -- checks ----------------------------------------------------------------------------------------
+
+
+def check_quantizable(shape: Sequence[int], dtype: torch.dtype, fmt: Format | str) -> str | None:
+    """None if a tensor of this shape and dtype can be quantized as `fmt`, else the reason why not."""
+    fmt = get_format(fmt)
+    if dtype not in SUPPORTED_INPUT_DTYPES:
+        if not dtype.is_floating_point:
+            return f"dtype {dtype} is not floating point"
+        return f"dtype {dtype} is not supported; quantize from float16, bfloat16, float32 or float64"
+    rank = len(shape)
+    if rank == 0:
+        return "rank 0 tensor has no last dim to quantize along; reshape it to (1,)"
+    if fmt.granularity is Granularity.BLOCK and rank < 2:
+        return f"rank {rank} tensor cannot use {fmt.block_rows}x{fmt.group_size} blocks (needs rank >= 2)"
+    k = shape[-1]
+    if k == 0:
+        return "K=0: the last dim is empty"
+    if fmt.group_size is not None and k % fmt.group_size != 0:
+        return f"K={k} not divisible by group size {fmt.group_size}"
+    if fmt.bits == 4 and k % 2 != 0:
+        return f"K={k} is odd; packed 4-bit formats need an even K"
+    return None
+
+
+def _check_quantized(q: QuantizedTensor, fmt: Format) -> None:
+    problems = []
+    if q.data.dtype != fmt.storage_dtype:
+        problems.append(f"data is {q.data.dtype}, expected {fmt.storage_dtype}")
+    if q.scale.dtype != fmt.scale_dtype:
+        problems.append(f"scale is {q.scale.dtype}, expected {fmt.scale_dtype}")
+    if (q.zero_point is None) != fmt.symmetric:
+        problems.append("zero_point must be given exactly for asymmetric formats")
+    if (q.global_scale is None) == fmt.global_scale:
+        problems.append("global_scale must be given exactly for formats with global_scale=True")
+    if problems:
+        raise ValueError(f"QuantizedTensor does not match format {fmt.name}: {'; '.join(problems)}")
+
+
+# -- 4-bit packing ---------------------------------------------------------------------------------
+
+
+def pack_4bit(codes: Tensor) -> Tensor:
+    """uint8 codes in [0, 15] of shape (..., K), K even -> uint8 (..., K//2); element 2i in the low nibble."""
+    if codes.dtype != torch.uint8:
+        raise ValueError(f"pack_4bit expects uint8 codes, got {codes.dtype}")
+    pairs = codes.unflatten(-1, (-1, 2))
+    return (pairs[..., 0] & _NIBBLE_MASK) | (pairs[..., 1] << _NIBBLE_BITS)
+
+
+def unpack_4bit(packed: Tensor) -> Tensor:
+    """uint8 (..., K//2) -> uint8 codes (..., K), inverse of `pack_4bit`."""
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"unpack_4bit expects uint8, got {packed.dtype}")
+    low = packed & _NIBBLE_MASK
+    high = packed >> _NIBBLE_BITS
+    return torch.stack((low, high), dim=-1).flatten(-2)
+
+
+# -- scale layout ----------------------------------------------------------------------------------
+
+
+def _repeat_each(t: Tensor, repeats: int, dim: int) -> Tensor:
+    """Repeat every entry of `t` along negative dim `dim` `repeats` times (repeat_interleave as a view + copy)."""
+    t = t.unsqueeze(dim)
+    sizes = list(t.shape)
+    sizes[dim] = repeats
+    return t.expand(sizes).flatten(dim - 1, dim)
+
+
+def _reduce_max(t: Tensor, fmt: Format) -> Tensor:
+    """Max of float32 `t` over each scale's elements, in the scale's shape (NaN propagates).
+
+    BLOCK pads a ragged last row-tile with zeros, which is neutral because every caller reduces
+    magnitudes or a range that already includes 0.
+    """
+    if fmt.granularity is Granularity.TENSOR:
+        return t.amax(dim=tuple(range(t.dim())), keepdim=True)
+    if fmt.granularity is Granularity.ROW:
+        return t.amax(dim=-1, keepdim=True)
+    per_group = t.unflatten(-1, (-1, fmt.group_size)).amax(dim=-1)  # (..., R, K//g)
+    if fmt.granularity is Granularity.GROUP:
+        return per_group
+    rows = per_group.shape[-2]
+    padded = F.pad(per_group, (0, 0, 0, (-rows) % fmt.block_rows))
+    return padded.unflatten(-2, (-1, fmt.block_rows)).amax(dim=-2)
+
+
+def expand_scale(scale: Tensor, fmt: Format | str, shape: Sequence[int]) -> Tensor:
+    """A per-scale tensor (scale, decoded scale or zero point) expanded to the element shape `shape`."""
+    fmt = get_format(fmt)
+    if fmt.granularity is Granularity.BLOCK:
+        scale = _repeat_each(scale, fmt.block_rows, dim=-2).narrow(-2, 0, shape[-2])
+    if fmt.group_size is not None:
+        scale = _repeat_each(scale, fmt.group_size, dim=-1)
+    return scale.expand(tuple(shape))
+
+
+def _divide(numerator: Tensor, scale: Tensor) -> Tensor:
+    """numerator / scale, with 0 where the scale is 0 (an all-zero group) instead of 0/0 = NaN."""
+    return torch.where(scale == 0, 0.0, numerator / scale)
+
+
+# -- scale encodings -------------------------------------------------------------------------------
+
+
+def _e8m0_encode(amax: Tensor, max_exponent: int) -> Tensor:
+    """OCP MX shared exponent: floor(log2(amax)) - max_exponent, clamped to [-127, 127], biased by 127.
+
+    floor(log2) is read exactly from the float32 exponent bits; zero and subnormal amax read as
+    -127 and clamp to the smallest scale. A non-finite amax gives the e8m0 NaN code.
+    """
+    biased_exponent = (amax.view(torch.int32) >> _FLOAT32_MANTISSA_BITS) & _FLOAT32_EXPONENT_MASK
+    stored = (biased_exponent - max_exponent).clamp(0, _E8M0_MAX_STORED)
+    stored = torch.where(torch.isfinite(amax), stored, _E8M0_NAN)
+    return stored.to(torch.uint8)
+
+
+def _e8m0_decode(stored: Tensor) -> Tensor:
+    """uint8 biased exponent e -> float32 2**(e - 127), built from bits so it is exact everywhere."""
+    biased_exponent = stored.to(torch.int32)
+    bits = torch.where(
+        biased_exponent == 0,
+        _E8M0_SMALLEST_FLOAT32_BITS,
+        biased_exponent << _FLOAT32_MANTISSA_BITS,
+    )
+    return torch.where(biased_exponent == _E8M0_NAN, float("nan"), bits.view(torch.float32))
+
+
+def scale_to_float(scale: Tensor, fmt: Format | str) -> Tensor:
+    """Decode a stored scale to float32 (without the global scale, which the caller multiplies in)."""
+    fmt = get_format(fmt)
+    if fmt.scale_type is ScaleType.E8M0:
+        return _e8m0_decode(scale)
+    return scale.float()
+
+
+def _store_scale(scale: Tensor, fmt: Format) -> tuple[Tensor, Tensor]:
+    """(stored scale, the float32 value it decodes to); quantization divides by the decoded value."""
+    stored = scale.to(fmt.scale_dtype)
+    return stored, scale_to_float(stored, fmt)
+
+
+# -- element encodings -----------------------------------------------------------------------------
+
+
+def _fp4_encode(scaled: Tensor) -> Tensor:
+    """float32 -> uint8 e2m1 codes, round to nearest even, saturating at +-6."""
+    magnitude = scaled.abs()
+    index = torch.zeros_like(magnitude, dtype=torch.uint8)
+    for i, midpoint in enumerate(_FP4_MIDPOINTS):
+        rounds_up_on_tie = (i + 1) % 2 == 0
+        above = magnitude >= midpoint if rounds_up_on_tie else magnitude > midpoint
+        index = index + above.to(torch.uint8)
+    sign = (scaled < 0).to(torch.uint8) << _FP4_SIGN_SHIFT
+    return sign | index
+
+
+def _fp4_decode(codes: Tensor) -> Tensor:
+    """uint8 e2m1 codes -> float32 values."""
+    sign = 1.0 - 2.0 * ((codes >> _FP4_SIGN_SHIFT) & 1).float()
+    index = codes & _FP4_INDEX_MASK
+    exponent = (index >> 1).float()
+    mantissa = (index & 1).float()
+    normal = torch.exp2(exponent - 1.0) * (1.0 + 0.5 * mantissa)
+    subnormal = 0.5 * mantissa
+    return sign * torch.where(exponent == 0, subnormal, normal)
+
+
+def _encode_elements(scaled: Tensor, fmt: Format, zero_point: Tensor | None) -> Tensor:
+    """float32 values in code units (x / scale) -> `data` in the format's storage."""
+    if fmt.element is ElementType.FP4_E2M1:
+        return pack_4bit(_fp4_encode(scaled))
+    if fmt.is_float:
+        # Clamp first: the fp8 casts do not saturate reliably (e4m3fn has no Inf to overflow to).
+        return scaled.clamp(fmt.qmin, fmt.qmax).to(fmt.storage_dtype)
+    codes = torch.round(scaled)
+    if zero_point is not None:
+        codes = codes + zero_point
+    # A NaN code only occurs where the group's scale is NaN, which carries the NaN to dequantize;
+    # zeroing it keeps the integer cast defined.
+    codes = torch.nan_to_num(codes.clamp(fmt.qmin, fmt.qmax), nan=0.0)
+    if fmt.bits == 8:
+        return codes.to(fmt.storage_dtype)
+    if fmt.symmetric:
+        codes = codes + _INT4_SIGNED_OFFSET
+    return pack_4bit(codes.to(torch.uint8))
+
+
+def _decode_elements(data: Tensor, fmt: Format, zero_point: Tensor | None) -> Tensor:
+    """`data` -> float32 values in code units (multiply by the scale to get x back)."""
+    if fmt.element is ElementType.FP4_E2M1:
+        return _fp4_decode(unpack_4bit(data))
+    if fmt.bits == 8:
+        return data.float()
+    codes = unpack_4bit(data).float()
+    if zero_point is not None:
+        return codes - zero_point
+    return codes - _INT4_SIGNED_OFFSET
+
+
+# -- public entry points ---------------------------------------------------------------------------
+
+
+def quantize(x: Tensor, fmt: Format | str) -> QuantizedTensor:
+    """Quantize `x` (..., K) along its last dim; see the module docstring for the layouts."""
+    fmt = get_format(fmt)
+    reason = check_quantizable(x.shape, x.dtype, fmt)
+    if reason is not None:
+        raise ValueError(f"cannot quantize a {tuple(x.shape)} {x.dtype} tensor as {fmt.name}: {reason}")
+    xf = x.float()
+    zero_point = None
+    global_scale = None
+    if fmt.scale_type is ScaleType.E8M0:
+        stored = _e8m0_encode(_reduce_max(xf.abs(), fmt), fmt.max_exponent)
+        scale = _e8m0_decode(stored)
+    elif fmt.global_scale:
+        # NVFP4: the fp32 global scale maps the tensor's amax to the largest block scale times the
+        # largest element, so block scales use e4m3's whole range.
+        global_scale = xf.abs().amax() / (_E4M3_MAX * fmt.qmax)
+        block_scale = _divide(_reduce_max(xf.abs(), fmt) / fmt.qmax, global_scale)
+        stored = block_scale.clamp(max=_E4M3_MAX).to(fmt.scale_dtype)
+        scale = stored.float() * global_scale
+    elif not fmt.symmetric:
+        # The range always includes 0 (as GPTQ does), so 0 is exact and zero_point lies in [0, 15].
+        high = _reduce_max(xf, fmt).clamp(min=0)
+        low = -_reduce_max(-xf, fmt).clamp(min=0)
+        stored, scale = _store_scale((high - low) / fmt.qmax, fmt)
+        zero_point = torch.round(_divide(-low, scale)).clamp(0, fmt.qmax)
+    else:
+        stored, scale = _store_scale(_reduce_max(xf.abs(), fmt) / fmt.qmax, fmt)
+
+    scaled = _divide(xf, expand_scale(scale, fmt, x.shape))
+    zero_point_full = None if zero_point is None else expand_scale(zero_point, fmt, x.shape)
+    data = _encode_elements(scaled, fmt, zero_point_full)
+    return QuantizedTensor(data, stored, zero_point, global_scale)
+
+
+def dequantize(q: QuantizedTensor, fmt: Format | str, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The tensor `q` stands for, in `dtype`, with the shape of the original x."""
+    fmt = get_format(fmt)
+    _check_quantized(q, fmt)
+    k = q.data.shape[-1] * (2 if fmt.bits == 4 else 1)
+    shape = (*q.data.shape[:-1], k)
+    scale = scale_to_float(q.scale, fmt)
+    if q.global_scale is not None:
+        scale = scale * q.global_scale
+    zero_point = None if q.zero_point is None else expand_scale(q.zero_point, fmt, shape)
+    values = _decode_elements(q.data, fmt, zero_point)
+    return (values * expand_scale(scale, fmt, shape)).to(dtype)
+
+
+def fake_quantize(x: Tensor, fmt: Format | str) -> Tensor:
+    """dequantize(quantize(x)) in x's dtype: the numerical effect of the format on x."""
+    return dequantize(quantize(x, fmt), fmt, x.dtype)

@@ -1,0 +1,203 @@
+"""The per-site report: what was found, what it was quantized to (or why not), and at what cost.
+
+`Report` is a printable table and JSON-serialisable. `measure_site_sqnr` runs the captured graph
+once on the compile-time example inputs and, at each site, compares the unquantized op with the
+same op on fake-quantized operands (SQNR in dB, higher is better).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+from lowbit_compile.reference import fake_quantize
+
+
+def sqnr(reference: torch.Tensor, test: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB; inf when identical, nan if either has NaN."""
+    reference, test = reference.double(), test.double()
+    if torch.isnan(reference).any() or torch.isnan(test).any():
+        return float("nan")
+    signal = reference.pow(2).sum().item()
+    noise = (reference - test).pow(2).sum().item()
+    if noise == 0:
+        return float("inf")
+    if signal == 0:
+        return float("-inf")
+    return 10 * math.log10(signal / noise)
+
+
+@dataclass
+class SiteReport:
+    index: int
+    fqn: str
+    op: str  # linear / matmul / attention
+    source_op: str  # how it appeared in the model: linear, matmul, addmm, einsum, sdpa, ...
+    shapes: dict[str, str]
+    format: str | None  # e.g. "A=int8_row W=int8_row", None when skipped
+    skip_reason: str | None
+    kernel: str | None
+    decided_by: str
+    weight_bytes_before: int = 0
+    weight_bytes_after: int = 0
+    sqnr_db: float | None = None
+
+
+@dataclass
+class Report:
+    policy: str
+    policy_key: str
+    graph: str = ""
+    sites: list[SiteReport] = field(default_factory=list)
+
+    @property
+    def quantized(self) -> list[SiteReport]:
+        return [s for s in self.sites if s.format is not None]
+
+    @property
+    def skipped(self) -> list[SiteReport]:
+        return [s for s in self.sites if s.format is None]
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for site in self.sites:
+            counts[site.op] = counts.get(site.op, 0) + 1
+        return counts
+
+    def weight_bytes(self) -> tuple[int, int]:
+        quantized = self.quantized
+        return sum(s.weight_bytes_before for s in quantized), sum(s.weight_bytes_after for s in quantized)
+
+    def __add__(self, other: Report) -> Report:
+        merged = Report(self.policy, self.policy_key, self.graph, list(self.sites))
+        offset = len(merged.sites)
+        for site in other.sites:
+            merged.sites.append(SiteReport(**{**asdict(site), "index": site.index + offset}))
+        return merged
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"policy": self.policy, "policy_key": self.policy_key, "sites": [asdict(s) for s in self.sites]}
+
+    def to_json(self) -> str:
+        def finite(value: Any) -> Any:
+            return None if isinstance(value, float) and not math.isfinite(value) else value
+
+        data = self.to_dict()
+        for site in data["sites"]:
+            site["sqnr_db"] = finite(site["sqnr_db"])
+        return json.dumps(data, indent=2)
+
+    def table(self) -> str:
+        headers = ("#", "site", "op", "shapes", "format / skip reason", "kernel", "weight bytes", "SQNR dB")
+        rows = []
+        for s in self.sites:
+            shapes = " ".join(f"{k}={v}" for k, v in s.shapes.items() if k != "out")
+            decision = s.format if s.format is not None else f"skip: {s.skip_reason}"
+            weight = f"{s.weight_bytes_before}->{s.weight_bytes_after}" if s.weight_bytes_before else "-"
+            quality = "-" if s.sqnr_db is None else f"{s.sqnr_db:.1f}"
+            rows.append((str(s.index), s.fqn, f"{s.op}({s.source_op})", shapes, decision, s.kernel or "-", weight, quality))
+        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+        lines = [
+            f"lowbit report: policy {self.policy} (key {self.policy_key}){' graph ' + self.graph if self.graph else ''}",
+            "  ".join(h.ljust(w) for h, w in zip(headers, widths)),
+        ]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+        before, after = self.weight_bytes()
+        lines.append(
+            f"{len(self.quantized)}/{len(self.sites)} sites quantized; sites by op {self.counts()}; "
+            f"quantized weights {before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB"
+        )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _shape_text(shape: tuple[Any, ...]) -> str:
+    return "(" + ",".join(str(d) for d in shape) + ")"
+
+
+def build_report(sites: list[Any], policy: Any, graph: str = "") -> Report:
+    report = Report(policy=policy.name, policy_key=policy.cache_key(), graph=graph)
+    for site in sites:
+        report.sites.append(
+            SiteReport(
+                index=site.index,
+                fqn=site.fqn,
+                op=site.kind.value,
+                source_op=site.source_op,
+                shapes={name: _shape_text(shape) for name, shape in site.shapes.items()},
+                format=site.spec.describe() if site.quantized else None,
+                skip_reason=site.skip_reason,
+                kernel=site.kernel.value if site.kernel is not None else None,
+                decided_by=site.decided_by,
+                weight_bytes_before=site.weight_bytes_before,
+                weight_bytes_after=site.weight_bytes_after,
+                sqnr_db=site.sqnr_db,
+            )
+        )
+    return report
+
+
+# -- per-site SQNR ---------------------------------------------------------------------------------
+
+
+def _fake(x: torch.Tensor, fmt: str | None) -> torch.Tensor:
+    return x.float() if fmt is None else fake_quantize(x.float(), fmt).float()
+
+
+def _site_outputs(site: Any, env: dict[torch.fx.Node, Any], parameters: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unquantized output, fake-quantized output) of one site, in fp32."""
+    spec = site.spec
+
+    def value(name: str) -> Any:
+        node = site.inputs[name]
+        return env[node] if isinstance(node, torch.fx.Node) else node
+
+    if site.kind.value == "attention":
+        q, k, v, mask = value("q"), value("k"), value("v"), value("mask")
+        attrs = site.attrs
+        kwargs = {"is_causal": attrs["is_causal"], "scale": attrs["scale"], "enable_gqa": attrs["enable_gqa"]}
+        if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool:
+            mask = mask.float()
+        reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, **kwargs)
+        fmt = spec.activation
+        test = F.scaled_dot_product_attention(_fake(q, fmt), _fake(k, fmt), _fake(v, fmt), attn_mask=mask, **kwargs)
+        return reference, test
+    x, bias = value("x"), value("bias")
+    weight = parameters[site.inputs["weight"].name].tensor.detach()
+    if site.weight_layout == "kn":
+        weight = weight.t()
+    bias = None if bias is None else bias.float()
+    activation_fmt = spec.activation
+    if spec.weight_only_below_m is not None and x.numel() // x.shape[-1] < spec.weight_only_below_m:
+        activation_fmt = None
+    reference = F.linear(x.float(), weight.float(), bias)
+    test = F.linear(_fake(x, activation_fmt), _fake(weight, spec.weight), bias)
+    return reference, test
+
+
+def measure_site_sqnr(gm: torch.fx.GraphModule, example_inputs: list[Any], sites: list[Any], parameters: dict[str, Any]) -> None:
+    """Run `gm` (the unquantized, annotated graph) once and set `site.sqnr_db` on quantized sites."""
+    by_node = {site.node: site for site in sites if site.quantized}
+    if not by_node:
+        return
+
+    class _Recorder(torch.fx.Interpreter):
+        def run_node(self, node: torch.fx.Node) -> Any:
+            result = super().run_node(node)
+            site = by_node.get(node)
+            if site is not None:
+                reference, test = _site_outputs(site, self.env, parameters)
+                site.sqnr_db = sqnr(reference, test)
+            return result
+
+    with torch.no_grad():
+        # Keep every value: an explicit attention site reads q and k, whose last graph use is earlier.
+        _Recorder(gm, garbage_collect_values=False).run(*example_inputs)

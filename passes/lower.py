@@ -1,0 +1,81 @@
+"""Stage 6, lowered: Inductor compiles the fused graph (Triton on CUDA, C++ on CPU).
+
+`LoweringPass` is installed as Inductor's post-grad custom pass for this compile only (a config
+patch, never a global assignment). It records the post-grad graph as the "lowered" stage and its
+uuid covers this project's source files and the policy, so Inductor's FX graph cache never hands a
+graph compiled under one policy (or one version of our code) to another.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx
+from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+from passes.state import PipelineState
+
+_PROJECT_DIRS = (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "lowbit_compile")
+
+
+@functools.cache
+def source_hash() -> str:
+    files = tuple(sorted(str(p) for d in _PROJECT_DIRS for p in d.rglob("*.py")))
+    return get_hash_for_files(files).hex()
+
+
+class LoweringPass(CustomGraphPass):
+    """Records the post-grad graph Inductor lowers; chains to a pass the user had installed."""
+
+    def __init__(self, policy_key: str, on_graph: Callable[[torch.fx.Graph], None], previous: Any = None) -> None:
+        self.policy_key = policy_key
+        self.on_graph = on_graph
+        self.previous = previous
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        if self.previous is not None:
+            self.previous(graph)
+        self.on_graph(graph)
+
+    def uuid(self) -> Any:
+        previous = self.previous.uuid() if self.previous is not None else None
+        text = f"lowbit:{source_hash()}:{self.policy_key}:{previous}"
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def lower_with_inductor(
+    state: PipelineState,
+    on_lowered_graph: Callable[[torch.fx.Graph], None],
+    on_output_code: Callable[[str], None],
+    config_patches: dict[str, Any] | None = None,
+) -> Callable[..., Any]:
+    """Compile `state.gm` with Inductor; returns a callable taking the original graph's inputs."""
+    previous = torch._inductor.config.post_grad_custom_post_pass
+    patches = dict(config_patches or {})
+    patches["post_grad_custom_post_pass"] = LoweringPass(state.policy.cache_key(), on_lowered_graph, previous)
+
+    def inner_compile(gm: torch.fx.GraphModule, example_inputs: Any, **kwargs: Any) -> Any:
+        compiled = compile_fx_inner(gm, example_inputs, **kwargs)
+        source = getattr(compiled, "source_code", None)
+        if source:
+            on_output_code(source)
+        return compiled
+
+    folded = list(state.folded_inputs)
+    # Inference only: the quantized ops have no autograd formula, so trace and run without grad.
+    with torch.no_grad():
+        compiled = compile_fx(
+            state.gm, [*state.example_inputs, *folded], inner_compile=inner_compile, config_patches=patches
+        )
+
+    def run(*args: Any) -> Any:
+        with torch.no_grad():
+            return compiled(*args, *folded)
+
+    return run

@@ -1,0 +1,84 @@
+"""Stage 3, qdq: make each quantized site explicit as quantize -> dequantize -> high-precision op.
+
+This graph runs anywhere and is the numerical reference ("fake quant") of every later stage.
+Linear sites of every source form become `F.linear(dequantize(x), dequantize(W), bias)` and
+attention sites of both forms become SDPA over dequantized q, k, v. The nodes created are recorded
+in `site.qdq` for the folding and fusion stages.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+from lowbit_compile.policy import OpKind
+from passes.annotate import value_of
+from passes.state import PipelineState, Site
+
+QUANTIZE = torch.ops.lowbit.quantize.default
+DEQUANTIZE = torch.ops.lowbit.dequantize.default
+FAKE_QUANTIZE_FROM_ROWS = torch.ops.lowbit.fake_quantize_from_rows.default
+QUANTIZED_PARTS = ("data", "scale", "zero_point", "global_scale")
+
+
+def _quantize(graph: torch.fx.Graph, operand: torch.fx.Node, fmt: str) -> tuple[torch.fx.Node, list[torch.fx.Node]]:
+    quantize = graph.call_function(QUANTIZE, (operand, fmt))
+    parts = [graph.call_function(operator.getitem, (quantize, i)) for i in range(len(QUANTIZED_PARTS))]
+    return quantize, parts
+
+
+def _dequantize(graph: torch.fx.Graph, parts: list[torch.fx.Node], fmt: str, dtype: torch.dtype) -> torch.fx.Node:
+    return graph.call_function(DEQUANTIZE, (*parts, fmt, dtype))
+
+
+def _qdq_linear(graph: torch.fx.Graph, site: Site) -> torch.fx.Node:
+    spec = site.spec
+    x, weight, bias = site.inputs["x"], site.inputs["weight"], site.inputs["bias"]
+    dtype = value_of(x).dtype
+    weight_nk = weight if site.weight_layout == "nk" else graph.call_function(torch.t, (weight,))
+    w_quantize, w_parts = _quantize(graph, weight_nk, spec.weight)
+    site.qdq.update(weight_input=weight_nk, weight_quantize=w_quantize, weight_parts=w_parts)
+    w_dequantized = _dequantize(graph, w_parts, spec.weight, dtype)
+    if spec.activation is None:
+        x_dequantized = x
+    elif spec.weight_only_below_m is not None:
+        x_dequantized = graph.call_function(FAKE_QUANTIZE_FROM_ROWS, (x, spec.activation, spec.weight_only_below_m))
+    else:
+        x_quantize, x_parts = _quantize(graph, x, spec.activation)
+        site.qdq.update(x_quantize=x_quantize, x_parts=x_parts)
+        x_dequantized = _dequantize(graph, x_parts, spec.activation, dtype)
+    return graph.call_function(F.linear, (x_dequantized, w_dequantized, bias))
+
+
+def _qdq_attention(graph: torch.fx.Graph, site: Site) -> torch.fx.Node:
+    fmt = site.spec.activation
+    dequantized = []
+    for name in ("q", "k", "v"):
+        operand = site.inputs[name]
+        _, parts = _quantize(graph, operand, fmt)
+        site.qdq[f"{name}_parts"] = parts
+        dequantized.append(_dequantize(graph, parts, fmt, value_of(operand).dtype))
+    attrs = site.attrs
+    kwargs = {"attn_mask": site.inputs["mask"], "is_causal": attrs["is_causal"], "scale": attrs["scale"]}
+    if attrs["enable_gqa"]:
+        kwargs["enable_gqa"] = True
+    return graph.call_function(F.scaled_dot_product_attention, tuple(dequantized), kwargs)
+
+
+def insert_qdq(state: PipelineState) -> None:
+    graph = state.gm.graph
+    for site in state.sites:
+        if not site.quantized:
+            continue
+        with graph.inserting_before(site.node):
+            replacement = _qdq_attention(graph, site) if site.kind is OpKind.ATTENTION else _qdq_linear(graph, site)
+        replacement.meta.update({k: v for k, v in site.node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        replacement.meta["lowbit_site"] = site.index
+        site.node.replace_all_uses_with(replacement)
+        graph.erase_node(site.node)
+        site.node = replacement
+        site.qdq["op"] = replacement
+    graph.eliminate_dead_code()

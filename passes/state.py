@@ -1,0 +1,78 @@
+"""What travels between the stages of the pipeline: the graph, its inputs, and the matmul sites."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+
+from lowbit_compile.policy import Kernel, OpKind, Policy, QuantSpec
+
+
+@dataclass
+class Parameter:
+    """A graph placeholder whose example input is a module parameter or buffer."""
+
+    path: str  # "layers.0.attn.q_proj.weight"
+    tensor: torch.Tensor
+
+
+@dataclass
+class Site:
+    """One matmul (or attention) in the graph and what the policy decided for it.
+
+    `inputs` names the operand nodes: linear sites have "x", "weight" (a parameter placeholder,
+    stored as (N, K) when `weight_layout == "nk"` or (K, N) when "kn") and "bias"; attention sites
+    have "q", "k", "v" and "mask". Later stages fill `qdq` with the nodes they created.
+    """
+
+    index: int
+    kind: OpKind
+    fqn: str
+    source_op: str
+    node: torch.fx.Node
+    inputs: dict[str, torch.fx.Node | None]
+    shapes: dict[str, tuple[Any, ...]]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    weight_layout: str = "nk"
+    n: int | None = None
+    k: int | None = None
+    spec: QuantSpec | None = None
+    decided_by: str = ""
+    skip_reason: str | None = None
+    qdq: dict[str, Any] = field(default_factory=dict)
+    weight_path: str | None = None
+    weight_bytes_before: int = 0
+    weight_bytes_after: int = 0
+    sqnr_db: float | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.spec is not None and self.skip_reason is None
+
+    @property
+    def kernel(self) -> Kernel | None:
+        return self.spec.kernel(self.kind) if self.quantized else None
+
+
+@dataclass
+class PipelineState:
+    gm: torch.fx.GraphModule
+    example_inputs: list[Any]
+    policy: Policy
+    parameters: dict[str, Parameter] = field(default_factory=dict)  # placeholder name -> parameter
+    sites: list[Site] = field(default_factory=list)
+    folded_inputs: list[torch.Tensor] = field(default_factory=list)  # appended to every call
+
+    def placeholders(self) -> list[torch.fx.Node]:
+        return [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+
+    def fake_mode(self) -> Any:
+        """The fake mode of the placeholders' `meta["val"]` (Dynamo's; not always the tracing context's)."""
+        for node in self.placeholders():
+            mode = getattr(node.meta.get("val"), "fake_mode", None)
+            if mode is not None:
+                return mode
+        return None
