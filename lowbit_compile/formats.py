@@ -22,13 +22,14 @@ from typing import Any, NamedTuple
 import torch
 
 __all__ = [
+    "BUILTIN_FORMATS",
+    "FORMATS",
     "ElementType",
+    "Format",
     "Granularity",
     "ScaleType",
-    "Format",
-    "FORMATS",
-    "register_format",
     "get_format",
+    "register_format",
 ]
 
 
@@ -179,7 +180,9 @@ class Format:
 
         if self.scale_type is ScaleType.E8M0:
             if not self.is_float:
-                return f"e8m0 scales are for MX float elements (fp8/fp4), not {self.element.value}; use scale_type='fp32'"
+                return (
+                    f"e8m0 scales are for MX float elements (fp8/fp4), not {self.element.value}; use scale_type='fp32'"
+                )
             if self.granularity is not Granularity.GROUP or self.group_size != MX_GROUP_SIZE:
                 return f"e8m0 (MX) scales need granularity='group' with group_size={MX_GROUP_SIZE}"
         if self.scale_type is ScaleType.E4M3 and not self.global_scale:
@@ -189,7 +192,10 @@ class Format:
             )
         if self.global_scale:
             if self.scale_type is not ScaleType.E4M3:
-                return f"global_scale=True is only for e4m3 block scales (NVFP4); use scale_type='e4m3' or global_scale=False"
+                return (
+                    "global_scale=True is only for e4m3 block scales (NVFP4); "
+                    "use scale_type='e4m3' or global_scale=False"
+                )
             if not self.is_float:
                 return f"global_scale (NVFP4-style) needs a float element, not {self.element.value}"
             if self.granularity is not Granularity.GROUP:
@@ -273,14 +279,18 @@ FORMATS: dict[str, Format] = {}
 
 
 def register_format(fmt: Format) -> Format:
-    """Add `fmt` to FORMATS under its name; re-registering an identical record is a no-op."""
+    """Add `fmt` to FORMATS under its name and return the registered record.
+
+    Re-registering an equal record is a no-op; a different record under a taken name is an error.
+    """
     if not isinstance(fmt, Format):
         raise TypeError(f"register_format expects a Format, got {type(fmt).__name__}")
     existing = FORMATS.get(fmt.name)
-    if existing is not None and existing != fmt:
+    if existing == fmt:
+        return existing
+    if existing is not None:
         raise ValueError(
-            f"format name {fmt.name!r} is already registered with different content ({existing!r}); "
-            f"pick another name"
+            f"format name {fmt.name!r} is already registered with different content ({existing!r}); pick another name"
         )
     FORMATS[fmt.name] = fmt
     return fmt
@@ -298,9 +308,9 @@ def get_format(name_or_format: Format | str) -> Format:
     return fmt
 
 
-def _register_builtin_formats() -> None:
+def _builtin_formats() -> tuple[Format, ...]:
     E, G, S = ElementType, Granularity, ScaleType
-    builtins = [
+    return (
         Format("int8_tensor", E.INT8, G.TENSOR),
         Format("int8_row", E.INT8, G.ROW),
         Format("int8_g128", E.INT8, G.GROUP, group_size=128),
@@ -316,9 +326,8 @@ def _register_builtin_formats() -> None:
         Format("mxfp8", E.FP8_E4M3, G.GROUP, group_size=MX_GROUP_SIZE, scale_type=S.E8M0),
         Format("mxfp4", E.FP4_E2M1, G.GROUP, group_size=MX_GROUP_SIZE, scale_type=S.E8M0),
         Format("nvfp4", E.FP4_E2M1, G.GROUP, group_size=16, scale_type=S.E4M3, global_scale=True),
-    ]
-    for fmt in builtins:
-        register_format(fmt)
+    )
 
 
-_register_builtin_formats()
+# Names of the formats this module registers (user-registered formats come on top in FORMATS).
+BUILTIN_FORMATS: tuple[str, ...] = tuple(register_format(fmt).name for fmt in _builtin_formats())

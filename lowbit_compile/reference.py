@@ -34,14 +34,14 @@ from lowbit_compile.formats import ElementType, Format, Granularity, ScaleType, 
 
 __all__ = [
     "QuantizedTensor",
-    "quantize",
+    "check_quantizable",
     "dequantize",
+    "expand_scale",
     "fake_quantize",
     "pack_4bit",
-    "unpack_4bit",
+    "quantize",
     "scale_to_float",
-    "expand_scale",
-    "check_quantizable",
+    "unpack_4bit",
 ]
 
 SUPPORTED_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -144,6 +144,16 @@ def _repeat_each(t: Tensor, repeats: int, dim: int) -> Tensor:
     return t.expand(sizes).flatten(dim - 1, dim)
 
 
+def _max_over_all(t: Tensor) -> Tensor:
+    """Max over every element as a 0-dim tensor (NaN propagates); 0 when a leading dim is 0.
+
+    Reducing rows first and appending a 0 keeps empty inputs (an expert that got no tokens) legal;
+    0 is neutral because every caller reduces magnitudes or a range that includes 0.
+    """
+    per_row = t.amax(dim=-1).reshape(-1)
+    return torch.cat((per_row, per_row.new_zeros(1))).amax()
+
+
 def _reduce_max(t: Tensor, fmt: Format) -> Tensor:
     """Max of float32 `t` over each scale's elements, in the scale's shape (NaN propagates).
 
@@ -151,7 +161,7 @@ def _reduce_max(t: Tensor, fmt: Format) -> Tensor:
     magnitudes or a range that already includes 0.
     """
     if fmt.granularity is Granularity.TENSOR:
-        return t.amax(dim=tuple(range(t.dim())), keepdim=True)
+        return _max_over_all(t).reshape((1,) * t.dim())
     if fmt.granularity is Granularity.ROW:
         return t.amax(dim=-1, keepdim=True)
     per_group = t.unflatten(-1, (-1, fmt.group_size)).amax(dim=-1)  # (..., R, K//g)
@@ -293,7 +303,7 @@ def quantize(x: Tensor, fmt: Format | str) -> QuantizedTensor:
     elif fmt.global_scale:
         # NVFP4: the fp32 global scale maps the tensor's amax to the largest block scale times the
         # largest element, so block scales use e4m3's whole range.
-        global_scale = xf.abs().amax() / (_E4M3_MAX * fmt.qmax)
+        global_scale = _max_over_all(xf.abs()) / (_E4M3_MAX * fmt.qmax)
         block_scale = _divide(_reduce_max(xf.abs(), fmt) / fmt.qmax, global_scale)
         stored = block_scale.clamp(max=_E4M3_MAX).to(fmt.scale_dtype)
         scale = stored.float() * global_scale

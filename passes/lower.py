@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch._guards import detect_fake_mode
 from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
@@ -68,10 +69,14 @@ def lower_with_inductor(
         return compiled
 
     folded = list(state.folded_inputs)
+    # The folded weights have fixed shapes: hand Inductor static fake versions, else it would give
+    # them fresh symbolic sizes that no Dynamo source can guard.
+    fake_mode = detect_fake_mode()
+    folded_examples = [fake_mode.from_tensor(t, static_shapes=True) if fake_mode else t for t in folded]
     # Inference only: the quantized ops have no autograd formula, so trace and run without grad.
     with torch.no_grad():
         compiled = compile_fx(
-            state.gm, [*state.example_inputs, *folded], inner_compile=inner_compile, config_patches=patches
+            state.gm, [*state.example_inputs, *folded_examples], inner_compile=inner_compile, config_patches=patches
         )
 
     def run(*args: Any) -> Any:
