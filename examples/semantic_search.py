@@ -143,7 +143,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--recipes",
         default=",".join(DEFAULT_RECIPES),
-        help=f"comma-separated recipe names (default {','.join(DEFAULT_RECIPES)}); any of: {', '.join(lowbit_compile.RECIPES)}",
+        help=f"comma-separated recipe names (default {','.join(DEFAULT_RECIPES)}); "
+        f"any of: {', '.join(lowbit_compile.RECIPES)}",
     )
     parser.add_argument("--device", default="cpu", help="torch device for the encoder (default cpu)")
     parser.add_argument("--quiet", action="store_true", help="print only the summary table, not the per-site reports")
@@ -175,8 +176,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
         eager_ms = (time.perf_counter() - start) * 1e3
     ref_docs, ref_queries = reference[:n_docs], reference[n_docs:]
     ref_top = top_k(ref_queries, ref_docs, TOP_K)
-    print(f"fp32 eager: {eager_ms:.0f} ms; top-1 document on the query's topic for {topic_accuracy(ref_top):.0%} of queries")
-    for (topic, query), top in zip(QUERIES, ref_top):
+    on_topic = topic_accuracy(ref_top)
+    print(f"fp32 eager ({eager_ms:.0f} ms): top-1 document on the query's topic for {on_topic:.0%} of queries")
+    for (_, query), top in zip(QUERIES, ref_top):
         print(f"  {query!r} -> {CORPUS[int(top[0])][1][:70]!r}")
 
     results: dict[str, dict[str, Any]] = {}
@@ -195,12 +197,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
             start = time.perf_counter()
             embeddings = compiled(*inputs)
             compile_s = time.perf_counter() - start
-            start = time.perf_counter()
-            embeddings = compiled(*inputs)
-            warm_ms = (time.perf_counter() - start) * 1e3
 
-        if not torch.isfinite(embeddings).all():
-            print(f"WARNING: {name} produced non-finite embeddings")
+        finite = bool(torch.isfinite(embeddings).all())
+        if not finite:
+            print(f"WARNING: {name} produced non-finite embeddings (NaN/inf)")
         cos = cosine_rows(embeddings[:n_docs], ref_docs)
         test_top = top_k(embeddings[n_docs:], embeddings[:n_docs], TOP_K)
         top1, overlap = ranking_metrics(ref_top, test_top)
@@ -213,6 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
             "top3_overlap": overlap,
             "topic_accuracy": topic_accuracy(test_top),
             "max_abs_diff": (embeddings.double() - reference.double()).abs().max().item(),
+            "all_finite": finite,
             "weight_bytes_before": before,
             "weight_bytes_after": after,
             "sites": len(report.sites),
@@ -220,20 +221,21 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
             "linear_sites": len(linear),
             "quantized_linear_sites": sum(s.format is not None for s in linear),
             "compile_s": compile_s,
-            "warm_ms": warm_ms,
         }
         r = results[name]
         print(
             f"corpus embeddings vs fp32: mean cos {r['mean_cos']:.6f}, min cos {r['min_cos']:.6f}\n"
-            f"rankings vs fp32 over {len(QUERIES)} queries: top-1 agreement {top1:.0%}, top-{TOP_K} overlap {overlap:.0%}"
+            f"rankings vs fp32 over {len(QUERIES)} queries: "
+            f"top-1 agreement {top1:.0%}, top-{TOP_K} overlap {overlap:.0%}"
             f" (top-1 on topic {r['topic_accuracy']:.0%})\n"
             f"quantized weights: {before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB"
             f" ({r['quantized_sites']}/{r['sites']} sites quantized)\n"
-            f"compile + first call {compile_s:.1f} s; warm call {warm_ms:.0f} ms (fp32 eager {eager_ms:.0f} ms)"
+            f"compile + first call {compile_s:.1f} s"
         )
-        for i, ((topic, query), ref, test) in enumerate(zip(QUERIES, ref_top, test_top)):
+        for (_, query), ref, test in zip(QUERIES, ref_top, test_top):
             if ref[0] != test[0]:
-                print(f"  top-1 changed for {query!r}: {CORPUS[int(ref[0])][1][:50]!r} -> {CORPUS[int(test[0])][1][:50]!r}")
+                before_doc, after_doc = CORPUS[int(ref[0])][1][:50], CORPUS[int(test[0])][1][:50]
+                print(f"  top-1 changed for {query!r}: {before_doc!r} -> {after_doc!r}")
 
     print("\nsummary (quantized encoder vs fp32 eager)")
     header = f"{'recipe':<14}{'mean cos':>10}{'min cos':>10}{'top-1':>8}{'top-3':>8}   weights MiB"

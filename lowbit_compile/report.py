@@ -8,6 +8,7 @@ same op on fake-quantized operands (SQNR in dB, higher is better).
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -17,6 +18,8 @@ import torch.fx
 import torch.nn.functional as F
 
 from lowbit_compile.reference import fake_quantize
+
+log = logging.getLogger(__name__)
 
 
 def sqnr(reference: torch.Tensor, test: torch.Tensor) -> float:
@@ -183,11 +186,22 @@ def _site_outputs(site: Any, env: dict[torch.fx.Node, Any], parameters: dict[str
     return reference, test
 
 
+def _concrete(value: Any) -> Any:
+    """Dynamo passes symbolic sizes of a dynamic graph as SymInts; run with their example values."""
+    if isinstance(value, torch.SymInt):
+        return value.node.hint
+    return value
+
+
 def measure_site_sqnr(gm: torch.fx.GraphModule, example_inputs: list[Any], sites: list[Any], parameters: dict[str, Any]) -> None:
-    """Run `gm` (the unquantized, annotated graph) once and set `site.sqnr_db` on quantized sites."""
+    """Run `gm` (the unquantized, annotated graph) once and set `site.sqnr_db` on quantized sites.
+
+    A diagnostic only: if the graph cannot be run eagerly here, SQNR stays unknown and compiling
+    goes on."""
     by_node = {site.node: site for site in sites if site.quantized}
     if not by_node:
         return
+    inputs = [_concrete(value) for value in example_inputs]
 
     class _Recorder(torch.fx.Interpreter):
         def run_node(self, node: torch.fx.Node) -> Any:
@@ -198,6 +212,9 @@ def measure_site_sqnr(gm: torch.fx.GraphModule, example_inputs: list[Any], sites
                 site.sqnr_db = sqnr(reference, test)
             return result
 
-    with torch.no_grad():
-        # Keep every value: an explicit attention site reads q and k, whose last graph use is earlier.
-        _Recorder(gm, garbage_collect_values=False).run(*example_inputs)
+    try:
+        with torch.no_grad():
+            # Keep every value: an explicit attention site reads q and k, whose last use is earlier.
+            _Recorder(gm, garbage_collect_values=False).run(*inputs)
+    except Exception as error:  # noqa: BLE001 - a failed measurement must not fail the compile
+        log.warning("site SQNR not measured: %s: %s", type(error).__name__, error)
