@@ -83,7 +83,7 @@ def compile_graph(
 
     def observe(stage: str, state: Any) -> None:
         if stage == "annotated" and options.compute_sqnr:
-            measure_site_sqnr(state.gm, state.example_inputs, state.sites, state.parameters)
+            measure_site_sqnr(state.gm, state.example_inputs, state.sites, state.parameters, state.quantized_weight)
         sites = state.sites if stage != "captured" else None
         recorder.record(stage, render_stage(stage, graph_text(state.gm), policy, graph_id, sites))
 

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from lowbit_compile.formats import Format, get_format
+from lowbit_compile.formats import Format, get_format, register_format
 
 
 class OpKind(str, enum.Enum):
@@ -37,7 +37,24 @@ class Kernel(str, enum.Enum):
 
 
 def _format_name(fmt: Format | str | None) -> str | None:
+    """Specs store formats by name; a `Format` record given directly is registered under its name
+    (a ValueError if that name is taken by a different record), so the name always means it."""
+    if isinstance(fmt, Format):
+        return register_format(fmt).name
     return None if fmt is None else get_format(fmt).name
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _checked_keys(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """`data` if it names only fields of `cls`, else a ValueError listing the valid keys."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}; valid keys are {names}")
+    return dict(data)
 
 
 @dataclass(frozen=True)
@@ -78,7 +95,7 @@ class QuantSpec:
                     "weight_only_below_m switches between weight-only and activation quantization: "
                     "it needs both a weight and an activation format"
                 )
-            if not isinstance(self.weight_only_below_m, int) or self.weight_only_below_m < 1:
+            if not _is_int(self.weight_only_below_m) or self.weight_only_below_m < 1:
                 raise ValueError(f"weight_only_below_m must be a positive int, got {self.weight_only_below_m!r}")
 
     @property
@@ -119,7 +136,7 @@ class QuantSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantSpec:
-        return cls(**data)
+        return cls(**_checked_keys(cls, data))
 
 
 @dataclass(frozen=True)
@@ -161,8 +178,12 @@ class Rule:
                     raise ValueError(f"Rule.fqn regex {self.fqn[3:]!r} does not compile: {error}") from None
         for name in ("min_k", "max_k", "min_n", "max_n"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 0):
+            if value is not None and (not _is_int(value) or value < 0):
                 raise ValueError(f"Rule.{name} must be a non-negative int or None, got {value!r}")
+        for low, high in (("min_k", "max_k"), ("min_n", "max_n")):
+            lower, upper = getattr(self, low), getattr(self, high)
+            if lower is not None and upper is not None and lower > upper:
+                raise ValueError(f"Rule.{low}={lower} > {high}={upper}: no site could match")
 
     def matches(self, fqn: str, kind: OpKind, n: int | None, k: int | None) -> bool:
         if self.op is not None and self.op is not kind:
@@ -189,7 +210,9 @@ class Rule:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Rule:
-        data = dict(data)
+        data = _checked_keys(cls, data)
+        if "spec" not in data:
+            raise ValueError("a Rule needs a 'spec' key (null leaves matching sites unquantized)")
         spec = data.pop("spec")
         return cls(spec=None if spec is None else QuantSpec.from_dict(spec), **data)
 
@@ -203,13 +226,17 @@ class Policy:
     name: str = "custom"
 
     def __post_init__(self) -> None:
-        if isinstance(self.rules, list):
+        if isinstance(self.rules, Rule) or not hasattr(self.rules, "__iter__"):
+            raise ValueError(f"Policy.rules must be a sequence of Rule objects, got {type(self.rules).__name__}")
+        if not isinstance(self.rules, tuple):  # a list or generator would make the policy unhashable or empty
             object.__setattr__(self, "rules", tuple(self.rules))
         for rule in self.rules:
             if not isinstance(rule, Rule):
                 raise ValueError(f"Policy.rules must hold Rule objects, got {type(rule).__name__}")
         if self.default is not None and not isinstance(self.default, QuantSpec):
             raise ValueError("Policy.default must be a QuantSpec or None")
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"Policy.name must be a non-empty string, got {self.name!r}")
 
     def decide(self, fqn: str, kind: OpKind, n: int | None, k: int | None) -> tuple[QuantSpec | None, str]:
         """The spec for a site and why: which rule matched, or the default."""
@@ -227,6 +254,7 @@ class Policy:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Policy:
+        data = _checked_keys(cls, data)
         default = data.get("default")
         return cls(
             rules=tuple(Rule.from_dict(r) for r in data.get("rules", ())),

@@ -11,13 +11,14 @@ import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 
-from lowbit_compile.reference import fake_quantize
+from lowbit_compile.reference import QuantizedTensor, dequantize, fake_quantize
 
 log = logging.getLogger(__name__)
 
@@ -151,11 +152,17 @@ def build_report(sites: list[Any], policy: Any, graph: str = "") -> Report:
 # -- per-site SQNR ---------------------------------------------------------------------------------
 
 
+def _present(t: torch.Tensor) -> torch.Tensor | None:
+    return None if t.numel() == 0 else t
+
+
 def _fake(x: torch.Tensor, fmt: str | None) -> torch.Tensor:
     return x.float() if fmt is None else fake_quantize(x.float(), fmt).float()
 
 
-def _site_outputs(site: Any, env: dict[torch.fx.Node, Any], parameters: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+def _site_outputs(
+    site: Any, env: dict[torch.fx.Node, Any], parameters: dict[str, Any], quantized_weight: Callable[[Any], list]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(unquantized output, fake-quantized output) of one site, in fp32."""
     spec = site.spec
 
@@ -181,8 +188,10 @@ def _site_outputs(site: Any, env: dict[torch.fx.Node, Any], parameters: dict[str
     activation_fmt = spec.activation
     if spec.weight_only_below_m is not None and x.numel() // x.shape[-1] < spec.weight_only_below_m:
         activation_fmt = None
+    data, scale, zero_point, global_scale = quantized_weight(site)
+    quantized = QuantizedTensor(data, scale, _present(zero_point), _present(global_scale))
     reference = F.linear(x.float(), weight.float(), bias)
-    test = F.linear(_fake(x, activation_fmt), _fake(weight, spec.weight), bias)
+    test = F.linear(_fake(x, activation_fmt), dequantize(quantized, spec.weight), bias)
     return reference, test
 
 
@@ -193,8 +202,17 @@ def _concrete(value: Any) -> Any:
     return value
 
 
-def measure_site_sqnr(gm: torch.fx.GraphModule, example_inputs: list[Any], sites: list[Any], parameters: dict[str, Any]) -> None:
+def measure_site_sqnr(
+    gm: torch.fx.GraphModule,
+    example_inputs: list[Any],
+    sites: list[Any],
+    parameters: dict[str, Any],
+    quantized_weight: Callable[[Any], list],
+) -> None:
     """Run `gm` (the unquantized, annotated graph) once and set `site.sqnr_db` on quantized sites.
+
+    `quantized_weight(site)` gives a linear site's quantized weight parts (the same ones that are
+    folded into the graph, so weights are still quantized once per compile).
 
     A diagnostic only: if the graph cannot be run eagerly here, SQNR stays unknown and compiling
     goes on."""
@@ -208,7 +226,7 @@ def measure_site_sqnr(gm: torch.fx.GraphModule, example_inputs: list[Any], sites
             result = super().run_node(node)
             site = by_node.get(node)
             if site is not None:
-                reference, test = _site_outputs(site, self.env, parameters)
+                reference, test = _site_outputs(site, self.env, parameters, quantized_weight)
                 site.sqnr_db = sqnr(reference, test)
             return result
 

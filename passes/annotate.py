@@ -26,10 +26,12 @@ from lowbit_compile.reference import check_quantizable
 from passes.capture import module_path
 from passes.state import PipelineState, Site
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("lowbit_compile." + __name__)  # under TORCH_LOGS="+lowbit_compile"
 
 LINEAR_FUNCTIONS = {torch._C._nn.linear, F.linear}
 MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.mm, torch.bmm}
+MATMUL_METHODS = {"matmul", "mm", "bmm", "__matmul__"}
+ADDMM_FUNCTIONS = {torch.addmm}
 EINSUM_FUNCTIONS = {torch.einsum, torch.functional.einsum}
 SDPA_FUNCTIONS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 SOFTMAX_FUNCTIONS = {torch.softmax, F.softmax, torch.nn.functional.softmax}
@@ -51,6 +53,11 @@ def _arg(node: torch.fx.Node, index: int, name: str, default: Any = None) -> Any
     if len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(name, default)
+
+
+def _matmul_operands(node: torch.fx.Node) -> tuple[Any, Any]:
+    """(left, right) of matmul/mm/bmm/@ in function or method form, positional or keyword."""
+    return _arg(node, 0, "input"), _arg(node, 1, "other", node.kwargs.get("mat2"))
 
 
 def _is_call(node: Any, functions: set, methods: set[str] = frozenset()) -> bool:
@@ -118,14 +125,14 @@ def _linear_site(node: torch.fx.Node, state: PipelineState) -> dict[str, Any] | 
         x, weight_operand, bias = _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
         found, nk_flips = _trace_parameter(weight_operand, state), 0
         source_op = "linear"
-    elif _is_call(node, MATMUL_FUNCTIONS - {torch.bmm}, {"matmul"}):
-        x, weight_operand = node.args[0], node.args[1]
+    elif _is_call(node, MATMUL_FUNCTIONS - {torch.bmm}, MATMUL_METHODS - {"bmm"}):
+        x, weight_operand = _matmul_operands(node)
         found, nk_flips = _trace_parameter(weight_operand, state), 1
-        source_op = "mm" if node.target is torch.mm else "matmul"
-    elif _is_call(node, {torch.addmm}, {"addmm"}):
+        source_op = "mm" if node.target in (torch.mm, "mm") else "matmul"
+    elif _is_call(node, ADDMM_FUNCTIONS, {"addmm"}):
         if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
             return None
-        bias, x, weight_operand = node.args[0], node.args[1], node.args[2]
+        bias, x, weight_operand = _arg(node, 0, "input"), _arg(node, 1, "mat1"), _arg(node, 2, "mat2")
         found, nk_flips = _trace_parameter(weight_operand, state), 1
         source_op = "addmm"
     elif _is_call(node, EINSUM_FUNCTIONS) and len(node.args) == 3 and isinstance(node.args[0], str):
@@ -154,7 +161,8 @@ def _einsum_weight_layout(equation: str) -> str | None:
     if k not in rhs or rhs.count(k) != 1 or len(set(rhs)) != 2:
         return None
     n = rhs.replace(k, "")
-    if n in lhs or out != lhs[:-1] + n:
+    # K must appear only as x's last dim: "ii,ij->ij" takes a diagonal, it is not x @ W.
+    if n in lhs or k in lhs[:-1] or out != lhs[:-1] + n:
         return None
     return "nk" if rhs == n + k else "kn"
 
@@ -164,39 +172,65 @@ def _single_user(node: torch.fx.Node) -> torch.fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
+def _scalar_operand(node: torch.fx.Node) -> tuple[Any, float] | None:
+    """(tensor operand, python scalar) of a binary op with one number operand, either side."""
+    if len(node.args) != 2 or node.kwargs:
+        return None
+    left, right = node.args
+    if isinstance(right, (int, float)) and isinstance(left, torch.fx.Node):
+        return left, right
+    if isinstance(left, (int, float)) and isinstance(right, torch.fx.Node):
+        return right, left
+    return None
+
+
 def _explicit_attention(softmax: torch.fx.Node) -> dict[str, Any] | None:
-    """matmul(q, k^T) -> [* or / scalar] -> [+ mask] -> softmax(-1) -> [cast] -> matmul(., v)."""
+    """matmul(q, k^T) -> [* or / scalar] -> [+ mask] -> softmax(-1) -> [cast] -> matmul(., v).
+
+    Refused (left as plain matmuls) where SDPA would compute something else: a mask added before
+    the scaling (SDPA adds it after), `add(..., alpha=)`, or the probabilities as the right operand."""
     dim = _arg(softmax, 1, "dim")
     rank = len(shape_of(softmax))
     if not isinstance(dim, int) or rank == 0 or dim % rank != rank - 1:
         return None
-    after = _single_user(softmax)
+    probabilities, after = softmax, _single_user(softmax)
     while after is not None and _is_call(after, set(), CAST_METHODS):
-        after = _single_user(after)
-    if after is None or not _is_call(after, MATMUL_FUNCTIONS, {"matmul"}) or after.args[0] is None:
+        probabilities, after = after, _single_user(after)
+    if after is None or not _is_call(after, MATMUL_FUNCTIONS, MATMUL_METHODS):
         return None
     pv = after
-    scale, mask, node = 1.0, None, softmax.args[0]
-    while isinstance(node, torch.fx.Node) and not _is_call(node, MATMUL_FUNCTIONS, {"matmul"}):
+    left, v = _matmul_operands(pv)
+    if left is not probabilities or not isinstance(v, torch.fx.Node):
+        return None
+    scale, mask, scaled, node = 1.0, None, False, _arg(softmax, 0, "input")
+    while isinstance(node, torch.fx.Node) and not _is_call(node, MATMUL_FUNCTIONS, MATMUL_METHODS):
         if _single_user(node) is None:
             return None
+        scalar = _scalar_operand(node) if _is_call(node, set(SCALE_FUNCTIONS), {"mul", "div"}) else None
         if _is_call(node, set(), CAST_METHODS):
             node = node.args[0]
-        elif _is_call(node, set(SCALE_FUNCTIONS), {"mul", "div"}) and isinstance(node.args[1], (int, float)):
+        elif scalar is not None:
             divide = node.target in (operator.truediv, torch.div, "div")
-            scale = scale / node.args[1] if divide else scale * node.args[1]
-            node = node.args[0]
-        elif _is_call(node, ADD_FUNCTIONS, {"add"}) and mask is None and isinstance(node.args[1], torch.fx.Node):
+            if divide and scalar[0] is not node.args[0]:
+                return None  # scalar / scores is not a scaling
+            scale = scale / scalar[1] if divide else scale * scalar[1]
+            node, scaled = scalar[0], True
+        elif (
+            _is_call(node, ADD_FUNCTIONS, {"add"}) and mask is None and not scaled and not node.kwargs
+            and len(node.args) == 2 and isinstance(node.args[1], torch.fx.Node)
+        ):
+            # Walking backwards, the mask must come before any scaling: softmax(s * qk + mask).
             node, mask = node.args[0], node.args[1]
         else:
             return None
     if not isinstance(node, torch.fx.Node) or _single_user(node) is None:
         return None
     qk = node
-    k = _transposed_input(qk.args[1]) if isinstance(qk.args[1], torch.fx.Node) else None
+    q, k_transposed = _matmul_operands(qk)
+    k = _transposed_input(k_transposed) if isinstance(k_transposed, torch.fx.Node) else None
     if k is None:
         return None
-    return {"q": qk.args[0], "k": k, "v": pv.args[1], "mask": mask, "scale": scale, "qk": qk, "pv": pv}
+    return {"q": q, "k": k, "v": v, "mask": mask, "scale": scale, "qk": qk, "pv": pv}
 
 
 def _check_formats(shapes: dict[str, tuple], dtypes: dict[str, torch.dtype], formats: dict[str, Format | None]) -> str | None:
@@ -219,7 +253,7 @@ def annotate_sites(state: PipelineState) -> None:
     claimed: set[torch.fx.Node] = set()
     found: list[Site] = []
     for node in state.gm.graph.nodes:
-        if node.op not in ("call_function", "call_method"):
+        if node.op not in ("call_function", "call_method") or node in claimed:
             continue
         linear = _linear_site(node, state)
         if linear is not None:
@@ -254,7 +288,8 @@ def annotate_sites(state: PipelineState) -> None:
             continue
         if _is_call(node, SOFTMAX_FUNCTIONS, {"softmax"}):
             pattern = _explicit_attention(node)
-            if pattern is not None:
+            # A q or k that is a parameter makes the first matmul a linear site already: keep that.
+            if pattern is not None and not any(s.node is pattern["qk"] for s in found):
                 q, k, v = pattern["q"], pattern["k"], pattern["v"]
                 claimed.update((pattern["qk"], pattern["pv"]))
                 site = Site(
@@ -267,12 +302,15 @@ def annotate_sites(state: PipelineState) -> None:
                 )
                 found.append(site)
             continue
-    # Activation x activation matmuls that are not part of an attention pattern.
+    # Every other matmul (of two activations, or a linear/addmm not of the recognised shape) is
+    # reported too, so that nothing left in high precision is missing from the report.
     for node in state.gm.graph.nodes:
-        is_matmul = _is_call(node, MATMUL_FUNCTIONS | EINSUM_FUNCTIONS, {"matmul", "bmm"})
+        is_matmul = _is_call(
+            node, MATMUL_FUNCTIONS | EINSUM_FUNCTIONS | LINEAR_FUNCTIONS | ADDMM_FUNCTIONS, MATMUL_METHODS | {"addmm"}
+        )
         if not is_matmul or node in claimed or any(s.node is node for s in found):
             continue
-        operands = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        operands = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, torch.fx.Node)]
         found.append(
             Site(
                 index=len(found), kind=OpKind.MATMUL, fqn=_site_fqn(node, None),

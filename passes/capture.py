@@ -45,8 +45,10 @@ def _is_parameter(node: torch.fx.Node, value: object) -> bool:
 
 
 def capture_graph(state: PipelineState) -> None:
-    """Replace `state.gm` by a copy whose nodes carry `meta["val"]`; record parameter inputs."""
+    """Replace `state.gm` by a dead-code-free copy whose nodes carry `meta["val"]`; record parameters."""
     graph = copy.deepcopy(state.gm.graph)
+    # Results nobody reads (e.g. a pooler whose output the caller drops) are not sites to quantize.
+    graph.eliminate_dead_code()
     state.gm = torch.fx.GraphModule(state.gm, graph)
     placeholders = state.placeholders()
     for node, value in zip(placeholders, state.example_inputs):

@@ -8,6 +8,7 @@ call. A weight shared by several sites (tied embeddings, repeated calls) is quan
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 import torch.fx
@@ -15,7 +16,7 @@ import torch.fx
 from passes.qdq import QUANTIZED_PARTS
 from passes.state import PipelineState
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("lowbit_compile." + __name__)  # under TORCH_LOGS="+lowbit_compile"
 
 
 def _bytes(tensors: list[torch.Tensor]) -> int:
@@ -33,18 +34,15 @@ def fold_weight_quantization(state: PipelineState) -> None:
         if quantize is None:
             continue
         weight = site.inputs["weight"]
-        transposed = site.weight_layout == "kn"
         fmt = site.spec.weight
-        key = (weight.name, transposed, fmt)
+        key = (weight.name, site.weight_layout == "kn", fmt)
         parameter = state.parameters[weight.name].tensor
         if key not in folded:
-            with torch.no_grad():
-                source = parameter.detach().t() if transposed else parameter.detach()
-                tensors = [t.contiguous() for t in torch.ops.lowbit.quantize(source.contiguous(), fmt)]
+            tensors = state.quantized_weight(site)
             nodes = []
             for part, tensor in zip(QUANTIZED_PARTS, tensors):
                 with graph.inserting_after(last_placeholder):
-                    node = graph.placeholder(f"{site.weight_path.replace('.', '_')}_{fmt}_{part}")
+                    node = graph.placeholder(re.sub(r"\W", "_", f"folded_{site.weight_path}_{fmt}_{part}"))
                 node.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True) if fake_mode else tensor
                 node.meta["lowbit_folded"] = f"{site.weight_path} as {fmt} {part}"
                 last_placeholder = node
@@ -53,10 +51,9 @@ def fold_weight_quantization(state: PipelineState) -> None:
             folded[key] = nodes
             total_before += parameter.numel() * parameter.element_size()
             total_after += _bytes(tensors)
+            site.weight_bytes_before = parameter.numel() * parameter.element_size()
             site.weight_bytes_after = _bytes(tensors)
-        else:
-            site.weight_bytes_after = 0  # shared with an earlier site
-        site.weight_bytes_before = parameter.numel() * parameter.element_size()
+        # else: the weight is shared with an earlier site (tied), which already counts its bytes
         for part_node, new_input in zip(site.qdq["weight_parts"], folded[key]):
             part_node.replace_all_uses_with(new_input)
         site.qdq["weight_parts"] = folded[key]

@@ -17,7 +17,7 @@ from lowbit_compile.policy import Kernel
 from passes.annotate import value_of
 from passes.state import PipelineState, Site
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("lowbit_compile." + __name__)  # under TORCH_LOGS="+lowbit_compile"
 
 
 def _fused_args(site: Site) -> tuple:

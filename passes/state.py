@@ -65,6 +65,21 @@ class PipelineState:
     parameters: dict[str, Parameter] = field(default_factory=dict)  # placeholder name -> parameter
     sites: list[Site] = field(default_factory=list)
     folded_inputs: list[torch.Tensor] = field(default_factory=list)  # appended to every call
+    _quantized_weights: dict[tuple[str, bool, str], list[torch.Tensor]] = field(default_factory=dict)
+
+    def quantized_weight(self, site: Site) -> list[torch.Tensor]:
+        """The (data, scale, zero_point, global_scale) of a linear site's weight as (N, K), computed
+        once per compile however many sites or stages ask (tied weights, the SQNR report, folding)."""
+        weight = site.inputs["weight"]
+        transposed = site.weight_layout == "kn"
+        key = (weight.name, transposed, site.spec.weight)
+        if key not in self._quantized_weights:
+            with torch.no_grad():
+                source = self.parameters[weight.name].tensor.detach()
+                source = (source.t() if transposed else source).contiguous()
+                parts = torch.ops.lowbit.quantize(source, site.spec.weight)
+            self._quantized_weights[key] = [t.contiguous() for t in parts]
+        return self._quantized_weights[key]
 
     def placeholders(self) -> list[torch.fx.Node]:
         return [n for n in self.gm.graph.nodes if n.op == "placeholder"]
