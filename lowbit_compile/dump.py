@@ -28,7 +28,7 @@ def site_lines(sites: list[Any]) -> list[str]:
     lines = []
     for site in sites:
         decision = site.spec.describe() if site.quantized else f"skip ({site.skip_reason})"
-        lines.append(f"#   site {site.index} {site.kind.value} {site.fqn} [{site.node.name}]: {decision}")
+        lines.append(f"#   site {site.index} {site.kind.value} {site.fqn or '<root>'} [{site.node.name}]: {decision}")
     return lines
 
 

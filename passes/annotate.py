@@ -106,15 +106,14 @@ def _trace_parameter(node: Any, state: PipelineState) -> tuple[torch.fx.Node, in
 
 
 def _site_fqn(node: torch.fx.Node, weight_path: str | None) -> str:
-    """The calling module's path (nn_module_stack), else the weight's owner, else the node name."""
+    """The calling module's path (nn_module_stack), else the weight's owner module, else the node name."""
     stack = node.meta.get("nn_module_stack")
     if stack:
         path = module_path(list(stack.values())[-1][0])
         if path:
             return path
-    if weight_path:
-        owner = weight_path.rpartition(".")[0]
-        return owner or weight_path
+    if weight_path is not None:
+        return weight_path.rpartition(".")[0]  # "" for a parameter of the root module, as named_modules()
     return node.name
 
 

@@ -1,0 +1,118 @@
+"""Structure of the stage graphs: FileCheck on each stage, exact text where it matters, counters."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from expecttest import TestCase
+from torch._dynamo.utils import counters
+from torch.testing import FileCheck
+
+from lowbit_compile.models import LlamaConfig, TinyLlama
+from lowbit_compile.testing import run_and_get_graphs
+
+
+@pytest.fixture(autouse=True)
+def fresh_counters():
+    counters.clear()
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(128, 256)
+        self.down = nn.Linear(256, 128, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.up(x)))
+
+
+def _run(policy: str, **options):
+    torch.manual_seed(0)
+    model = Block().eval()
+    return run_and_get_graphs(model, torch.randn(3, 5, 128), policy=policy, options=options)
+
+
+def test_qdq_stage_has_explicit_quantize_dequantize_around_every_site() -> None:
+    _, graphs = _run("w8a8", inductor=False)
+    qdq = graphs["qdq"]
+    FileCheck().check("# lowbit-compile stage: qdq").check("# policy: w8a8").run(qdq)
+    # Per site: the weight's quantize -> dequantize, the activation's quantize -> dequantize, then linear.
+    check = FileCheck()
+    for _ in range(2):
+        check = (
+            check.check("torch.ops.lowbit.quantize.default(l_self_modules_").check("'int8_row'")
+            .check("torch.ops.lowbit.dequantize.default").check("torch.ops.lowbit.quantize.default")
+            .check("torch.ops.lowbit.dequantize.default").check("torch._C._nn.linear(dequantize_default")
+        )
+    check.run(qdq)
+    FileCheck().check_count("torch.ops.lowbit.quantize.default(", 4, exactly=True).run(qdq)
+
+
+def test_folded_stage_reads_weights_from_compile_time_inputs() -> None:
+    _, graphs = _run("w4a16", inductor=False)
+    folded = graphs["folded"]
+    FileCheck().check('folded_up_weight_int4_g128_asym_data: "u8[256, 64]"').check(
+        'folded_down_weight_int4_g128_asym_scale: "f32[128, 2]"'
+    ).run(folded)
+    # No weight is quantized at run time any more; activations are not quantized in w4a16 at all.
+    FileCheck().check_not("torch.ops.lowbit.quantize.default").run(folded)
+    FileCheck().check_count("torch.ops.lowbit.dequantize.default(", 2, exactly=True).run(folded)
+
+
+def test_fused_stage_replaces_each_matmul_with_one_lowbit_op() -> None:
+    _, graphs = _run("fp8")
+    fused = graphs["fused"]
+    FileCheck().check_count("torch.ops.lowbit.scaled_mm.default(", 2, exactly=True).run(fused)
+    FileCheck().check_not("torch._C._nn.linear").check_not("lowbit.dequantize").run(fused)
+    # Activation quantization stays as its own (decomposable) op, feeding the fused matmul.
+    FileCheck().check("torch.ops.lowbit.quantize.default(").check("'fp8_e4m3_row'").check(
+        "torch.ops.lowbit.scaled_mm.default("
+    ).run(fused)
+    assert counters["lowbit"]["fused_scaled_mm"] == 2
+    # Inductor fused the activation quantization into generated code and calls our op for the matmul.
+    FileCheck().check("torch.ops.lowbit.scaled_mm.default(").run(graphs["output_code"])
+    assert "lowbit.quantize" not in graphs["lowered"]
+    assert re.search(r"aten\.amax", graphs["lowered"])
+
+
+def test_counters_of_sites_per_kind() -> None:
+    torch.manual_seed(0)
+    model = TinyLlama(LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_layers=2,
+                                  num_heads=4, num_kv_heads=2)).eval()
+    _, graphs = run_and_get_graphs(model, torch.randint(0, 128, (1, 9)), policy="fp8-attention",
+                                   options={"inductor": False})
+    assert counters["lowbit"]["fused_scaled_mm"] == 15
+    assert counters["lowbit"]["fused_attention"] == 2
+    FileCheck().check_count("torch.ops.lowbit.attention.default(", 2, exactly=True).run(graphs["fused"])
+    assert "sites by op {'linear': 15, 'attention': 2}" in graphs["report"]
+
+
+class TestExactText(TestCase):
+    def test_fused_weight_only_linear(self) -> None:
+        torch.manual_seed(0)
+        model = nn.Linear(128, 16, bias=False).eval()
+        _, graphs = run_and_get_graphs(model, torch.randn(2, 128), policy="w8a16",
+                                       options={"inductor": False, "compute_sqnr": False})
+        self.assertExpectedInline(
+            graphs["fused"],
+            """\
+# lowbit-compile stage: fused
+# graph: 0_0
+# policy: w8a16 (key 8d63aa315c9f044e)
+# sites: 1
+#   site 0 linear <root> [weight_only_mm_default]: A=16bit W=int8_row
+class GraphModule(torch.nn.Module):
+    def forward(self, L_fn_parameters_weight_: "f32[16, 128]", L_args_0_: "f32[2, 128]", folded_weight_int8_row_data: "i8[16, 128]", folded_weight_int8_row_scale: "f32[16, 1]", folded_weight_int8_row_zero_point: "f32[0]", folded_weight_int8_row_global_scale: "f32[0]"):
+        l_fn_parameters_weight_ = L_fn_parameters_weight_
+        l_args_0_ = L_args_0_
+
+        # No stacktrace found for following nodes
+        weight_only_mm_default: "f32[2, 16]" = torch.ops.lowbit.weight_only_mm.default(l_args_0_, folded_weight_int8_row_data, folded_weight_int8_row_scale, folded_weight_int8_row_zero_point, folded_weight_int8_row_global_scale, None, 'int8_row');  l_args_0_ = folded_weight_int8_row_data = folded_weight_int8_row_scale = folded_weight_int8_row_zero_point = folded_weight_int8_row_global_scale = None
+        return (weight_only_mm_default,)
+""",
+        )
