@@ -13,15 +13,22 @@ from lowbit_compile.report import Report
 
 def explain(model: Any, *args: Any, policy: Policy | str | None = None, **kwargs: Any) -> Report:
     """Capture `model(*args, **kwargs)` with Dynamo, run the pass pipeline up to the fused stage and
-    return the report: one row per matmul site (all graphs of the model, in order)."""
+    return the report: one row per matmul site (all graphs of the model, in order).
+
+    Like `torch._dynamo.explain`, this resets Dynamo's caches first (functions compiled earlier
+    recompile on their next call): a capture must never be skipped by a cache or recompile limit."""
     reports: list[Report] = []
     options = BackendOptions.parse({"policy": policy, "inductor": False})
 
     def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
         return compile_graph(gm, example_inputs, options, on_report=reports.append)
 
-    with torch.no_grad():
-        torch.compile(model, backend=backend, dynamic=False)(*args, **kwargs)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            torch.compile(model, backend=backend, dynamic=False)(*args, **kwargs)
+    finally:
+        torch._dynamo.reset()
     if not reports:
         return Report(policy=options.policy.name, policy_key=options.policy.cache_key())
     merged = reports[0]

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from lowbit_compile.formats import Format, get_format, register_format
+from lowbit_compile.formats import BUILTIN_FORMATS, Format, get_format, register_format
 
 
 class OpKind(str, enum.Enum):
@@ -245,15 +245,27 @@ class Policy:
                 return rule.spec, f"rule {index}"
         return self.default, "default"
 
+    def format_names(self) -> list[str]:
+        """Every format the policy names, sorted."""
+        specs = [self.default, *(r.spec for r in self.rules)]
+        return sorted({n for spec in specs if spec is not None for n in (spec.weight, spec.activation) if n})
+
     def to_dict(self) -> dict[str, Any]:
+        """Plain data; formats outside the built-in registry travel along as records, so the policy
+        loads in a fresh process."""
+        custom = [name for name in self.format_names() if name not in BUILTIN_FORMATS]
         return {
             "name": self.name,
             "rules": [rule.to_dict() for rule in self.rules],
             "default": None if self.default is None else self.default.to_dict(),
+            "formats": {name: get_format(name).to_dict() for name in custom},
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Policy:
+        data = dict(data)
+        for record in data.pop("formats", {}).values():
+            register_format(Format.from_dict(record))  # ValueError if the name means another record here
         data = _checked_keys(cls, data)
         default = data.get("default")
         return cls(
@@ -271,16 +283,7 @@ class Policy:
 
     def cache_key(self) -> str:
         """A stable digest of the policy and every format it names (formats can be user-registered)."""
-        names = sorted(
-            {
-                name
-                for spec in [self.default, *(r.spec for r in self.rules)]
-                if spec is not None
-                for name in (spec.weight, spec.activation)
-                if name is not None
-            }
-        )
-        formats = {name: get_format(name).to_dict() for name in names}
+        formats = {name: get_format(name).to_dict() for name in self.format_names()}
         text = json.dumps({"policy": self.to_dict(), "formats": formats}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -5,7 +5,8 @@ Recognised, on Dynamo's torch-level graph:
              linear-shaped einsum, where one operand is a 2-D parameter (possibly transposed);
   attention  F.scaled_dot_product_attention (causal, mask, GQA), and the explicit form
              matmul(q, k^T) -> [scale] -> [+ mask] -> softmax(-1) -> matmul(., v);
-  matmul     every other matmul/bmm of two activations (found and reported; not quantized yet).
+  matmul     every other matmul/bmm of two activations, and linear/addmm forms not recognised above
+             (found and reported; not quantized yet).
 The graph itself is not changed here; the sites go to `state.sites`.
 """
 

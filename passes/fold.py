@@ -35,14 +35,16 @@ def fold_weight_quantization(state: PipelineState) -> None:
             continue
         weight = site.inputs["weight"]
         fmt = site.spec.weight
-        key = (weight.name, site.weight_layout == "kn", fmt)
+        transposed = site.weight_layout == "kn"
+        key = (weight.name, transposed, fmt)
         parameter = state.parameters[weight.name].tensor
         if key not in folded:
             tensors = state.quantized_weight(site)
             nodes = []
+            prefix = re.sub(r"\W", "_", f"folded_{site.weight_path}{'_t' if transposed else ''}_{fmt}")
             for part, tensor in zip(QUANTIZED_PARTS, tensors):
                 with graph.inserting_after(last_placeholder):
-                    node = graph.placeholder(re.sub(r"\W", "_", f"folded_{site.weight_path}_{fmt}_{part}"))
+                    node = graph.placeholder(f"{prefix}_{part}")
                 node.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True) if fake_mode else tensor
                 node.meta["lowbit_folded"] = f"{site.weight_path} as {fmt} {part}"
                 last_placeholder = node

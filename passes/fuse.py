@@ -51,8 +51,7 @@ def fuse_quantized_ops(state: PipelineState) -> None:
             fused = graph.call_function(FUSED_OPS[site.kernel.value], _fused_args(site))
         fused.meta.update({k: v for k, v in old.meta.items() if k in ("nn_module_stack", "stack_trace", "val")})
         fused.meta["lowbit_site"] = site.index
-        old.replace_all_uses_with(fused)
-        graph.erase_node(old)
+        state.replace_node(old, fused)
         site.node = site.qdq["op"] = fused
         counts[site.kernel.value] = counts.get(site.kernel.value, 0) + 1
         torch._dynamo.utils.counters["lowbit"][f"fused_{site.kernel.value}"] += 1

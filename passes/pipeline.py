@@ -40,7 +40,11 @@ def _refresh_meta(state: PipelineState) -> None:
         return
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-    FakeTensorProp(state.gm, fake_mode).propagate_dont_convert_inputs(*fake_inputs)
+    from torch._dispatch.python import enable_python_dispatcher
+
+    # As Dynamo does: composite ops (linear -> matmul) need Python decompositions for symbolic sizes.
+    with enable_python_dispatcher():
+        FakeTensorProp(state.gm, fake_mode).propagate_dont_convert_inputs(*fake_inputs)
 
 
 def run_stage(name: str, stage: Callable[[PipelineState], None], state: PipelineState, observer: Observer) -> None:

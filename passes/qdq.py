@@ -75,10 +75,9 @@ def insert_qdq(state: PipelineState) -> None:
             continue
         with graph.inserting_before(site.node):
             replacement = _qdq_attention(graph, site) if site.kind is OpKind.ATTENTION else _qdq_linear(graph, site)
-        replacement.meta.update({k: v for k, v in site.node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        replacement.meta.update({k: v for k, v in site.node.meta.items() if k in ("nn_module_stack", "stack_trace", "val")})
         replacement.meta["lowbit_site"] = site.index
-        site.node.replace_all_uses_with(replacement)
-        graph.erase_node(site.node)
+        state.replace_node(site.node, replacement)
         site.node = replacement
         site.qdq["op"] = replacement
     graph.eliminate_dead_code()

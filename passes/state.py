@@ -81,6 +81,16 @@ class PipelineState:
             self._quantized_weights[key] = [t.contiguous() for t in parts]
         return self._quantized_weights[key]
 
+    def replace_node(self, old: torch.fx.Node, new: torch.fx.Node) -> None:
+        """Replace `old` by `new` in the graph and in every site that reads it (sites can feed
+        each other directly: a linear on the output of a quantized linear or attention)."""
+        old.replace_all_uses_with(new)
+        for site in self.sites:
+            for name, node in site.inputs.items():
+                if node is old:
+                    site.inputs[name] = new
+        self.gm.graph.erase_node(old)
+
     def placeholders(self) -> list[torch.fx.Node]:
         return [n for n in self.gm.graph.nodes if n.op == "placeholder"]
 

@@ -103,7 +103,7 @@ class TestExactText(TestCase):
             """\
 # lowbit-compile stage: fused
 # graph: 0_0
-# policy: w8a16 (key 8d63aa315c9f044e)
+# policy: w8a16 (key e1527b8a13ff12a3)
 # sites: 1
 #   site 0 linear <root> [weight_only_mm_default]: A=16bit W=int8_row
 class GraphModule(torch.nn.Module):
