@@ -58,36 +58,49 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.manual_seed(0)
     for n, k in SHAPES:
         layer = nn.Linear(k, n, bias=False).to("cuda", torch.bfloat16).eval()
-        variants = {"bf16-eager": layer, "bf16-inductor": torch.compile(layer, dynamic=True)}
-        for name in recipes:
-            variants[name] = torch.compile(
-                layer, backend="lowbit", dynamic=True, options={"policy": name, "compute_sqnr": False}
-            )
-        for m in rows:
-            inputs = _inputs(m, k)
-            with torch.no_grad():
-                reference = layer(inputs[0]).float()
-                row = {"N": n, "K": k, "M": m}
-                for name, fn in variants.items():
-                    start = time.perf_counter()
+        inputs = {m: _inputs(m, k) for m in rows}
+        with torch.no_grad():
+            references = {m: layer(inputs[m][0]).float() for m in rows}
+        shape_rows = {m: {"N": n, "K": k, "M": m} for m in rows}
+        for name in ["bf16-eager", "bf16-inductor", *recipes]:
+            # One variant at a time on a fresh Dynamo: several compiles of the same forward would
+            # otherwise hit Dynamo's recompile limit and silently run eager.
+            torch._dynamo.reset()
+            if name == "bf16-eager":
+                fn = layer
+            elif name == "bf16-inductor":
+                fn = torch.compile(layer, dynamic=True)
+            else:
+                fn = torch.compile(layer, backend="lowbit", dynamic=True, options={"policy": name, "compute_sqnr": False})
+            for m in rows:
+                row = shape_rows[m]
+                start = time.perf_counter()
+                with torch.no_grad():
                     try:
-                        row[f"{name}_ms"] = _time_ms(fn, inputs)
-                        error = (fn(inputs[0]).float() - reference).norm() / reference.norm()
+                        row[f"{name}_ms"] = _time_ms(fn, inputs[m])
+                        error = (fn(inputs[m][0]).float() - references[m]).norm() / references[m].norm()
                         row[f"{name}_relerr"] = error.item()
+                        if name in recipes and row[f"{name}_relerr"] == 0.0:
+                            row[f"{name}_error"] = "output identical to bf16: not quantized"
                     except Exception as failure:  # noqa: BLE001 - a benchmark row records the failure
                         row[f"{name}_ms"] = float("nan")
                         row[f"{name}_error"] = f"{type(failure).__name__}: {failure}"[:300]
-                    row[f"{name}_wall_s"] = time.perf_counter() - start
-            results.append(row)
-            print(json.dumps(row), flush=True)
+                row[f"{name}_wall_s"] = time.perf_counter() - start
+        for m in rows:
+            results.append(shape_rows[m])
+            print(json.dumps(shape_rows[m]), flush=True)
     (out_dir / "bench_linear.json").write_text(json.dumps(results, indent=2))
     names = ["bf16-inductor", *recipes]
     header = f"| N x K | M | " + " | ".join(names) + " |"
     lines = [f"speedup over eager bf16 (cuBLAS), CUDA-graph replay, {torch.cuda.get_device_name()}", header,
              "|" + "---|" * (len(names) + 2)]
     for row in results:
-        ratios = [row["bf16-eager_ms"] / row[f"{name}_ms"] for name in names]
-        lines.append(f"| {row['N']}x{row['K']} | {row['M']} | " + " | ".join(f"{r:.2f}x" for r in ratios) + " |")
+        cells = [
+            ("failed" if row[f"{name}_ms"] != row[f"{name}_ms"] else "not quantized") if f"{name}_error" in row
+            else f"{row['bf16-eager_ms'] / row[f'{name}_ms']:.2f}x"
+            for name in names
+        ]
+        lines.append(f"| {row['N']}x{row['K']} | {row['M']} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     (out_dir / "bench_linear.md").write_text(table + "\n")
     try:

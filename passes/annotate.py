@@ -69,19 +69,24 @@ def _is_call(node: Any, functions: set, methods: set[str] = frozenset()) -> bool
     return node.op == "call_method" and node.target in methods
 
 
+# Ops that reverse all dims (`.T`; torch 2.14 traces it as aten.numpy_T): a last-two swap only at rank 2.
+_REVERSE_ALL = {torch.ops.aten.numpy_T, torch.ops.aten.numpy_T.default}
+_SWAP_LAST_TWO = {torch.t, torch.ops.aten.t, torch.ops.aten.t.default, torch.ops.aten.mT, torch.ops.aten.mT.default}
+
+
 def _transposed_input(node: torch.fx.Node) -> torch.fx.Node | None:
     """If `node` swaps the last two dims of its input (t, .T, .mT, transpose(-2,-1), permute), the input."""
-    if node.op == "call_method" and node.target == "t" or node.op == "call_function" and node.target is torch.t:
-        return node.args[0]
-    if node.op == "call_function" and node.target is getattr and node.args[1] in ("T", "mT"):
-        return node.args[0]
     source = node.args[0] if node.args else None
     rank = len(shape_of(source))
     if rank < 2:
         return None
-    is_transpose = node.op == "call_method" and node.target == "transpose" or (
-        node.op == "call_function" and node.target is torch.transpose
-    )
+    if node.op == "call_method" and node.target == "t" or _is_call(node, _SWAP_LAST_TWO):
+        return source
+    if _is_call(node, {getattr}) and (node.args[1] == "mT" or node.args[1] == "T" and rank == 2):
+        return source
+    if _is_call(node, _REVERSE_ALL) and rank == 2:
+        return source
+    is_transpose = node.op == "call_method" and node.target == "transpose" or _is_call(node, {torch.transpose})
     if is_transpose and len(node.args) == 3:
         dims = {d % rank for d in node.args[1:] if isinstance(d, int)}
         return source if dims == {rank - 2, rank - 1} else None
