@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             elif name == "bf16-inductor":
                 fn = torch.compile(layer, dynamic=True)
             else:
-                fn = torch.compile(layer, backend="lowbit", dynamic=True, options={"policy": name, "compute_sqnr": False})
+                fn = torch.compile(
+                    layer, backend="lowbit", dynamic=True, options={"policy": name, "compute_sqnr": False}
+                )
             for m in rows:
                 row = shape_rows[m]
                 start = time.perf_counter()
@@ -91,12 +93,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(json.dumps(shape_rows[m]), flush=True)
     (out_dir / "bench_linear.json").write_text(json.dumps(results, indent=2))
     names = ["bf16-inductor", *recipes]
-    header = f"| N x K | M | " + " | ".join(names) + " |"
-    lines = [f"speedup over eager bf16 (cuBLAS), CUDA-graph replay, {torch.cuda.get_device_name()}", header,
-             "|" + "---|" * (len(names) + 2)]
+    header = "| N x K | M | " + " | ".join(names) + " |"
+    lines = [
+        f"speedup over eager bf16 (cuBLAS), CUDA-graph replay, {torch.cuda.get_device_name()}",
+        header,
+        "|" + "---|" * (len(names) + 2),
+    ]
     for row in results:
         cells = [
-            ("failed" if row[f"{name}_ms"] != row[f"{name}_ms"] else "not quantized") if f"{name}_error" in row
+            ("failed" if row[f"{name}_ms"] != row[f"{name}_ms"] else "not quantized")
+            if f"{name}_error" in row
             else f"{row['bf16-eager_ms'] / row[f'{name}_ms']:.2f}x"
             for name in names
         ]
@@ -113,7 +119,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for ax, (n, k) in zip(axes, SHAPES):
             subset = [r for r in results if r["N"] == n and r["K"] == k]
             for name in names:
-                ax.plot([r["M"] for r in subset], [r["bf16-eager_ms"] / r[f"{name}_ms"] for r in subset], "o-", label=name)
+                ax.plot(
+                    [r["M"] for r in subset], [r["bf16-eager_ms"] / r[f"{name}_ms"] for r in subset], "o-", label=name
+                )
             ax.set_xscale("log")
             ax.set_title(f"N={n} K={k}")
             ax.set_xlabel("M")

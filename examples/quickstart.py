@@ -45,8 +45,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     config = LlamaConfig(
-        hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_layers=args.layers,
-        num_heads=max(1, args.hidden // 32), num_kv_heads=max(1, args.hidden // 128),
+        hidden_size=args.hidden,
+        intermediate_size=2 * args.hidden,
+        num_layers=args.layers,
+        num_heads=max(1, args.hidden // 32),
+        num_kv_heads=max(1, args.hidden // 128),
     )
     model = TinyLlama(config).eval().to(args.device, dtype)
     tokens = torch.randint(0, config.vocab_size, (args.batch, args.length), device=args.device)

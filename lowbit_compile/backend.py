@@ -118,6 +118,8 @@ def compile_graph(
     return compiled
 
 
-def lowbit_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], options: dict[str, Any] | None = None) -> Callable[..., Any]:
+def lowbit_backend(
+    gm: torch.fx.GraphModule, example_inputs: list[Any], options: dict[str, Any] | None = None
+) -> Callable[..., Any]:
     """The function registered as `backend="lowbit"`."""
     return compile_graph(gm, example_inputs, BackendOptions.parse(options))

@@ -42,7 +42,9 @@ class RMSNorm(nn.Module):
         return (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype) * self.weight
 
 
-def rotary_tables(config: LlamaConfig, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(
+    config: LlamaConfig, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     inv_freq = 1.0 / config.rope_theta ** (
         torch.arange(0, config.head_dim, 2, device=positions.device, dtype=torch.float32) / config.head_dim
     )

@@ -43,8 +43,7 @@ def _quantized(data: Tensor, scale: Tensor, zero_point: Tensor, global_scale: Te
 
 _library.define("quantize(Tensor x, str fmt) -> (Tensor, Tensor, Tensor, Tensor)")
 _library.define(
-    "dequantize(Tensor data, Tensor scale, Tensor zero_point, Tensor global_scale, str fmt, "
-    "ScalarType dtype) -> Tensor"
+    "dequantize(Tensor data, Tensor scale, Tensor zero_point, Tensor global_scale, str fmt, ScalarType dtype) -> Tensor"
 )
 
 
@@ -181,7 +180,9 @@ def attention(
         for d, s in ((q_data, q_scale), (k_data, k_scale), (v_data, v_scale))
     )
     mask = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.float()
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
+    )
     return out.to(out_dtype)
 
 

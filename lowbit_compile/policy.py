@@ -185,6 +185,15 @@ class Rule:
             if lower is not None and upper is not None and lower > upper:
                 raise ValueError(f"Rule.{low}={lower} > {high}={upper}: no site could match")
 
+    def describe(self) -> str:
+        """The predicates, e.g. `fqn='layers.*' op='linear' min_k=128`; `*` when it matches everything."""
+        preds = [
+            f"{f.name}={getattr(self, f.name).value if f.name == 'op' else getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if f.name != "spec" and getattr(self, f.name) is not None
+        ]
+        return " ".join(preds) or "*"
+
     def matches(self, fqn: str, kind: OpKind, n: int | None, k: int | None) -> bool:
         if self.op is not None and self.op is not kind:
             return False
@@ -245,6 +254,12 @@ class Policy:
                 return rule.spec, f"rule {index}"
         return self.default, "default"
 
+    def describe_decision(self, decided_by: str) -> str:
+        """`decide`'s second result with the matching rule's predicates: "rule 1 (op='attention')"."""
+        if decided_by.startswith("rule "):
+            return f"{decided_by} ({self.rules[int(decided_by[5:])].describe()})"
+        return decided_by
+
     def format_names(self) -> list[str]:
         """Every format the policy names, sorted."""
         specs = [self.default, *(r.spec for r in self.rules)]
@@ -290,13 +305,8 @@ class Policy:
     def __str__(self) -> str:
         lines = [f"Policy {self.name!r} (key {self.cache_key()})"]
         for index, rule in enumerate(self.rules):
-            preds = [
-                f"{f.name}={getattr(rule, f.name).value if f.name == 'op' else getattr(rule, f.name)!r}"
-                for f in dataclasses.fields(rule)
-                if f.name != "spec" and getattr(rule, f.name) is not None
-            ]
             target = "skip" if rule.spec is None else rule.spec.describe()
-            lines.append(f"  rule {index}: {' '.join(preds) or '*'} -> {target}")
+            lines.append(f"  rule {index}: {rule.describe()} -> {target}")
         lines.append(f"  default: {'skip' if self.default is None else self.default.describe()}")
         return "\n".join(lines)
 

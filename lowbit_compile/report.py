@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -105,10 +105,22 @@ class Report:
             decision = s.format if s.format is not None else f"skip: {s.skip_reason}"
             weight = f"{s.weight_bytes_before}->{s.weight_bytes_after}" if s.weight_bytes_before else "-"
             quality = "-" if s.sqnr_db is None else f"{s.sqnr_db:.1f}"
-            rows.append((str(s.index), s.fqn or "<root>", f"{s.op}({s.source_op})", shapes, decision, s.kernel or "-", weight, quality))
+            rows.append(
+                (
+                    str(s.index),
+                    s.fqn or "<root>",
+                    f"{s.op}({s.source_op})",
+                    shapes,
+                    decision,
+                    s.kernel or "-",
+                    weight,
+                    quality,
+                )
+            )
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+        graph = f" graph {self.graph}" if self.graph else ""
         lines = [
-            f"lowbit report: policy {self.policy} (key {self.policy_key}){' graph ' + self.graph if self.graph else ''}",
+            f"lowbit report: policy {self.policy} (key {self.policy_key}){graph}",
             "  ".join(h.ljust(w) for h, w in zip(headers, widths)),
         ]
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]

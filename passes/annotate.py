@@ -221,8 +221,12 @@ def _explicit_attention(softmax: torch.fx.Node) -> dict[str, Any] | None:
             scale = scale / scalar[1] if divide else scale * scalar[1]
             node, scaled = scalar[0], True
         elif (
-            _is_call(node, ADD_FUNCTIONS, {"add"}) and mask is None and not scaled and not node.kwargs
-            and len(node.args) == 2 and isinstance(node.args[1], torch.fx.Node)
+            _is_call(node, ADD_FUNCTIONS, {"add"})
+            and mask is None
+            and not scaled
+            and not node.kwargs
+            and len(node.args) == 2
+            and isinstance(node.args[1], torch.fx.Node)
         ):
             # Walking backwards, the mask must come before any scaling: softmax(s * qk + mask).
             node, mask = node.args[0], node.args[1]
@@ -238,7 +242,9 @@ def _explicit_attention(softmax: torch.fx.Node) -> dict[str, Any] | None:
     return {"q": q, "k": k, "v": v, "mask": mask, "scale": scale, "qk": qk, "pv": pv}
 
 
-def _check_formats(shapes: dict[str, tuple], dtypes: dict[str, torch.dtype], formats: dict[str, Format | None]) -> str | None:
+def _check_formats(
+    shapes: dict[str, tuple], dtypes: dict[str, torch.dtype], formats: dict[str, Format | None]
+) -> str | None:
     for operand, fmt in formats.items():
         if fmt is None:
             continue
@@ -267,19 +273,29 @@ def annotate_sites(state: PipelineState) -> None:
             if linear["layout"] == "kn":
                 w_shape = w_shape[::-1]
             site = Site(
-                index=len(found), kind=OpKind.LINEAR, fqn=_site_fqn(node, weight_path),
-                source_op=linear["source_op"], node=node,
+                index=len(found),
+                kind=OpKind.LINEAR,
+                fqn=_site_fqn(node, weight_path),
+                source_op=linear["source_op"],
+                node=node,
                 inputs={"x": linear["x"], "weight": linear["weight"], "bias": linear["bias"]},
                 shapes={"x": x_shape, "weight": w_shape, "out": shape_of(node)},
-                weight_layout=linear["layout"], n=w_shape[0], k=w_shape[1], weight_path=weight_path,
+                weight_layout=linear["layout"],
+                n=w_shape[0],
+                k=w_shape[1],
+                weight_path=weight_path,
             )
             found.append(site)
             continue
         if _is_call(node, SDPA_FUNCTIONS):
             q, k, v = (_arg(node, i, name) for i, name in enumerate(("query", "key", "value")))
             site = Site(
-                index=len(found), kind=OpKind.ATTENTION, fqn=_site_fqn(node, None), source_op="sdpa",
-                node=node, inputs={"q": q, "k": k, "v": v, "mask": _arg(node, 3, "attn_mask")},
+                index=len(found),
+                kind=OpKind.ATTENTION,
+                fqn=_site_fqn(node, None),
+                source_op="sdpa",
+                node=node,
+                inputs={"q": q, "k": k, "v": v, "mask": _arg(node, 3, "attn_mask")},
                 shapes={"q": shape_of(q), "k": shape_of(k), "v": shape_of(v), "out": shape_of(node)},
                 attrs={
                     "dropout_p": _arg(node, 4, "dropout_p", 0.0),
@@ -298,8 +314,11 @@ def annotate_sites(state: PipelineState) -> None:
                 q, k, v = pattern["q"], pattern["k"], pattern["v"]
                 claimed.update((pattern["qk"], pattern["pv"]))
                 site = Site(
-                    index=len(found), kind=OpKind.ATTENTION, fqn=_site_fqn(pattern["pv"], None),
-                    source_op="matmul-softmax-matmul", node=pattern["pv"],
+                    index=len(found),
+                    kind=OpKind.ATTENTION,
+                    fqn=_site_fqn(pattern["pv"], None),
+                    source_op="matmul-softmax-matmul",
+                    node=pattern["pv"],
                     inputs={"q": q, "k": k, "v": v, "mask": pattern["mask"]},
                     shapes={"q": shape_of(q), "k": shape_of(k), "v": shape_of(v), "out": shape_of(pattern["pv"])},
                     attrs={"dropout_p": 0.0, "is_causal": False, "scale": pattern["scale"], "enable_gqa": False},
@@ -318,8 +337,11 @@ def annotate_sites(state: PipelineState) -> None:
         operands = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, torch.fx.Node)]
         found.append(
             Site(
-                index=len(found), kind=OpKind.MATMUL, fqn=_site_fqn(node, None),
-                source_op=str(getattr(node.target, "__name__", node.target)), node=node,
+                index=len(found),
+                kind=OpKind.MATMUL,
+                fqn=_site_fqn(node, None),
+                source_op=str(getattr(node.target, "__name__", node.target)),
+                node=node,
                 inputs={f"operand{i}": a for i, a in enumerate(operands)},
                 shapes={**{f"operand{i}": shape_of(a) for i, a in enumerate(operands)}, "out": shape_of(node)},
             )
@@ -338,7 +360,7 @@ def annotate_sites(state: PipelineState) -> None:
 def _decide(site: Site, state: PipelineState) -> None:
     site.spec, site.decided_by = state.policy.decide(site.fqn, site.kind, site.n, site.k)
     if site.spec is None:
-        site.skip_reason = f"policy: {site.decided_by} leaves it unquantized"
+        site.skip_reason = f"policy: {state.policy.describe_decision(site.decided_by)} leaves it unquantized"
         return
     spec = site.spec
     if site.kind is OpKind.MATMUL:

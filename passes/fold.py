@@ -64,5 +64,7 @@ def fold_weight_quantization(state: PipelineState) -> None:
     if folded:
         log.info(
             "quantized %d weights once at compile time: %.2f MiB -> %.2f MiB",
-            len(folded), total_before / 2**20, total_after / 2**20,
+            len(folded),
+            total_before / 2**20,
+            total_after / 2**20,
         )

@@ -27,17 +27,48 @@ def _fused_args(site: Site) -> tuple:
     if kernel is Kernel.ATTENTION:
         (q, q_s, _, _), (k, k_s, _, _), (v, v_s, _, _) = qdq["q_parts"], qdq["k_parts"], qdq["v_parts"]
         attrs = site.attrs
-        return (q, q_s, k, k_s, v, v_s, inputs["mask"], bool(attrs["is_causal"]), attrs["scale"],
-                bool(attrs["enable_gqa"]), spec.activation, out_dtype)
+        return (
+            q,
+            q_s,
+            k,
+            k_s,
+            v,
+            v_s,
+            inputs["mask"],
+            bool(attrs["is_causal"]),
+            attrs["scale"],
+            bool(attrs["enable_gqa"]),
+            spec.activation,
+            out_dtype,
+        )
     w_data, w_scale, w_zero_point, w_global = qdq["weight_parts"]
     if kernel is Kernel.WEIGHT_ONLY_MM:
         return (inputs["x"], w_data, w_scale, w_zero_point, w_global, inputs["bias"], spec.weight)
     if kernel is Kernel.AUTO_MM:
-        return (inputs["x"], w_data, w_scale, w_zero_point, w_global, inputs["bias"], spec.weight,
-                spec.activation, spec.weight_only_below_m)
+        return (
+            inputs["x"],
+            w_data,
+            w_scale,
+            w_zero_point,
+            w_global,
+            inputs["bias"],
+            spec.weight,
+            spec.activation,
+            spec.weight_only_below_m,
+        )
     x_data, x_scale, _, x_global = qdq["x_parts"]
-    return (x_data, x_scale, x_global, w_data, w_scale, w_global, inputs["bias"], spec.activation, spec.weight,
-            out_dtype)
+    return (
+        x_data,
+        x_scale,
+        x_global,
+        w_data,
+        w_scale,
+        w_global,
+        inputs["bias"],
+        spec.activation,
+        spec.weight,
+        out_dtype,
+    )
 
 
 def fuse_quantized_ops(state: PipelineState) -> None:

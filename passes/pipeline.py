@@ -38,9 +38,8 @@ def _refresh_meta(state: PipelineState) -> None:
     fake_mode = state.fake_mode()
     if fake_mode is None or any(v is None for v in fake_inputs):
         return
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
     from torch._dispatch.python import enable_python_dispatcher
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
     # As Dynamo does: composite ops (linear -> matmul) need Python decompositions for symbolic sizes.
     with enable_python_dispatcher():

@@ -75,7 +75,9 @@ def insert_qdq(state: PipelineState) -> None:
             continue
         with graph.inserting_before(site.node):
             replacement = _qdq_attention(graph, site) if site.kind is OpKind.ATTENTION else _qdq_linear(graph, site)
-        replacement.meta.update({k: v for k, v in site.node.meta.items() if k in ("nn_module_stack", "stack_trace", "val")})
+        replacement.meta.update(
+            {k: v for k, v in site.node.meta.items() if k in ("nn_module_stack", "stack_trace", "val")}
+        )
         replacement.meta["lowbit_site"] = site.index
         state.replace_node(site.node, replacement)
         site.node = replacement

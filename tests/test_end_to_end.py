@@ -18,7 +18,7 @@ from torch._dynamo.utils import counters
 import lowbit_compile
 from lowbit_compile import reference
 from lowbit_compile.models import LlamaConfig, TinyLlama
-from lowbit_compile.policy import OpKind, Policy, QuantSpec, Rule, recipe
+from lowbit_compile.policy import Policy, QuantSpec, Rule, recipe
 from lowbit_compile.report import sqnr
 
 LLAMA = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2)
@@ -184,7 +184,9 @@ def test_dump_dir_writes_every_stage_with_a_header(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 64), nn.ReLU()).eval()
     with torch._inductor.config.patch(force_disable_caches=True), torch.no_grad():
-        torch.compile(model, backend="lowbit", options={"policy": "w8a8", "dump_dir": str(tmp_path)})(torch.randn(3, 128))
+        torch.compile(model, backend="lowbit", options={"policy": "w8a8", "dump_dir": str(tmp_path)})(
+            torch.randn(3, 128)
+        )
     (graph_dir,) = tmp_path.iterdir()
     files = {p.name.split("_", 1)[1]: p.read_text() for p in graph_dir.iterdir()}
     for stage in ("captured", "annotated", "qdq", "folded", "fused", "lowered"):

@@ -19,8 +19,17 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 LLAMA = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=8, num_kv_heads=2)
 # logits SQNR bands (dB) against eager bf16; bf16 itself limits the top end.
-BANDS = {"w8a16": (25, 60), "w8a8": (20, 50), "fp8": (15, 40), "w4a16": (8, 35), "fp8-block": (15, 40),
-         "mxfp8": (12, 40), "nvfp4": (5, 30), "fp8-attention": (12, 40), "auto": (20, 60)}
+BANDS = {
+    "w8a16": (25, 60),
+    "w8a8": (20, 50),
+    "fp8": (15, 40),
+    "w4a16": (8, 35),
+    "fp8-block": (15, 40),
+    "mxfp8": (12, 40),
+    "nvfp4": (5, 30),
+    "fp8-attention": (12, 40),
+    "auto": (20, 60),
+}
 
 
 @pytest.fixture(autouse=True)

@@ -45,9 +45,12 @@ def test_qdq_stage_has_explicit_quantize_dequantize_around_every_site() -> None:
     check = FileCheck()
     for _ in range(2):
         check = (
-            check.check("torch.ops.lowbit.quantize.default(l_self_modules_").check("'int8_row'")
-            .check("torch.ops.lowbit.dequantize.default").check("torch.ops.lowbit.quantize.default")
-            .check("torch.ops.lowbit.dequantize.default").check("torch._C._nn.linear(dequantize_default")
+            check.check("torch.ops.lowbit.quantize.default(l_self_modules_")
+            .check("'int8_row'")
+            .check("torch.ops.lowbit.dequantize.default")
+            .check("torch.ops.lowbit.quantize.default")
+            .check("torch.ops.lowbit.dequantize.default")
+            .check("torch._C._nn.linear(dequantize_default")
         )
     check.run(qdq)
     FileCheck().check_count("torch.ops.lowbit.quantize.default(", 4, exactly=True).run(qdq)
@@ -82,10 +85,12 @@ def test_fused_stage_replaces_each_matmul_with_one_lowbit_op() -> None:
 
 def test_counters_of_sites_per_kind() -> None:
     torch.manual_seed(0)
-    model = TinyLlama(LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_layers=2,
-                                  num_heads=4, num_kv_heads=2)).eval()
-    _, graphs = run_and_get_graphs(model, torch.randint(0, 128, (1, 9)), policy="fp8-attention",
-                                   options={"inductor": False})
+    model = TinyLlama(
+        LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2)
+    ).eval()
+    _, graphs = run_and_get_graphs(
+        model, torch.randint(0, 128, (1, 9)), policy="fp8-attention", options={"inductor": False}
+    )
     assert counters["lowbit"]["fused_scaled_mm"] == 15
     assert counters["lowbit"]["fused_attention"] == 2
     FileCheck().check_count("torch.ops.lowbit.attention.default(", 2, exactly=True).run(graphs["fused"])
@@ -96,8 +101,9 @@ class TestExactText(TestCase):
     def test_fused_weight_only_linear(self) -> None:
         torch.manual_seed(0)
         model = nn.Linear(128, 16, bias=False).eval()
-        _, graphs = run_and_get_graphs(model, torch.randn(2, 128), policy="w8a16",
-                                       options={"inductor": False, "compute_sqnr": False})
+        _, graphs = run_and_get_graphs(
+            model, torch.randn(2, 128), policy="w8a16", options={"inductor": False, "compute_sqnr": False}
+        )
         self.assertExpectedInline(
             graphs["fused"],
             """\

@@ -34,8 +34,15 @@ def test_weight_only_mm_matches_dequantized_linear(fmt: str, rows: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "x_fmt,w_fmt", [("int8_row", "int8_row"), ("fp8_e4m3_row", "fp8_e4m3_row"),
-                    ("fp8_e4m3_1x128", "fp8_e4m3_128x128"), ("mxfp8", "mxfp8"), ("mxfp4", "mxfp4"), ("nvfp4", "nvfp4")]
+    "x_fmt,w_fmt",
+    [
+        ("int8_row", "int8_row"),
+        ("fp8_e4m3_row", "fp8_e4m3_row"),
+        ("fp8_e4m3_1x128", "fp8_e4m3_128x128"),
+        ("mxfp8", "mxfp8"),
+        ("mxfp4", "mxfp4"),
+        ("nvfp4", "nvfp4"),
+    ],
 )
 def test_scaled_mm_matches_qdq(x_fmt: str, w_fmt: str) -> None:
     torch.manual_seed(0)
@@ -70,7 +77,9 @@ def test_attention_matches_sdpa_of_dequantized(causal: bool, gqa: bool) -> None:
     fq = [reference.fake_quantize(t, "fp8_e4m3_row") for t in (q, k, v)]
     expected = F.scaled_dot_product_attention(*fq, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    assert 20 < sqnr(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa), out) < 60
+    assert (
+        20 < sqnr(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa), out) < 60
+    )
 
 
 def test_zero_rows_give_zeros_and_nan_propagates() -> None:
@@ -79,7 +88,9 @@ def test_zero_rows_give_zeros_and_nan_propagates() -> None:
     x[1] = 0
     x[2, 5] = float("nan")
     x_data, x_scale, _, x_global = ops.quantize(x, "int8_row")
-    out = ops.scaled_mm(x_data, x_scale, x_global, data, scale, global_scale, None, "int8_row", "int8_row", torch.float32)
+    out = ops.scaled_mm(
+        x_data, x_scale, x_global, data, scale, global_scale, None, "int8_row", "int8_row", torch.float32
+    )
     assert torch.equal(out[1], torch.zeros(16))
     assert torch.isnan(out[2]).all()
     assert torch.isfinite(out[[0, 3]]).all()
@@ -96,7 +107,18 @@ def test_opcheck_fused_ops() -> None:
     # SchemaCheckMode itself multiplies inputs, which CPU float8 does not support: skip only that check.
     torch.library.opcheck(
         ops.scaled_mm,
-        (x_data, x_scale, x_global, w_data, w_scale, w_global, torch.randn(24), "fp8_e4m3_row", "fp8_e4m3_row", torch.float32),
+        (
+            x_data,
+            x_scale,
+            x_global,
+            w_data,
+            w_scale,
+            w_global,
+            torch.randn(24),
+            "fp8_e4m3_row",
+            "fp8_e4m3_row",
+            torch.float32,
+        ),
         test_utils=("test_faketensor", "test_aot_dispatch_dynamic"),
     )
     q = ops.quantize(torch.randn(1, 2, 5, 32), "int8_row")[:2]

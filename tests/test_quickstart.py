@@ -15,8 +15,9 @@ def test_quickstart_runs_small(capsys) -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     torch._dynamo.reset()
-    result = module.main(["--recipe", "w8a8", "--layers", "1", "--hidden", "128", "--length", "16",
-                          "--repeats", "1", "--device", "cpu"])
+    result = module.main(
+        ["--recipe", "w8a8", "--layers", "1", "--hidden", "128", "--length", "16", "--repeats", "1", "--device", "cpu"]
+    )
     printed = capsys.readouterr().out
     assert "lowbit report: policy w8a8" in printed
     assert "layers.0.mlp.down_proj" in printed and "scaled_mm" in printed

@@ -216,7 +216,11 @@ def _check_linear_form(form: Any, x_shape: tuple[int, ...], source_op: str, weig
     site = only_site(report)
     assert report.counts() == {"linear": 1}
     assert (site.fqn, site.op, site.source_op, site.format, site.kernel) == (
-        "block.proj", "linear", source_op, W8A8, "scaled_mm"
+        "block.proj",
+        "linear",
+        source_op,
+        W8A8,
+        "scaled_mm",
     )
     assert site.skip_reason is None
     # The report always states the weight as (N, K), whatever its storage.
@@ -293,7 +297,7 @@ def test_bmm_of_activations_is_reported_and_skipped():
     assert report.counts() == {"matmul": 1}
     assert (site.fqn, site.op, site.source_op) == ("block.scores", "matmul", "bmm")
     assert site.format is None and site.kernel is None and site.sqnr_db is None
-    assert site.skip_reason == "policy: rule 0 leaves it unquantized"
+    assert site.skip_reason == "policy: rule 0 (op='matmul') leaves it unquantized"
     assert site.shapes == {"operand0": "(3,7,64)", "operand1": "(3,64,5)", "out": "(3,7,5)"}
     assert (site.weight_bytes_before, site.weight_bytes_after) == (0, 0)
     # A policy that would quantize it still reports why it cannot.
@@ -374,7 +378,11 @@ def test_sdpa(name):
 def test_sdpa_under_a_linear_recipe_is_reported_and_skipped():
     model = Nested(Function(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)), name="attn")
     site = only_site(explain(model, *qkv(), policy="w8a8"))
-    assert (site.op, site.format, site.skip_reason) == ("attention", None, "policy: rule 1 leaves it unquantized")
+    assert (site.op, site.format, site.skip_reason) == (
+        "attention",
+        None,
+        "policy: rule 1 (op='attention') leaves it unquantized",
+    )
 
 
 def test_attention_with_dropout_is_skipped_with_a_reason():
@@ -501,7 +509,11 @@ def test_integer_operands():
 def test_glob_rule_skips_matching_sites():
     policy = Policy(rules=(Rule(spec=None, fqn="block.*"),), default=QuantSpec("int8_row", "int8_row"))
     site = only_site(explain(Nested(nn.Linear(K, N)), torch.randn(M, K), policy=policy))
-    assert (site.format, site.decided_by, site.skip_reason) == (None, "rule 0", "policy: rule 0 leaves it unquantized")
+    assert (site.format, site.decided_by, site.skip_reason) == (
+        None,
+        "rule 0",
+        "policy: rule 0 (fqn='block.*') leaves it unquantized",
+    )
 
 
 # -- a whole block: counters, FQNs, policy rules, report output ---------------------------------
@@ -582,7 +594,7 @@ def test_block_counts_fqns_and_rules():
     for fqn, site in by_fqn.items():
         if ".mlp." in fqn:
             assert (site.format, site.decided_by, site.sqnr_db) == (None, "rule 0", None)
-            assert site.skip_reason == "policy: rule 0 leaves it unquantized"
+            assert site.skip_reason == "policy: rule 0 (fqn='layers.*.mlp.*') leaves it unquantized"
         elif fqn.endswith(".attn"):
             assert (site.op, site.format, site.decided_by) == ("attention", FP8_ATTENTION, "rule 1")
             assert_band(site.sqnr_db, FP8_ATTENTION_BAND)
