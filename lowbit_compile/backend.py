@@ -107,6 +107,9 @@ def compile_graph(
             on_output_code=lambda code: recorder.record("output_code", code),
             config_patches=options.inductor_config,
         )
+        if "lowered" not in recorder.texts:  # Inductor's cache served it: its passes did not run
+            note = "# Inductor's FX graph cache served this graph; set TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 to see it\n"
+            recorder.record("lowered", render_stage("lowered", note, policy, graph_id))
     else:
         fused, folded = state.gm, list(state.folded_inputs)
 

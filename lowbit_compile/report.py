@@ -233,18 +233,34 @@ def measure_site_sqnr(
         return
     inputs = [_concrete(value) for value in example_inputs]
 
+    # The interpreter frees each value after its last use in the graph; an explicit attention site
+    # reads q and k, whose last use comes before the site node, so operands are held until their
+    # last site has been measured (holding every value would cost a whole forward's activations).
+    pending = {}
+    for site in by_node.values():
+        for operand in site.inputs.values():
+            if isinstance(operand, torch.fx.Node):
+                pending[operand] = pending.get(operand, 0) + 1
+    held: dict[torch.fx.Node, Any] = {}
+
     class _Recorder(torch.fx.Interpreter):
         def run_node(self, node: torch.fx.Node) -> Any:
             result = super().run_node(node)
+            if node in pending:
+                held[node] = result
             site = by_node.get(node)
             if site is not None:
-                reference, test = _site_outputs(site, self.env, parameters, quantized_weight)
+                reference, test = _site_outputs(site, held, parameters, quantized_weight)
                 site.sqnr_db = sqnr(reference, test)
+                for operand in site.inputs.values():
+                    if isinstance(operand, torch.fx.Node):
+                        pending[operand] -= 1
+                        if pending[operand] == 0:
+                            del held[operand]
             return result
 
     try:
         with torch.no_grad():
-            # Keep every value: an explicit attention site reads q and k, whose last use is earlier.
-            _Recorder(gm, garbage_collect_values=False).run(*inputs)
+            _Recorder(gm).run(*inputs)
     except Exception as error:  # noqa: BLE001 - a failed measurement must not fail the compile
         log.warning("site SQNR not measured: %s: %s", type(error).__name__, error)
