@@ -66,6 +66,17 @@ def _graph_id() -> str:
     return str(compile_id).replace("/", "_") if compile_id is not None else str(next(_graph_counter))
 
 
+def _mutation_free(graph: torch.fx.Graph) -> bool:
+    """The SQNR report runs the graph once at compile time; a graph that updates its inputs in place
+    (a KV cache, `x += 1`) must not run an extra time, so its sites get no SQNR."""
+    from passes.state import mutates
+
+    mutating = [node.name for node in graph.nodes if mutates(node)]
+    if mutating:
+        log.info("graph updates inputs in place (%s): site SQNR not measured", ", ".join(mutating[:3]))
+    return not mutating
+
+
 def compile_graph(
     gm: torch.fx.GraphModule,
     example_inputs: list[Any],
@@ -82,7 +93,7 @@ def compile_graph(
     recorder = StageRecorder(options.dump_dir, graph_id)
 
     def observe(stage: str, state: Any) -> None:
-        if stage == "annotated" and options.compute_sqnr:
+        if stage == "annotated" and options.compute_sqnr and _mutation_free(state.gm.graph):
             measure_site_sqnr(state.gm, state.example_inputs, state.sites, state.parameters, state.quantized_weight)
         sites = state.sites if stage != "captured" else None
         recorder.record(stage, render_stage(stage, graph_text(state.gm), policy, graph_id, sites))
@@ -95,7 +106,7 @@ def compile_graph(
     if on_report is not None:
         on_report(report)
 
-    for tensor in state.folded_inputs:
+    for tensor in state.folded.tensors:
         if tensor.is_cuda:  # CUDA graphs must not copy the folded weights on every replay
             torch._dynamo.mark_static_address(tensor)
     if options.inductor:
@@ -111,10 +122,11 @@ def compile_graph(
             note = "# Inductor's FX graph cache served this graph; set TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 to see it\n"
             recorder.record("lowered", render_stage("lowered", note, policy, graph_id))
     else:
-        fused, folded = state.gm, list(state.folded_inputs)
+        fused, folded = state.gm, state.folded
 
         def compiled(*args: Any) -> Any:
-            return fused(*args, *folded)
+            with torch.no_grad():
+                return fused(*args, *folded.for_call(args))
 
     if on_stages is not None:
         on_stages(recorder.texts)

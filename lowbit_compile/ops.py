@@ -86,17 +86,20 @@ def weight_only_mm(
     w_global_scale: Tensor,
     bias: Tensor | None,
     w_fmt: str,
+    out_dtype: torch.dtype,
 ) -> Tensor:
-    """y[..., N] = x[..., K] @ dequantize(w)[N, K].T + bias, in x.dtype (A16 x low-bit weight)."""
+    """y[..., N] = x[..., K] @ dequantize(w)[N, K].T + bias (A16 x low-bit weight).
+
+    `out_dtype` is the dtype the original matmul produced (x.dtype, or autocast's dtype)."""
     weight = reference.dequantize(
         _quantized(w_data, w_scale, w_zero_point, w_global_scale), get_format(w_fmt), torch.float32
     )
-    return _linear_reference(x, weight, bias, x.dtype)
+    return _linear_reference(x, weight, bias, out_dtype)
 
 
 @weight_only_mm.register_fake
-def _(x, w_data, w_scale, w_zero_point, w_global_scale, bias, w_fmt):
-    return x.new_empty((*x.shape[:-1], _out_features(w_data)))
+def _(x, w_data, w_scale, w_zero_point, w_global_scale, bias, w_fmt, out_dtype):
+    return x.new_empty((*x.shape[:-1], _out_features(w_data)), dtype=out_dtype)
 
 
 @torch.library.custom_op("lowbit::scaled_mm", mutates_args=())
@@ -135,6 +138,7 @@ def auto_mm(
     w_fmt: str,
     x_fmt: str,
     weight_only_below_m: int,
+    out_dtype: torch.dtype,
 ) -> Tensor:
     """Shape-aware: weight-only below `weight_only_below_m` rows, activation-quantized at or above.
 
@@ -143,14 +147,14 @@ def auto_mm(
     """
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if rows < weight_only_below_m:
-        return weight_only_mm(x, w_data, w_scale, w_zero_point, w_global_scale, bias, w_fmt)
+        return weight_only_mm(x, w_data, w_scale, w_zero_point, w_global_scale, bias, w_fmt, out_dtype)
     x_data, x_scale, _, x_global_scale = _quantize_impl(x, x_fmt)
-    return scaled_mm(x_data, x_scale, x_global_scale, w_data, w_scale, w_global_scale, bias, x_fmt, w_fmt, x.dtype)
+    return scaled_mm(x_data, x_scale, x_global_scale, w_data, w_scale, w_global_scale, bias, x_fmt, w_fmt, out_dtype)
 
 
 @auto_mm.register_fake
-def _(x, w_data, w_scale, w_zero_point, w_global_scale, bias, w_fmt, x_fmt, weight_only_below_m):
-    return x.new_empty((*x.shape[:-1], _out_features(w_data)))
+def _(x, w_data, w_scale, w_zero_point, w_global_scale, bias, w_fmt, x_fmt, weight_only_below_m, out_dtype):
+    return x.new_empty((*x.shape[:-1], _out_features(w_data)), dtype=out_dtype)
 
 
 @torch.library.custom_op("lowbit::attention", mutates_args=())

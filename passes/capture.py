@@ -13,9 +13,9 @@ import re
 import torch
 import torch.fx
 
-from passes.state import Parameter, PipelineState
+from passes.state import Parameter, PipelineState, remove_dead_code
 
-_SOURCE_ROOT = re.compile(r"^L\['[^']*'\]\.?")
+_SOURCE_ROOT = re.compile(r"^[LG]\['[^']*'\]\.?")  # a local (L['self']) or a global (G['model']) root
 _SOURCE_KEY = re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]")
 _CONTAINERS = {"_modules", "_parameters", "_buffers"}
 
@@ -48,7 +48,7 @@ def capture_graph(state: PipelineState) -> None:
     """Replace `state.gm` by a dead-code-free copy whose nodes carry `meta["val"]`; record parameters."""
     graph = copy.deepcopy(state.gm.graph)
     # Results nobody reads (e.g. a pooler whose output the caller drops) are not sites to quantize.
-    graph.eliminate_dead_code()
+    remove_dead_code(graph)
     state.gm = torch.fx.GraphModule(state.gm, graph)
     placeholders = state.placeholders()
     for node, value in zip(placeholders, state.example_inputs):

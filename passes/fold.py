@@ -9,14 +9,71 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx
 
 from passes.qdq import QUANTIZED_PARTS
-from passes.state import PipelineState
+from passes.state import PipelineState, quantize_weight, remove_dead_code
 
 log = logging.getLogger("lowbit_compile." + __name__)  # under TORCH_LOGS="+lowbit_compile"
+
+
+@dataclass(frozen=True)
+class FoldedSource:
+    """One folded weight: which graph input it comes from, and how it was quantized."""
+
+    input_index: int
+    transposed: bool
+    fmt: str
+
+
+def _version(tensor: torch.Tensor) -> int:
+    try:
+        return tensor._version
+    except RuntimeError:  # inference-mode tensors keep no version counter (and cannot be updated)
+        return -1
+
+
+class FoldedWeights:
+    """The compile-time quantized weights that the compiled graph takes as its last inputs.
+
+    Dynamo passes parameters as ordinary inputs and does not guard on which tensor they are, so one
+    compiled graph can be called with other modules' parameters (layers compiled one by one share
+    their code) or with parameters updated in place (`load_state_dict`). `for_call` checks the
+    parameters of each call and quantizes a set it has not seen (or that changed) once, keeping
+    one quantized copy per distinct set.
+    """
+
+    def __init__(self, sources: list[FoldedSource], parameters: list[torch.Tensor], tensors: list[torch.Tensor]):
+        self.sources = sources
+        self.tensors = tensors  # the compile-time set, flat: 4 tensors per source
+        self._sets: dict[tuple[int, ...], tuple[list[torch.Tensor], tuple[int, ...], list[torch.Tensor]]] = {}
+        if sources:
+            self._remember(parameters, tensors)
+
+    def _remember(self, parameters: list[torch.Tensor], tensors: list[torch.Tensor]) -> None:
+        key = tuple(id(p) for p in parameters)
+        self._sets[key] = (parameters, tuple(_version(p) for p in parameters), tensors)
+
+    def for_call(self, args: tuple[Any, ...]) -> list[torch.Tensor]:
+        if not self.sources:
+            return self.tensors
+        parameters = [args[source.input_index] for source in self.sources]
+        entry = self._sets.get(tuple(id(p) for p in parameters))
+        if entry is not None:
+            known, versions, tensors = entry
+            if all(a is b for a, b in zip(known, parameters)) and versions == tuple(_version(p) for p in parameters):
+                return tensors
+        log.info("parameters differ from the compiled ones: quantizing %d weights for them", len(parameters))
+        tensors = [t for s, p in zip(self.sources, parameters) for t in quantize_weight(p, s.transposed, s.fmt)]
+        for tensor in tensors:
+            if tensor.is_cuda:
+                torch._dynamo.mark_static_address(tensor)
+        self._remember(parameters, tensors)
+        return tensors
 
 
 def _bytes(tensors: list[torch.Tensor]) -> int:
@@ -28,6 +85,10 @@ def fold_weight_quantization(state: PipelineState) -> None:
     fake_mode = state.fake_mode()
     last_placeholder = state.placeholders()[-1]
     folded: dict[tuple[str, bool, str], list[torch.fx.Node]] = {}
+    input_index = {node: i for i, node in enumerate(state.placeholders())}
+    sources: list[FoldedSource] = []
+    source_parameters: list[torch.Tensor] = []
+    tensors_in_order: list[torch.Tensor] = []
     total_before = total_after = 0
     for site in state.sites:
         quantize = site.qdq.get("weight_quantize")
@@ -49,8 +110,10 @@ def fold_weight_quantization(state: PipelineState) -> None:
                 node.meta["lowbit_folded"] = f"{site.weight_path} as {fmt} {part}"
                 last_placeholder = node
                 nodes.append(node)
-                state.folded_inputs.append(tensor)
+                tensors_in_order.append(tensor)
             folded[key] = nodes
+            sources.append(FoldedSource(input_index[weight], transposed, fmt))
+            source_parameters.append(parameter)
             total_before += parameter.numel() * parameter.element_size()
             total_after += _bytes(tensors)
             site.weight_bytes_before = parameter.numel() * parameter.element_size()
@@ -60,7 +123,8 @@ def fold_weight_quantization(state: PipelineState) -> None:
             part_node.replace_all_uses_with(new_input)
         site.qdq["weight_parts"] = folded[key]
         del site.qdq["weight_quantize"]
-    graph.eliminate_dead_code()
+    remove_dead_code(graph)
+    state.folded = FoldedWeights(sources, source_parameters, tensors_in_order)
     if folded:
         log.info(
             "quantized %d weights once at compile time: %.2f MiB -> %.2f MiB",

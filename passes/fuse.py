@@ -15,7 +15,7 @@ import torch.fx
 from lowbit_compile.ops import FUSED_OPS
 from lowbit_compile.policy import Kernel
 from passes.annotate import value_of
-from passes.state import PipelineState, Site
+from passes.state import PipelineState, Site, remove_dead_code
 
 log = logging.getLogger("lowbit_compile." + __name__)  # under TORCH_LOGS="+lowbit_compile"
 
@@ -43,7 +43,7 @@ def _fused_args(site: Site) -> tuple:
         )
     w_data, w_scale, w_zero_point, w_global = qdq["weight_parts"]
     if kernel is Kernel.WEIGHT_ONLY_MM:
-        return (inputs["x"], w_data, w_scale, w_zero_point, w_global, inputs["bias"], spec.weight)
+        return (inputs["x"], w_data, w_scale, w_zero_point, w_global, inputs["bias"], spec.weight, out_dtype)
     if kernel is Kernel.AUTO_MM:
         return (
             inputs["x"],
@@ -55,6 +55,7 @@ def _fused_args(site: Site) -> tuple:
             spec.weight,
             spec.activation,
             spec.weight_only_below_m,
+            out_dtype,
         )
     x_data, x_scale, _, x_global = qdq["x_parts"]
     return (
@@ -86,5 +87,5 @@ def fuse_quantized_ops(state: PipelineState) -> None:
         site.node = site.qdq["op"] = fused
         counts[site.kernel.value] = counts.get(site.kernel.value, 0) + 1
         torch._dynamo.utils.counters["lowbit"][f"fused_{site.kernel.value}"] += 1
-    graph.eliminate_dead_code()
+    remove_dead_code(graph)
     log.info("fused ops: %s", counts or "none")

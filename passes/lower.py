@@ -68,11 +68,11 @@ def lower_with_inductor(
             on_output_code(source)
         return compiled
 
-    folded = list(state.folded_inputs)
+    folded = state.folded
     # The folded weights have fixed shapes: hand Inductor static fake versions, else it would give
     # them fresh symbolic sizes that no Dynamo source can guard.
     fake_mode = detect_fake_mode()
-    folded_examples = [fake_mode.from_tensor(t, static_shapes=True) if fake_mode else t for t in folded]
+    folded_examples = [fake_mode.from_tensor(t, static_shapes=True) if fake_mode else t for t in folded.tensors]
     # Inference only: the quantized ops have no autograd formula, so trace and run without grad.
     with torch.no_grad():
         compiled = compile_fx(
@@ -81,6 +81,6 @@ def lower_with_inductor(
 
     def run(*args: Any) -> Any:
         with torch.no_grad():
-            return compiled(*args, *folded)
+            return compiled(*args, *folded.for_call(args))
 
     return run

@@ -32,18 +32,28 @@ STAGES: tuple[tuple[str, Callable[[PipelineState], None]], ...] = (
 STAGE_NAMES = (*(name for name, _ in STAGES), "lowered")
 
 
-def _refresh_meta(state: PipelineState) -> None:
-    """Re-derive meta["val"] of every node from the placeholders' fake values."""
-    fake_inputs = [n.meta.get("val") for n in state.placeholders()]
+def _fill_meta(state: PipelineState) -> None:
+    """Give the nodes a stage created their meta["val"], by running them on fake values.
+
+    Only new nodes are evaluated: Dynamo's own nodes keep the values Dynamo traced, so data-dependent
+    ops in the model (`.item()`) are never re-run here. Stages that replace a node with an
+    equivalent one (same shape and dtype) copy its value over.
+    """
     fake_mode = state.fake_mode()
-    if fake_mode is None or any(v is None for v in fake_inputs):
+    if fake_mode is None:
         return
     from torch._dispatch.python import enable_python_dispatcher
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    def val(arg: torch.fx.Node) -> Any:
+        return arg.meta["val"]
 
     # As Dynamo does: composite ops (linear -> matmul) need Python decompositions for symbolic sizes.
-    with enable_python_dispatcher():
-        FakeTensorProp(state.gm, fake_mode).propagate_dont_convert_inputs(*fake_inputs)
+    with fake_mode, enable_python_dispatcher():
+        for node in state.gm.graph.nodes:
+            if node.op != "call_function" or "val" in node.meta:
+                continue
+            args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), val)
+            node.meta["val"] = node.target(*args, **kwargs)
 
 
 def run_stage(name: str, stage: Callable[[PipelineState], None], state: PipelineState, observer: Observer) -> None:
@@ -51,7 +61,7 @@ def run_stage(name: str, stage: Callable[[PipelineState], None], state: Pipeline
     state.gm.graph.lint()
     state.gm.recompile()
     if name in ("qdq", "folded", "fused"):
-        _refresh_meta(state)
+        _fill_meta(state)
     observer(name, state)
 
 

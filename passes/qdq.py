@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from lowbit_compile.policy import OpKind
 from passes.annotate import value_of
-from passes.state import PipelineState, Site
+from passes.state import PipelineState, Site, remove_dead_code
 
 QUANTIZE = torch.ops.lowbit.quantize.default
 DEQUANTIZE = torch.ops.lowbit.dequantize.default
@@ -82,4 +82,4 @@ def insert_qdq(state: PipelineState) -> None:
         state.replace_node(site.node, replacement)
         site.node = replacement
         site.qdq["op"] = replacement
-    graph.eliminate_dead_code()
+    remove_dead_code(graph)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,6 +10,43 @@ import torch
 import torch.fx
 
 from lowbit_compile.policy import Kernel, OpKind, Policy, QuantSpec
+
+_INPLACE_OPERATORS = {
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+    operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+    operator.imatmul, operator.setitem,
+}  # fmt: skip
+
+
+def mutates(node: torch.fx.Node) -> bool:
+    """Whether a node writes to one of its inputs (x.add_(1), x += 1, cache[i] = v, F.relu(x, inplace=True)).
+
+    Dynamo's graph is torch-level, so FX's own purity check (aten schemas) does not see these."""
+    if node.kwargs.get("inplace") is True:
+        return True
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op != "call_function":
+        return False
+    if node.target in _INPLACE_OPERATORS:
+        return True
+    if isinstance(node.target, torch._ops.OpOverload):
+        return node.target._schema.is_mutable
+    name = getattr(node.target, "__name__", "")
+    return name.endswith("_") and not name.startswith("_")
+
+
+def remove_dead_code(graph: torch.fx.Graph) -> None:
+    """FX dead-code elimination that keeps in-place updates (a KV-cache write, a counter buffer)."""
+    graph.eliminate_dead_code(is_impure_node=lambda node: node.is_impure() or mutates(node))
+
+
+def quantize_weight(parameter: torch.Tensor, transposed: bool, fmt: str) -> list[torch.Tensor]:
+    """(data, scale, zero_point, global_scale) of a weight as (N, K); `transposed` for one stored (K, N)."""
+    with torch.no_grad():
+        source = parameter.detach()
+        source = (source.t() if transposed else source).contiguous()
+        return [t.contiguous() for t in torch.ops.lowbit.quantize(source, fmt)]
 
 
 @dataclass
@@ -64,7 +102,7 @@ class PipelineState:
     policy: Policy
     parameters: dict[str, Parameter] = field(default_factory=dict)  # placeholder name -> parameter
     sites: list[Site] = field(default_factory=list)
-    folded_inputs: list[torch.Tensor] = field(default_factory=list)  # appended to every call
+    folded: Any = None  # fold.FoldedWeights: the quantized weights appended to every call
     _quantized_weights: dict[tuple[str, bool, str], list[torch.Tensor]] = field(default_factory=dict)
 
     def quantized_weight(self, site: Site) -> list[torch.Tensor]:
@@ -74,11 +112,8 @@ class PipelineState:
         transposed = site.weight_layout == "kn"
         key = (weight.name, transposed, site.spec.weight)
         if key not in self._quantized_weights:
-            with torch.no_grad():
-                source = self.parameters[weight.name].tensor.detach()
-                source = (source.t() if transposed else source).contiguous()
-                parts = torch.ops.lowbit.quantize(source, site.spec.weight)
-            self._quantized_weights[key] = [t.contiguous() for t in parts]
+            parameter = self.parameters[weight.name].tensor
+            self._quantized_weights[key] = quantize_weight(parameter, transposed, site.spec.weight)
         return self._quantized_weights[key]
 
     def replace_node(self, old: torch.fx.Node, new: torch.fx.Node) -> None:

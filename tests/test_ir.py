@@ -118,7 +118,7 @@ class GraphModule(torch.nn.Module):
         l_args_0_ = L_args_0_
 
         # No stacktrace found for following nodes
-        weight_only_mm_default: "f32[2, 16]" = torch.ops.lowbit.weight_only_mm.default(l_args_0_, folded_weight_int8_row_data, folded_weight_int8_row_scale, folded_weight_int8_row_zero_point, folded_weight_int8_row_global_scale, None, 'int8_row');  l_args_0_ = folded_weight_int8_row_data = folded_weight_int8_row_scale = folded_weight_int8_row_zero_point = folded_weight_int8_row_global_scale = None
+        weight_only_mm_default: "f32[2, 16]" = torch.ops.lowbit.weight_only_mm.default(l_args_0_, folded_weight_int8_row_data, folded_weight_int8_row_scale, folded_weight_int8_row_zero_point, folded_weight_int8_row_global_scale, None, 'int8_row', torch.float32);  l_args_0_ = folded_weight_int8_row_data = folded_weight_int8_row_scale = folded_weight_int8_row_zero_point = folded_weight_int8_row_global_scale = None
         return (weight_only_mm_default,)
 """,
         )

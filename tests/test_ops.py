@@ -25,7 +25,7 @@ def test_weight_only_mm_matches_dequantized_linear(fmt: str, rows: int) -> None:
     weight, (data, scale, zero_point, global_scale) = _quantized_weight(48, 128, fmt)
     x = torch.randn(rows, 3, 128)
     bias = torch.randn(48)
-    out = ops.weight_only_mm(x, data, scale, zero_point, global_scale, bias, fmt)
+    out = ops.weight_only_mm(x, data, scale, zero_point, global_scale, bias, fmt, x.dtype)
     expected = F.linear(x, reference.fake_quantize(weight, fmt), bias)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert out.shape == (rows, 3, 48)
@@ -60,7 +60,7 @@ def test_auto_mm_switches_on_rows() -> None:
     weight, (data, scale, zero_point, global_scale) = _quantized_weight(32, 64, "int8_row")
     small, large = torch.randn(3, 64), torch.randn(300, 64)
     for x, activation_quantized in ((small, False), (large, True)):
-        out = ops.auto_mm(x, data, scale, zero_point, global_scale, None, "int8_row", "int8_row", 128)
+        out = ops.auto_mm(x, data, scale, zero_point, global_scale, None, "int8_row", "int8_row", 128, torch.float32)
         x_used = reference.fake_quantize(x, "int8_row") if activation_quantized else x
         torch.testing.assert_close(out, F.linear(x_used, reference.fake_quantize(weight, "int8_row")))
 
@@ -101,7 +101,9 @@ def test_opcheck_fused_ops() -> None:
     torch.manual_seed(0)
     _, (data, scale, zero_point, global_scale) = _quantized_weight(24, 64, "int4_g32_asym")
     x = torch.randn(3, 64)
-    torch.library.opcheck(ops.weight_only_mm, (x, data, scale, zero_point, global_scale, None, "int4_g32_asym"))
+    torch.library.opcheck(
+        ops.weight_only_mm, (x, data, scale, zero_point, global_scale, None, "int4_g32_asym", torch.bfloat16)
+    )
     _, (w_data, w_scale, _, w_global) = _quantized_weight(24, 64, "fp8_e4m3_row")
     x_data, x_scale, _, x_global = ops.quantize(x, "fp8_e4m3_row")
     # SchemaCheckMode itself multiplies inputs, which CPU float8 does not support: skip only that check.

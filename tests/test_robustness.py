@@ -1,0 +1,161 @@
+"""Models that are not textbook: shared compiled code, weight updates, in-place state, data-dependent
+scalars, global models, autocast, and dynamic batch and length."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from torch._dynamo.utils import counters
+
+import lowbit_compile
+from lowbit_compile.models import LlamaConfig, TinyLlama
+from lowbit_compile.report import sqnr
+
+FAST = {"inductor": False}
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(128, 128)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc(x))
+
+
+@pytest.mark.parametrize("inductor", [False, True])
+def test_layers_compiled_one_by_one_use_their_own_weights(inductor: bool) -> None:
+    torch.manual_seed(0)
+    layers = [Block().eval() for _ in range(3)]
+    x = torch.randn(4, 128)
+    with torch.no_grad():
+        expected = [layer(x) for layer in layers]
+        for layer in layers:
+            layer.compile(backend="lowbit", options={"policy": "w8a16", "inductor": inductor})
+        for _ in range(2):  # the second round must hit the per-layer quantized copies
+            for layer, reference in zip(layers, expected):
+                assert 30 < sqnr(reference, layer(x)) < 70
+    assert counters["stats"]["unique_graphs"] == 1  # one compiled graph serves all three layers
+
+
+def test_weights_updated_in_place_are_requantized() -> None:
+    torch.manual_seed(0)
+    model, other = Block().eval(), Block().eval()
+    compiled = torch.compile(model, backend="lowbit", options={"policy": "w8a8", **FAST})
+    x = torch.randn(4, 128)
+    with torch.no_grad():
+        compiled(x)
+        model.load_state_dict(other.state_dict())
+        assert 25 < sqnr(other(x), compiled(x)) < 60
+
+
+def test_in_place_cache_updates_are_kept() -> None:
+    weight = nn.Parameter(torch.randn(64, 128) * 0.05)
+
+    def step(x: torch.Tensor, cache: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        cache.index_copy_(1, position, x)  # a static KV-cache write, whose result nobody reads
+        return cache @ weight.t()
+
+    cache, eager_cache = torch.zeros(2, 8, 128), torch.zeros(2, 8, 128)
+    x, position = torch.ones(2, 1, 128), torch.tensor([3])
+    with torch.no_grad():
+        out = torch.compile(step, backend="lowbit", options={"policy": "w8a8", **FAST})(x, cache, position)
+        expected = step(x, eager_cache, position)
+    assert torch.equal(cache, eager_cache) and cache.sum() == 256
+    assert 30 < sqnr(expected, out) < 70
+
+
+def test_compile_time_report_does_not_apply_input_mutations_twice() -> None:
+    linear = nn.Linear(128, 64)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return linear(x.add_(1))
+
+    x = torch.zeros(4, 128)
+    with torch.no_grad():
+        torch.compile(f, backend="lowbit", options={"policy": "w8a8"})(x)
+    assert torch.equal(x, torch.ones(4, 128))
+
+
+def test_data_dependent_scalars_do_not_drop_quantization() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 64)
+
+    def f(x: torch.Tensor, scale: float) -> torch.Tensor:
+        return linear(x) * scale
+
+    compiled = torch.compile(f, backend="lowbit", options={"policy": "w8a8", **FAST})
+    x = torch.randn(4, 128)
+    with torch.no_grad():
+        for scale in (0.5, 0.7, 0.9):  # from the second call the float is a graph input (.item())
+            quality = sqnr(f(x, scale), compiled(x, scale))
+            assert 25 < quality < 70, f"scale {scale}: {quality:.1f} dB (not quantized?)"
+
+
+def test_dynamic_true_compiles_one_graph_for_every_batch_and_length() -> None:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_layers=1, num_heads=4,
+                         num_kv_heads=2)  # fmt: skip
+    model = TinyLlama(config).eval()
+    compiled = torch.compile(model, backend="lowbit", dynamic=True, options={"policy": "w8a8", **FAST})
+    with torch.no_grad():
+        for batch, length in ((2, 5), (3, 17), (2, 33), (4, 40)):
+            tokens = torch.randint(0, 128, (batch, length))
+            assert 25 < sqnr(model(tokens), compiled(tokens)) < 60
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_default_dynamism_recompiles_once_per_newly_varying_dim() -> None:
+    torch.manual_seed(0)
+    model = Block().eval()
+    compiled = torch.compile(model, backend="lowbit", options={"policy": "w8a8", **FAST})
+    with torch.no_grad():
+        for batch, length in ((2, 5), (2, 9), (3, 17), (2, 33), (4, 40), (5, 7), (3, 3)):
+            x = torch.randn(batch, length, 128)
+            assert 25 < sqnr(model(x), compiled(x)) < 70
+    # static, then length dynamic, then batch dynamic too: no compile per new size after that.
+    assert counters["stats"]["unique_graphs"] == 3
+
+
+MODEL = nn.Sequential()  # replaced per test; a module-level model reached from a function
+
+
+def test_a_global_model_gets_module_paths_relative_to_it() -> None:
+    global MODEL
+    MODEL = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64))
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return MODEL(x)
+
+    policy = lowbit_compile.Policy(
+        rules=(lowbit_compile.Rule(spec=None, fqn="2"),), default=lowbit_compile.QuantSpec("int8_row")
+    )
+    report = lowbit_compile.explain(f, torch.randn(3, 128), policy=policy)
+    assert [(s.fqn, s.format is not None) for s in report.sites] == [("0", True), ("2", False)]
+
+
+@pytest.mark.parametrize("name", ["w8a16", "w8a8", "auto"])
+def test_autocast_output_dtype_matches_eager(name: str) -> None:
+    torch.manual_seed(0)
+    model = Block().eval()
+    x = torch.randn(4, 128)
+    compiled = torch.compile(model, backend="lowbit", options={"policy": name, **FAST})
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, expected = compiled(x), model(x)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    assert 20 < sqnr(expected.float(), out.float()) < 70
+
+
+def test_compiled_calls_do_not_build_autograd_graphs() -> None:
+    model = Block()
+    out = torch.compile(model, backend="lowbit", options={"policy": "w8a16", **FAST})(torch.randn(2, 128))
+    assert out.grad_fn is None
