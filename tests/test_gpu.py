@@ -69,3 +69,16 @@ def test_dynamic_lengths_and_cuda_graphs() -> None:
             tokens = torch.randint(0, LLAMA.vocab_size, (2, length), device="cuda")
             assert 20 < sqnr(model(tokens), compiled(tokens)) < 50
     assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_layers_compiled_one_by_one_with_cuda_graphs_use_their_own_weights() -> None:
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(256, 256).to("cuda", torch.bfloat16).eval() for _ in range(3)]
+    x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = [layer(x) for layer in layers]
+        for layer in layers:
+            layer.compile(backend="lowbit", options={"policy": "w8a8", "inductor_config": {"triton.cudagraphs": True}})
+        for _ in range(3):
+            for layer, reference in zip(layers, expected):
+                assert 25 < sqnr(reference, layer(x)) < 60
