@@ -71,14 +71,26 @@ def test_dynamic_lengths_and_cuda_graphs() -> None:
     assert counters["stats"]["unique_graphs"] == 2
 
 
+class _Block(torch.nn.Module):
+    # A module of our own: Dynamo does not trace a bare nn.Linear compiled with Module.compile().
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(256, 256)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc(x))
+
+
 def test_layers_compiled_one_by_one_with_cuda_graphs_use_their_own_weights() -> None:
     torch.manual_seed(0)
-    layers = [torch.nn.Linear(256, 256).to("cuda", torch.bfloat16).eval() for _ in range(3)]
+    layers = [_Block().to("cuda", torch.bfloat16).eval() for _ in range(3)]
     x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
+    options = {"policy": "w8a8", "inductor_config": {"triton.cudagraphs": True}}
     with torch.no_grad():
         expected = [layer(x) for layer in layers]
         for layer in layers:
-            layer.compile(backend="lowbit", options={"policy": "w8a8", "inductor_config": {"triton.cudagraphs": True}})
+            layer.compile(backend="lowbit", options=options)
         for _ in range(3):
             for layer, reference in zip(layers, expected):
                 assert 25 < sqnr(reference, layer(x)) < 60
+    assert counters["stats"]["unique_graphs"] == 1
