@@ -44,12 +44,22 @@ def render_stage(stage: str, body: str, policy: Any, graph_id: str, sites: list[
     return "\n".join(header) + "\n" + body.rstrip() + "\n"
 
 
+def _fresh_directory(parent: Path, name: str) -> Path:
+    """parent/name, or parent/name.1, .2, ... if taken: Dynamo's compile ids restart after a reset,
+    and a later compile must not overwrite (or mix with) an earlier one's dump."""
+    candidate, suffix = parent / name, 0
+    while candidate.exists():
+        suffix += 1
+        candidate = parent / f"{name}.{suffix}"
+    return candidate
+
+
 class StageRecorder:
     """Collects each stage's text; writes it to the dump dir, the debug log and tlparse."""
 
     def __init__(self, dump_dir: str | os.PathLike | None, graph_id: str) -> None:
         dump_dir = dump_dir if dump_dir is not None else os.environ.get(DUMP_DIR_ENV) or None
-        self.directory = Path(dump_dir) / f"graph_{graph_id}" if dump_dir is not None else None
+        self.directory = _fresh_directory(Path(dump_dir), f"graph_{graph_id}") if dump_dir is not None else None
         self.graph_id = graph_id
         self.texts: dict[str, str] = {}
 

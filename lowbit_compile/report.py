@@ -89,12 +89,15 @@ class Report:
         return {"policy": self.policy, "policy_key": self.policy_key, "sites": [asdict(s) for s in self.sites]}
 
     def to_json(self) -> str:
-        def finite(value: Any) -> Any:
-            return None if isinstance(value, float) and not math.isfinite(value) else value
+        """JSON text; an SQNR that is not a finite number is written as "inf" (identical), "-inf" or
+        "nan", and null means not measured."""
+
+        def encodable(value: Any) -> Any:
+            return str(value) if isinstance(value, float) and not math.isfinite(value) else value
 
         data = self.to_dict()
         for site in data["sites"]:
-            site["sqnr_db"] = finite(site["sqnr_db"])
+            site["sqnr_db"] = encodable(site["sqnr_db"])
         return json.dumps(data, indent=2)
 
     def table(self) -> str:

@@ -20,12 +20,13 @@ from typing import Any
 import torch
 import torch.fx
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from lowbit_compile.formats import Format
 from lowbit_compile.policy import OpKind
 from lowbit_compile.reference import check_quantizable
 from passes.capture import module_path
-from passes.state import PipelineState, Site
+from passes.state import PipelineState, Site, mutates
 
 log = logging.getLogger("lowbit_compile." + __name__)  # under TORCH_LOGS="+lowbit_compile"
 
@@ -189,11 +190,42 @@ def _scalar_operand(node: torch.fx.Node) -> tuple[Any, float] | None:
     return None
 
 
+def _same_dim(a: Any, b: Any) -> bool:
+    """Equal sizes, decided without adding a guard on a symbolic size (such as M)."""
+    return a is b or statically_known_true(a == b)
+
+
+def _same_shape(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    return len(a) == len(b) and all(_same_dim(x, y) for x, y in zip(a, b))
+
+
+def _scores_and_mask(add: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
+    """(scores, mask) of `scores + mask` or `mask + scores`, if SDPA's attn_mask means the same:
+    a floating mask (a bool mask added as 0/1 is not SDPA's keep/-inf) that broadcasts to the scores
+    without enlarging them."""
+    first, second = add.args
+    if not (isinstance(first, torch.fx.Node) and isinstance(second, torch.fx.Node)):
+        return None
+    out_shape = shape_of(add)
+    scores, mask = (first, second) if _same_shape(shape_of(first), out_shape) else (second, first)
+    mask_value = value_of(mask)
+    if not _same_shape(shape_of(scores), out_shape) or not isinstance(mask_value, torch.Tensor):
+        return None
+    mask_shape = tuple(mask_value.shape)
+    if not mask_value.dtype.is_floating_point or len(mask_shape) > len(out_shape):
+        return None
+    aligned = zip(reversed(mask_shape), reversed(out_shape))
+    if not all(_same_dim(m, 1) or _same_dim(m, d) for m, d in aligned):
+        return None
+    return scores, mask
+
+
 def _explicit_attention(softmax: torch.fx.Node) -> dict[str, Any] | None:
     """matmul(q, k^T) -> [* or / scalar] -> [+ mask] -> softmax(-1) -> [cast] -> matmul(., v).
 
     Refused (left as plain matmuls) where SDPA would compute something else: a mask added before
-    the scaling (SDPA adds it after), `add(..., alpha=)`, or the probabilities as the right operand."""
+    the scaling (SDPA adds it after), a non-floating mask, a mask that enlarges the scores,
+    `add(..., alpha=)`, or the probabilities as the right operand."""
     dim = _arg(softmax, 1, "dim")
     rank = len(shape_of(softmax))
     if not isinstance(dim, int) or rank == 0 or dim % rank != rank - 1:
@@ -226,10 +258,10 @@ def _explicit_attention(softmax: torch.fx.Node) -> dict[str, Any] | None:
             and not scaled
             and not node.kwargs
             and len(node.args) == 2
-            and isinstance(node.args[1], torch.fx.Node)
+            and (split := _scores_and_mask(node)) is not None
         ):
             # Walking backwards, the mask must come before any scaling: softmax(s * qk + mask).
-            node, mask = node.args[0], node.args[1]
+            node, mask = split
         else:
             return None
     if not isinstance(node, torch.fx.Node) or _single_user(node) is None:
@@ -372,6 +404,10 @@ def _decide(site: Site, state: PipelineState) -> None:
         )
         if site.skip_reason is None and spec.weight is None:
             site.skip_reason = f"spec {spec.describe()} has no weight format for a linear site"
+        if site.skip_reason is None and any(mutates(user) for user in site.inputs["weight"].users):
+            site.skip_reason = (
+                "weight is updated in place inside the graph: a compile-time quantized copy would be stale"
+            )
     else:
         attrs = site.attrs
         if spec.activation is None:

@@ -18,6 +18,7 @@ from passes.state import Parameter, PipelineState, remove_dead_code
 _SOURCE_ROOT = re.compile(r"^[LG]\['[^']*'\]\.?")  # a local (L['self']) or a global (G['model']) root
 _SOURCE_KEY = re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]")
 _CONTAINERS = {"_modules", "_parameters", "_buffers"}
+_GRAD_MODE_SWITCHES = {torch._C._set_grad_enabled, torch.set_grad_enabled}
 
 
 def module_path(name: str) -> str:
@@ -47,6 +48,12 @@ def _is_parameter(node: torch.fx.Node, value: object) -> bool:
 def capture_graph(state: PipelineState) -> None:
     """Replace `state.gm` by a dead-code-free copy whose nodes carry `meta["val"]`; record parameters."""
     graph = copy.deepcopy(state.gm.graph)
+    # Inference only: the compiled graph runs under no_grad, and a grad mode switched back on inside
+    # it (after a @torch.no_grad() helper such as a rotary embedding) would make Inductor trace a
+    # backward through ops that have none. Dynamo restores the caller's grad mode itself.
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in _GRAD_MODE_SWITCHES:
+            graph.erase_node(node)
     # Results nobody reads (e.g. a pooler whose output the caller drops) are not sites to quantize.
     remove_dead_code(graph)
     state.gm = torch.fx.GraphModule(state.gm, graph)

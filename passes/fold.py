@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,11 +31,14 @@ class FoldedSource:
     fmt: str
 
 
-def _version(tensor: torch.Tensor) -> int:
+def _state(tensor: torch.Tensor) -> tuple[int, int]:
+    """What changes when a parameter's values are replaced: its version counter (bumped by in-place
+    updates such as `load_state_dict`) and its storage (`p.data = t`)."""
     try:
-        return tensor._version
-    except RuntimeError:  # inference-mode tensors keep no version counter (and cannot be updated)
-        return -1
+        version = tensor._version
+    except RuntimeError:  # inference-mode tensors keep no version counter
+        version = -1
+    return version, tensor.data_ptr()
 
 
 class FoldedWeights:
@@ -42,21 +46,28 @@ class FoldedWeights:
 
     Dynamo passes parameters as ordinary inputs and does not guard on which tensor they are, so one
     compiled graph can be called with other modules' parameters (layers compiled one by one share
-    their code) or with parameters updated in place (`load_state_dict`). `for_call` checks the
-    parameters of each call and quantizes a set it has not seen (or that changed) once, keeping
-    one quantized copy per distinct set.
+    their code) or with parameters updated since (`load_state_dict`, `p.data = t`). `for_call`
+    checks the parameters of each call and quantizes a set it has not seen, or that changed, once.
+    One quantized copy is kept per live set of parameters; a set whose parameters were freed is
+    dropped. Writes that bypass the version counter (`p.data.copy_(t)`, in-place updates of
+    inference-mode tensors) cannot be seen: update weights with `load_state_dict` or under
+    `torch.no_grad()` on the parameter itself.
     """
 
     def __init__(self, sources: list[FoldedSource], parameters: list[torch.Tensor], tensors: list[torch.Tensor]):
         self.sources = sources
-        self.tensors = tensors  # the compile-time set, flat: 4 tensors per source
-        self._sets: dict[tuple[int, ...], tuple[list[torch.Tensor], tuple[int, ...], list[torch.Tensor]]] = {}
+        self.tensors = tensors  # the set compiled with (later: the latest), flat: 4 tensors per source
+        # id(parameters) -> (weak references to them, their states, their quantized tensors)
+        self._sets: dict[tuple[int, ...], tuple[list[weakref.ref], list[tuple[int, int]], list[torch.Tensor]]] = {}
         if sources:
             self._remember(parameters, tensors)
 
     def _remember(self, parameters: list[torch.Tensor], tensors: list[torch.Tensor]) -> None:
-        key = tuple(id(p) for p in parameters)
-        self._sets[key] = (parameters, tuple(_version(p) for p in parameters), tensors)
+        for key, (references, _, _) in list(self._sets.items()):
+            if any(reference() is None for reference in references):
+                del self._sets[key]  # those parameters are gone; so is any use of their copy
+        references = [weakref.ref(p) for p in parameters]
+        self._sets[tuple(id(p) for p in parameters)] = (references, [_state(p) for p in parameters], tensors)
 
     def for_call(self, args: tuple[Any, ...]) -> list[torch.Tensor]:
         if not self.sources:
@@ -64,8 +75,9 @@ class FoldedWeights:
         parameters = [args[source.input_index] for source in self.sources]
         entry = self._sets.get(tuple(id(p) for p in parameters))
         if entry is not None:
-            known, versions, tensors = entry
-            if all(a is b for a, b in zip(known, parameters)) and versions == tuple(_version(p) for p in parameters):
+            references, states, tensors = entry
+            same = all(r() is p for r, p in zip(references, parameters))
+            if same and states == [_state(p) for p in parameters]:
                 return tensors
         log.info("parameters differ from the compiled ones: quantizing %d weights for them", len(parameters))
         tensors = [t for s, p in zip(self.sources, parameters) for t in quantize_weight(p, s.transposed, s.fmt)]
@@ -73,6 +85,7 @@ class FoldedWeights:
             if tensor.is_cuda:
                 torch._dynamo.mark_static_address(tensor)
         self._remember(parameters, tensors)
+        self.tensors = tensors
         return tensors
 
 

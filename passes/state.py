@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,11 +19,28 @@ _INPLACE_OPERATORS = {
 }  # fmt: skip
 
 
+def _inplace_positionally(node: torch.fx.Node) -> bool:
+    """`F.relu(x, True)`: a Python function whose `inplace` parameter is given by position."""
+    try:
+        signature = inspect.signature(node.target)
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
+    if "inplace" not in signature.parameters:
+        return False
+    try:
+        bound = signature.bind(*node.args, **node.kwargs)
+    except TypeError:
+        return False
+    return bound.arguments.get("inplace") is True
+
+
 def mutates(node: torch.fx.Node) -> bool:
     """Whether a node writes to one of its inputs (x.add_(1), x += 1, cache[i] = v, F.relu(x, inplace=True)).
 
     Dynamo's graph is torch-level, so FX's own purity check (aten schemas) does not see these."""
-    if node.kwargs.get("inplace") is True:
+    if node.kwargs.get("inplace") is True or isinstance(node.kwargs.get("out"), (torch.fx.Node, tuple, list)):
+        return True
+    if node.op == "call_function" and _inplace_positionally(node):
         return True
     if node.op == "call_method":
         return node.target.endswith("_") and not node.target.endswith("__")

@@ -159,3 +159,139 @@ def test_compiled_calls_do_not_build_autograd_graphs() -> None:
     model = Block()
     out = torch.compile(model, backend="lowbit", options={"policy": "w8a16", **FAST})(torch.randn(2, 128))
     assert out.grad_fn is None
+
+
+class _Rotary(nn.Module):
+    @torch.no_grad()  # as Hugging Face's rotary embeddings are
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cos(x)
+
+
+class _WithNoGradHelper(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rotary = _Rotary()
+        self.q = nn.Linear(128, 128)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.q(x) * self.rotary(x)
+
+
+def test_a_no_grad_helper_inside_the_model_compiles_with_inductor() -> None:
+    torch.manual_seed(0)
+    model = _WithNoGradHelper().eval()
+    x = torch.randn(2, 5, 128)
+    out = torch.compile(model, backend="lowbit", options={"policy": "w8a16"})(x)  # grad mode on
+    assert 30 < sqnr(model(x).detach(), out) < 70
+
+
+def _explicit_attention(mask: torch.Tensor, mask_first: bool = False):
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        scores = (q @ k.transpose(-2, -1)) * 0.125
+        scores = mask + scores if mask_first else scores + mask
+        return torch.softmax(scores, dim=-1) @ v
+
+    return attend
+
+
+@pytest.mark.parametrize(
+    "mask,mask_first,matched",
+    [
+        (torch.randn(8, 8), False, True),
+        (torch.randn(8, 8), True, True),  # mask + scores
+        (torch.rand(8, 8) > 0.5, False, False),  # added as 0/1, which is not SDPA's bool mask
+        (torch.randn(3, 2, 4, 8, 8), False, False),  # would enlarge the scores
+    ],
+)
+def test_explicit_attention_masks_match_eager(mask: torch.Tensor, mask_first: bool, matched: bool) -> None:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 8, 64) for _ in range(3))
+    attend = _explicit_attention(mask, mask_first)
+    report = lowbit_compile.explain(attend, q, k, v, policy="fp8-attention")
+    assert report.counts().get("attention", 0) == int(matched)
+    out = torch.compile(attend, backend="lowbit", options={"policy": "fp8-attention", **FAST})(q, k, v)
+    expected = attend(q, k, v)
+    assert out.shape == expected.shape
+    if matched:
+        assert 20 < sqnr(expected, out) < 60
+    else:  # left as two unquantized matmuls
+        torch.testing.assert_close(out, expected)
+
+
+def test_replaced_parameter_storage_is_requantized() -> None:
+    torch.manual_seed(0)
+    model = Block().eval()
+    compiled = torch.compile(model, backend="lowbit", options={"policy": "w8a16", **FAST})
+    x = torch.randn(4, 128)
+    with torch.no_grad():
+        compiled(x)
+        model.fc.weight.data = torch.randn(128, 128)  # no version bump, new storage
+        assert 30 < sqnr(model(x), compiled(x)) < 70
+
+
+def test_quantized_copies_of_freed_parameters_are_dropped() -> None:
+    import gc
+    import weakref
+
+    compiled = torch.compile(lambda m, x: m(x), backend="lowbit", options={"policy": "w8a16", **FAST})
+    x = torch.randn(4, 128)
+    references = []
+    with torch.no_grad():
+        for _ in range(4):
+            block = Block().eval()
+            references.append(weakref.ref(block.fc.weight))
+            assert 30 < sqnr(block(x), compiled(block, x)) < 70
+            del block
+    gc.collect()
+    assert sum(reference() is not None for reference in references) <= 1  # at most the last one
+
+
+def test_out_and_positional_inplace_writes_are_kept() -> None:
+    linear = nn.Linear(128, 64)
+
+    def f(x: torch.Tensor, cache: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+        torch.mul(x, 2, out=cache)
+        torch.nn.functional.relu(buffer, True)
+        return linear(x)
+
+    x = torch.randn(4, 128)
+    cache, buffer = torch.zeros(4, 128), torch.randn(16)
+    expected_buffer = buffer.clamp(min=0)
+    with torch.no_grad():
+        torch.compile(f, backend="lowbit", options={"policy": "w8a8", **FAST})(x, cache, buffer)
+    assert torch.equal(cache, 2 * x) and torch.equal(buffer, expected_buffer)
+
+
+class _SelfUpdating(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.randn(64, 128))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.weight.mul_(2)
+        return torch.nn.functional.linear(x, self.weight)
+
+
+def test_a_weight_updated_inside_the_graph_is_not_folded() -> None:
+    torch.manual_seed(0)
+    model, twin = _SelfUpdating(), _SelfUpdating()
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(4, 128)
+    report = lowbit_compile.explain(_SelfUpdating(), x, policy="w8a16")
+    assert "updated in place inside the graph" in report.sites[0].skip_reason
+    with torch.no_grad():
+        out = torch.compile(model, backend="lowbit", options={"policy": "w8a16", **FAST})(x)
+        assert torch.allclose(out, twin(x))
+
+
+def test_report_json_keeps_infinite_sqnr_and_dumps_never_overwrite(tmp_path) -> None:
+    import json
+
+    model = nn.Linear(128, 64)
+    x = torch.zeros(2, 128)  # output = bias exactly: the quantized site is identical -> inf dB
+    report = lowbit_compile.explain(model, x, policy="w8a16")
+    assert json.loads(report.to_json())["sites"][0]["sqnr_db"] == "inf"
+    for _ in range(2):
+        torch._dynamo.reset()  # compile ids restart
+        torch.compile(model, backend="lowbit", options={"dump_dir": str(tmp_path), **FAST})(x)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["graph_0_0", "graph_0_0.1"]
