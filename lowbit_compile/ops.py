@@ -35,7 +35,10 @@ def _present(t: Tensor) -> Tensor | None:
     return None if t.numel() == 0 else t
 
 
-def _quantized(data: Tensor, scale: Tensor, zero_point: Tensor, global_scale: Tensor) -> reference.QuantizedTensor:
+def quantized_tensor(
+    data: Tensor, scale: Tensor, zero_point: Tensor, global_scale: Tensor
+) -> reference.QuantizedTensor:
+    """The op-level parts (0-element tensors for absent ones) as a reference `QuantizedTensor`."""
     return reference.QuantizedTensor(data, scale, _present(zero_point), _present(global_scale))
 
 
@@ -57,7 +60,7 @@ def _quantize_impl(x: Tensor, fmt: str) -> tuple[Tensor, Tensor, Tensor, Tensor]
 def _dequantize_impl(
     data: Tensor, scale: Tensor, zero_point: Tensor, global_scale: Tensor, fmt: str, dtype: torch.dtype
 ) -> Tensor:
-    return reference.dequantize(_quantized(data, scale, zero_point, global_scale), get_format(fmt), dtype)
+    return reference.dequantize(quantized_tensor(data, scale, zero_point, global_scale), get_format(fmt), dtype)
 
 
 _library.impl("quantize", _quantize_impl, "CompositeImplicitAutograd")
@@ -92,7 +95,7 @@ def weight_only_mm(
 
     `out_dtype` is the dtype the original matmul produced (x.dtype, or autocast's dtype)."""
     weight = reference.dequantize(
-        _quantized(w_data, w_scale, w_zero_point, w_global_scale), get_format(w_fmt), torch.float32
+        quantized_tensor(w_data, w_scale, w_zero_point, w_global_scale), get_format(w_fmt), torch.float32
     )
     return _linear_reference(x, weight, bias, out_dtype)
 
@@ -117,8 +120,10 @@ def scaled_mm(
 ) -> Tensor:
     """y[..., N] = dequantize(x)[..., K] @ dequantize(w)[N, K].T + bias (A8W8 / FP8 / block / MX)."""
     empty = _absent(x_data)
-    x = reference.dequantize(_quantized(x_data, x_scale, empty, x_global_scale), get_format(x_fmt), torch.float32)
-    weight = reference.dequantize(_quantized(w_data, w_scale, empty, w_global_scale), get_format(w_fmt), torch.float32)
+    x = reference.dequantize(quantized_tensor(x_data, x_scale, empty, x_global_scale), get_format(x_fmt), torch.float32)
+    weight = reference.dequantize(
+        quantized_tensor(w_data, w_scale, empty, w_global_scale), get_format(w_fmt), torch.float32
+    )
     return _linear_reference(x, weight, bias, out_dtype)
 
 
@@ -180,7 +185,7 @@ def attention(
     fmt_ = get_format(fmt)
     empty = _absent(q_data)
     q, k, v = (
-        reference.dequantize(_quantized(d, s, empty, empty), fmt_, torch.float32)
+        reference.dequantize(quantized_tensor(d, s, empty, empty), fmt_, torch.float32)
         for d, s in ((q_data, q_scale), (k_data, k_scale), (v_data, v_scale))
     )
     mask = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.float()

@@ -18,7 +18,8 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from lowbit_compile.reference import QuantizedTensor, dequantize, fake_quantize
+from lowbit_compile.ops import quantized_tensor
+from lowbit_compile.reference import dequantize, fake_quantize
 
 log = logging.getLogger(__name__)
 
@@ -167,10 +168,6 @@ def build_report(sites: list[Any], policy: Any, graph: str = "") -> Report:
 # -- per-site SQNR ---------------------------------------------------------------------------------
 
 
-def _present(t: torch.Tensor) -> torch.Tensor | None:
-    return None if t.numel() == 0 else t
-
-
 def _fake(x: torch.Tensor, fmt: str | None) -> torch.Tensor:
     return x.float() if fmt is None else fake_quantize(x.float(), fmt).float()
 
@@ -203,8 +200,7 @@ def _site_outputs(
     activation_fmt = spec.activation
     if spec.weight_only_below_m is not None and x.numel() // x.shape[-1] < spec.weight_only_below_m:
         activation_fmt = None
-    data, scale, zero_point, global_scale = quantized_weight(site)
-    quantized = QuantizedTensor(data, scale, _present(zero_point), _present(global_scale))
+    quantized = quantized_tensor(*quantized_weight(site))
     reference = F.linear(x.float(), weight.float(), bias)
     test = F.linear(_fake(x, activation_fmt), dequantize(quantized, spec.weight), bias)
     return reference, test

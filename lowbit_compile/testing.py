@@ -9,8 +9,9 @@ import torch
 from lowbit_compile.backend import BackendOptions, compile_graph
 from lowbit_compile.policy import Policy
 from lowbit_compile.report import Report
+from passes.pipeline import STAGE_NAMES
 
-GRAPH_KEYS = ("captured", "annotated", "qdq", "folded", "fused", "lowered", "output_code")
+GRAPH_KEYS = (*STAGE_NAMES, "output_code")
 
 
 def run_and_get_graphs(

@@ -40,7 +40,7 @@ def _qdq_linear(graph: torch.fx.Graph, site: Site) -> torch.fx.Node:
     dtype = value_of(x).dtype
     weight_nk = weight if site.weight_layout == "nk" else graph.call_function(torch.t, (weight,))
     w_quantize, w_parts = _quantize(graph, weight_nk, spec.weight)
-    site.qdq.update(weight_input=weight_nk, weight_quantize=w_quantize, weight_parts=w_parts)
+    site.qdq.update(weight_quantize=w_quantize, weight_parts=w_parts)
     w_dequantized = _dequantize(graph, w_parts, spec.weight, dtype)
     if spec.activation is None:
         x_dequantized = x

@@ -33,12 +33,7 @@ RECIPE_EXPECTATIONS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _llama() -> tuple[nn.Module, torch.Tensor]:

@@ -15,7 +15,11 @@ from lowbit_compile.models import LlamaConfig, TinyLlama
 from lowbit_compile.report import sqnr
 from lowbit_compile.testing import run_and_get_graphs
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.usefixtures("fresh_dynamo"),
+]
 
 LLAMA = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=8, num_kv_heads=2)
 # logits SQNR bands (dB) against eager bf16; bf16 itself limits the top end.
@@ -30,12 +34,6 @@ BANDS = {
     "fp8-attention": (12, 40),
     "auto": (20, 60),
 }
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
 
 
 def _llama():

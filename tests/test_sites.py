@@ -33,12 +33,7 @@ W8A8 = "A=int8_row W=int8_row"
 FP8_ATTENTION = "A=fp8_e4m3_row"
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """Every test compiles its own models: no cache entries or recompile budget carried over."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 @pytest.fixture(autouse=True)
