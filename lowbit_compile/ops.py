@@ -17,11 +17,13 @@ every op has a fixed tensor signature. Formats are passed by registry name (`low
 from __future__ import annotations
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import Tensor
 
 from lowbit_compile import reference
 from lowbit_compile.formats import get_format
+from lowbit_compile.kernels import HAS_TRITON
 
 NAMESPACE = "lowbit"
 _library = torch.library.Library(NAMESPACE, "FRAGMENT")
@@ -94,6 +96,10 @@ def weight_only_mm(
     """y[..., N] = x[..., K] @ dequantize(w)[N, K].T + bias (A16 x low-bit weight).
 
     `out_dtype` is the dtype the original matmul produced (x.dtype, or autocast's dtype)."""
+    return _weight_only_mm_reference(x, w_data, w_scale, w_zero_point, w_global_scale, bias, w_fmt, out_dtype)
+
+
+def _weight_only_mm_reference(x, w_data, w_scale, w_zero_point, w_global_scale, bias, w_fmt, out_dtype) -> Tensor:
     weight = reference.dequantize(
         quantized_tensor(w_data, w_scale, w_zero_point, w_global_scale), get_format(w_fmt), torch.float32
     )
@@ -225,3 +231,105 @@ def fake_quantize_from_rows(x: Tensor, fmt: str, min_rows: int) -> Tensor:
 @fake_quantize_from_rows.register_fake
 def _(x, fmt, min_rows):
     return torch.empty_like(x)
+
+
+# -- device kernels ---------------------------------------------------------------------------------
+# The one place that decides whether a kernel runs a fused-op call (by format, device and dtype).
+# Eager CUDA calls dispatch here through `register_kernel("cuda")`; under Inductor the lowering
+# stage asks `use_device_kernels` to swap the opaque op for the kernel's `triton_op`, so the Triton
+# source lands in the output code. Formats or dtypes without a kernel run the reference.
+
+_KERNEL_ACTIVATIONS = (torch.bfloat16, torch.float16)
+
+
+def weight_only_kernel(x_dtype: torch.dtype, device: torch.device, w_fmt: str) -> str | None:
+    """The name of the kernel that runs `weight_only_mm` for these inputs, or None (reference)."""
+    if not HAS_TRITON or device.type != "cuda" or x_dtype not in _KERNEL_ACTIVATIONS:
+        return None
+    from lowbit_compile.kernels import weight_only
+
+    fmt = get_format(w_fmt)
+    if weight_only.supports(fmt) is not None:
+        return None
+    return f"triton:w{fmt.bits}a16"
+
+
+def _weight_only_plan(x: Tensor, w_data: Tensor, w_fmt: str, bias: Tensor | None) -> list[int]:
+    from lowbit_compile.kernels import weight_only
+
+    meta = weight_only.WeightMeta.of(get_format(w_fmt), w_data)
+    return weight_only.plan(meta, x.dtype, bias is not None, x.device)
+
+
+if HAS_TRITON:
+    from lowbit_compile.kernels import weight_only as _weight_only
+
+    @torch.library.triton_op("lowbit::weight_only_mm_triton", mutates_args=())
+    def weight_only_mm_triton(
+        x: Tensor,
+        w_data: Tensor,
+        w_scale: Tensor,
+        w_zero_point: Tensor,
+        bias: Tensor | None,
+        w_fmt: str,
+        out_dtype: torch.dtype,
+        plan: list[int],
+    ) -> Tensor:
+        """`weight_only_mm` by the Triton kernels of `kernels/weight_only.py`; `plan` holds the tile
+        config of each M bucket (`weight_only.plan`), chosen at compile time."""
+        return _weight_only.run(
+            x, w_data, w_scale, w_zero_point, bias, w_fmt, out_dtype, plan, wrap=torch.library.wrap_triton
+        )
+
+    @weight_only_mm.register_kernel("cuda")
+    def _(x, w_data, w_scale, w_zero_point, w_global_scale, bias, w_fmt, out_dtype):
+        if weight_only_kernel(x.dtype, x.device, w_fmt) is None:
+            return _weight_only_mm_reference(x, w_data, w_scale, w_zero_point, w_global_scale, bias, w_fmt, out_dtype)
+        plan = _weight_only_plan(x, w_data, w_fmt, bias)
+        return weight_only_mm_triton(x, w_data, w_scale, w_zero_point, bias, w_fmt, out_dtype, plan)
+
+
+def kernel_name(
+    op: str,
+    x_dtype: torch.dtype | None,
+    device: torch.device | None,
+    w_fmt: str | None,
+    weight_only_below_m: int | None = None,
+) -> str:
+    """What runs a fused op, for the report: `<op> [triton:...]` or `<op> [reference]`."""
+    runs = None
+    if op in ("weight_only_mm", "auto_mm") and None not in (device, x_dtype, w_fmt):
+        runs = weight_only_kernel(x_dtype, device, w_fmt)
+    if op == "auto_mm":
+        # The weight-only half (M < weight_only_below_m) runs weight_only_mm's kernel; the
+        # activation-quantized half is scaled_mm (no kernel yet).
+        return f"{op} [{runs or 'reference'} below M={weight_only_below_m}, reference above]"
+    return f"{op} [{runs or 'reference'}]"
+
+
+def use_device_kernels(graph: torch.fx.Graph) -> dict[str, int]:
+    """Swap each fused-op call that a device kernel runs for that kernel's `triton_op` (same
+    arguments plus its compile-time tile plan). Returns how many calls each kernel took."""
+    counts: dict[str, int] = {}
+    for node in list(graph.nodes):
+        if node.target is not torch.ops.lowbit.weight_only_mm.default:
+            continue
+        x, w_data, w_scale, w_zero_point, _, bias, w_fmt, out_dtype = node.args
+        x_val, w_val = x.meta.get("val"), w_data.meta.get("val")
+        if x_val is None or w_val is None:
+            continue
+        name = weight_only_kernel(x_val.dtype, x_val.device, w_fmt)
+        if name is None:
+            continue
+        bias_val = bias.meta.get("val") if isinstance(bias, torch.fx.Node) else None
+        plan = _weight_only_plan(x_val, w_val, w_fmt, bias_val)
+        with graph.inserting_before(node):
+            kernel_node = graph.call_function(
+                torch.ops.lowbit.weight_only_mm_triton.default,
+                (x, w_data, w_scale, w_zero_point, bias, w_fmt, out_dtype, plan),
+            )
+        kernel_node.meta.update(node.meta)
+        node.replace_all_uses_with(kernel_node)
+        graph.erase_node(node)
+        counts[name] = counts.get(name, 0) + 1
+    return counts

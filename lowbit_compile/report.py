@@ -18,7 +18,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from lowbit_compile.ops import quantized_tensor
+from lowbit_compile.ops import kernel_name, quantized_tensor
 from lowbit_compile.reference import dequantize, fake_quantize
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,17 @@ def _shape_text(shape: tuple[Any, ...]) -> str:
     return "(" + ",".join(str(d) for d in shape) + ")"
 
 
+def _kernel_text(site: Any) -> str | None:
+    """The fused op and what runs it on the site's device, e.g. `weight_only_mm [triton:w4a16]`."""
+    if site.kernel is None:
+        return None
+    operand = site.inputs.get("x", site.inputs.get("q"))
+    value = operand.meta.get("val") if isinstance(operand, torch.fx.Node) else None
+    dtype = getattr(value, "dtype", None)
+    device = getattr(value, "device", None)
+    return kernel_name(site.kernel.value, dtype, device, site.spec.weight, site.spec.weight_only_below_m)
+
+
 def build_report(sites: list[Any], policy: Any, graph: str = "") -> Report:
     report = Report(policy=policy.name, policy_key=policy.cache_key(), graph=graph)
     for site in sites:
@@ -155,7 +166,7 @@ def build_report(sites: list[Any], policy: Any, graph: str = "") -> Report:
                 shapes={name: _shape_text(shape) for name, shape in site.shapes.items()},
                 format=site.spec.describe() if site.quantized else None,
                 skip_reason=site.skip_reason,
-                kernel=site.kernel.value if site.kernel is not None else None,
+                kernel=_kernel_text(site),
                 decided_by=site.decided_by,
                 weight_bytes_before=site.weight_bytes_before,
                 weight_bytes_after=site.weight_bytes_after,

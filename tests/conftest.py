@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
-from torch._dynamo.utils import counters
+
+# Without a GPU, our Triton kernels run in Triton's interpreter (it must be chosen before the
+# kernels are defined, i.e. before lowbit_compile is imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
 
 
 @pytest.fixture

@@ -189,7 +189,7 @@ def test_dump_dir_writes_every_stage_with_a_header(tmp_path: Path) -> None:
         assert text.startswith(f"# lowbit-compile stage: {stage}\n"), text[:200]
         assert "# policy: w8a8 (key " in text
     assert "A=int8_row W=int8_row" in files["report.txt"]
-    assert json.loads(files["report_json.json"])["sites"][0]["kernel"] == "scaled_mm"
+    assert json.loads(files["report_json.json"])["sites"][0]["kernel"] == "scaled_mm [reference]"
     assert "def call(" in files["output_code.py"] or "def call(" in files["output_code.py"].replace("async ", "")
 
 

@@ -155,7 +155,7 @@ def test_nn_linear(bias):
     site = only_site(report)
     assert report.counts() == {"linear": 1}
     assert (site.fqn, site.op, site.source_op) == ("block.proj", "linear", "linear")
-    assert (site.format, site.kernel, site.skip_reason, site.decided_by) == (W8A8, "scaled_mm", None, "default")
+    assert (site.format, site.kernel, site.skip_reason, site.decided_by) == (W8A8, "scaled_mm [reference]", None, "default")
     assert site.shapes == {"x": f"({M},{K})", "weight": f"({N},{K})", "out": f"({M},{N})"}
     assert site.weight_bytes_before == N * K * 4
     assert site.weight_bytes_after == N * K + N * 4  # int8 codes + one fp32 scale per output channel
@@ -167,7 +167,7 @@ def test_nn_linear(bias):
 def test_nn_linear_weight_only():
     model = Nested(nn.Linear(K, N))
     site = only_site(explain(model, torch.randn(M, K), policy="w8a16"))
-    assert (site.format, site.kernel) == ("A=16bit W=int8_row", "weight_only_mm")
+    assert (site.format, site.kernel) == ("A=16bit W=int8_row", "weight_only_mm [reference]")
     assert site.weight_bytes_before > site.weight_bytes_after > 0
     assert_band(site.sqnr_db, (35.0, 80.0))  # weight-only: less noise than w8a8
 
@@ -215,7 +215,7 @@ def _check_linear_form(form: Any, x_shape: tuple[int, ...], source_op: str, weig
         "linear",
         source_op,
         W8A8,
-        "scaled_mm",
+        "scaled_mm [reference]",
     )
     assert site.skip_reason is None
     # The report always states the weight as (N, K), whatever its storage.
@@ -356,7 +356,7 @@ def test_sdpa(name):
     site = only_site(report)
     assert report.counts() == {"attention": 1}
     assert (site.fqn, site.op, site.source_op) == ("block.attn", "attention", "sdpa")
-    assert (site.format, site.kernel, site.skip_reason, site.decided_by) == (FP8_ATTENTION, "attention", None, "rule 1")
+    assert (site.format, site.kernel, site.skip_reason, site.decided_by) == (FP8_ATTENTION, "attention [reference]", None, "rule 1")
     kv_shape = f"({BATCH},{kv_heads},{SEQ},{HEAD_DIM})"
     assert site.shapes == {"q": f"({BATCH},{HEADS},{SEQ},{HEAD_DIM})", "k": kv_shape, "v": kv_shape,
                            "out": f"({BATCH},{HEADS},{SEQ},{HEAD_DIM})"}  # fmt: skip
@@ -413,7 +413,7 @@ def test_explicit_attention_is_one_site(name):
     site = only_site(report)  # not two matmuls
     assert report.counts() == {"attention": 1}
     assert (site.fqn, site.op, site.source_op) == ("block.attn", "attention", "matmul-softmax-matmul")
-    assert (site.format, site.kernel, site.skip_reason) == (FP8_ATTENTION, "attention", None)
+    assert (site.format, site.kernel, site.skip_reason) == (FP8_ATTENTION, "attention [reference]", None)
     assert_band(site.sqnr_db, FP8_ATTENTION_BAND)
     (annotated,) = find_sites(model, *args, policy="fp8-attention")
     assert annotated.attrs["scale"] == pytest.approx(scale)
@@ -594,7 +594,7 @@ def test_block_counts_fqns_and_rules():
             assert (site.op, site.format, site.decided_by) == ("attention", FP8_ATTENTION, "rule 1")
             assert_band(site.sqnr_db, FP8_ATTENTION_BAND)
         else:
-            assert (site.op, site.format, site.kernel, site.decided_by) == ("linear", W8A8, "scaled_mm", "default")
+            assert (site.op, site.format, site.kernel, site.decided_by) == ("linear", W8A8, "scaled_mm [reference]", "default")
             assert_band(site.sqnr_db, INT8_BAND)
     assert len(report.quantized) == 10 and len(report.skipped) == 4
     before, after = report.weight_bytes()

@@ -1,0 +1,107 @@
+"""Tile-config tuning for our Triton kernels, cached on disk so a second compile does not retune.
+
+A kernel family hands `pick` a key (what the best config depends on: GPU, Triton version, kernel
+source, shapes, dtypes, M bucket), its candidate configs and a function that builds a runnable
+launch for a config. The fastest candidate by `triton.testing.do_bench` (median) is stored in
+`$LOWBIT_CACHE_DIR/tuning.json` (default `~/.cache/lowbit_compile`). `LOWBIT_AUTOTUNE=0` skips
+tuning and takes each family's default config. Time spent and cache hits are counted in
+`torch._dynamo.utils.counters["lowbit"]` (`tuning_seconds_x1000`, `tuning_runs`, `tuning_cache_hits`).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_CACHE_FILE = "tuning.json"
+
+
+def tuning_enabled() -> bool:
+    """Tune only on a real GPU, and unless the user turned it off."""
+    if os.environ.get("LOWBIT_AUTOTUNE", "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return torch.cuda.is_available()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LOWBIT_CACHE_DIR") or Path.home() / ".cache" / "lowbit_compile")
+
+
+@functools.cache
+def source_digest(path: str) -> str:
+    """A short digest of a kernel file: a changed kernel never reuses an old tuning result."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _store(path: Path, key: str, value: Any) -> None:
+    """Merge one entry into the cache file (re-read first: other processes may have added entries)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        entries = _load(path)
+        entries[key] = value
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(entries, indent=1, sort_keys=True))
+        temporary.replace(path)
+    except OSError as error:  # a read-only home must not break compiling
+        log.warning("could not write the tuning cache %s: %s", path, error)
+
+
+_memory: dict[str, Any] = {}
+
+
+def pick(
+    key: str,
+    candidates: Sequence[Any],
+    make_launch: Callable[[Any], Callable[[], None]],
+    encode: Callable[[Any], Any],
+    decode: Callable[[Any], Any],
+) -> Any:
+    """The fastest of `candidates` for `key`, from memory, the disk cache, or by measuring them."""
+    from torch._dynamo.utils import counters
+
+    if key in _memory:
+        return _memory[key]
+    path = cache_dir() / _CACHE_FILE
+    stored = _load(path).get(key)
+    if stored is not None:
+        counters["lowbit"]["tuning_cache_hits"] += 1
+        _memory[key] = decode(stored)
+        return _memory[key]
+    from triton.testing import do_bench
+
+    start = time.perf_counter()
+    timings = []
+    for candidate in candidates:
+        try:
+            launch = make_launch(candidate)
+            timings.append((do_bench(launch, warmup=5, rep=20, return_mode="median"), candidate))
+        except Exception as error:  # noqa: BLE001 - a config the compiler rejects (e.g. out of shared memory)
+            log.debug("config %s failed for %s: %s", candidate, key, error)
+    if not timings:
+        raise RuntimeError(f"no candidate config ran for {key}")
+    best_ms, best = min(timings, key=lambda t: t[0])
+    elapsed = time.perf_counter() - start
+    counters["lowbit"]["tuning_runs"] += 1
+    counters["lowbit"]["tuning_seconds_x1000"] += int(elapsed * 1000)
+    log.info("tuned %s: %s (%.1f us) from %d configs in %.1f s", key, best, best_ms * 1e3, len(timings), elapsed)
+    _store(path, key, encode(best))
+    _memory[key] = best
+    return best

@@ -1,0 +1,530 @@
+"""Weight-only GEMM (A16W4 / A16W8) in Triton: y[M, N] = x[M, K] @ dequantize(w)[N, K].T + bias.
+
+Shapes and layouts (the weight is read in the reference layout of `lowbit_compile.reference`, so
+no repacking is needed and the CPU and GPU share one folded weight):
+- x:      (M, K) bf16 or fp16, row-major (the launcher flattens leading dims).
+- w_data: int4: uint8 (N, K//2), element 2i of a row in the low nibble, 2i+1 in the high nibble;
+          symmetric codes stored as code + 8, asymmetric as 0..15 with a zero point.
+          8-bit: int8 or float8_e4m3fn (N, K).
+- scale:  fp32 (N, K//GROUP) for groups, (N, 1) per channel.
+- zero:   fp32 (N, K//GROUP) for int4 with zero point, else unused.
+- bias:   (N,) in x's dtype, or absent. out: (M, N) in x's dtype, fp32 accumulation.
+Constraints: K % GROUP == 0 (the formats guarantee it), GROUP >= 32 for int4.
+
+How 4-bit is made cheap. x is split into its even and odd columns (`tl.split`), so the low and
+high nibbles of each byte meet their activations without interleaving the weight. A nibble c
+becomes the exact value MAGIC + c by OR-ing it into the bit pattern of MAGIC (128 for bf16, 1024
+for fp16), one integer op per element. When a K tile lies inside one quantization group, the group's
+scale s and zero point z leave the inner product:
+    sum_k x_k (c_k - z) s = s * (dot(x, MAGIC + c) - (MAGIC + z) * sum_k x_k)
+so the tensor cores see raw codes and the scale costs one FMA per output per tile. Tiles that span
+several groups (and the 8-bit formats at large tiles) dequantize in registers instead.
+
+Two code paths, chosen per M bucket by tile config (`WeightOnlyConfig`):
+- GEMV (BLOCK_M == 1): one row per program, products and sums on the CUDA cores; decode.
+- tensor-core tiles (BLOCK_M >= 16): `tl.dot` on the codes (scale after the dot) or on dequantized
+  tiles (scale before the dot, when BLOCK_K spans several groups).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is an optional dependency (CPU installs run the reference)
+    triton = None
+    tl = None
+
+from lowbit_compile.formats import ElementType, Format, Granularity
+
+# Formats this kernel family runs, by element and granularity (formats are data: any registered
+# record that matches runs here).
+SUPPORTED_ACTIVATIONS = (torch.bfloat16, torch.float16)
+
+
+def supports(fmt: Format) -> str | None:
+    """None if the weight-only kernels run `fmt`, else why not."""
+    if fmt.element is ElementType.INT4:
+        if fmt.granularity is not Granularity.GROUP or fmt.group_size < 32:
+            return f"int4 kernels need groups of >= 32 along K, not {fmt.name}"
+        return None
+    if fmt.element in (ElementType.INT8, ElementType.FP8_E4M3):
+        if fmt.granularity is not Granularity.ROW or not fmt.symmetric:
+            return f"8-bit weight-only kernels run per-channel scales only, not {fmt.name}"
+        return None
+    return f"no weight-only kernel for {fmt.element.value} elements"
+
+
+@dataclass(frozen=True)
+class WeightOnlyConfig:
+    """One tile configuration; `BLOCK_M == 1` selects the GEMV path."""
+
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def as_tuple(self) -> tuple[int, ...]:
+        return dataclasses.astuple(self)
+
+    @classmethod
+    def from_tuple(cls, values: tuple[int, ...] | list[int]) -> WeightOnlyConfig:
+        return cls(*values)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _unpack_magic(byte, DTYPE: tl.constexpr):
+        """uint8 codes (one nibble or 8-bit) -> MAGIC + code, exactly, in DTYPE (bf16: 128, fp16: 1024)."""
+        if DTYPE == tl.float16:
+            return (byte.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+        return (byte.to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True)
+
+    @triton.jit
+    def _codes_f32(byte):
+        """uint8 nibble 0..15 -> exact float32 via the 2**23 bit pattern (an OR and a subtract, no I2F)."""
+        return (byte.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+    @triton.jit
+    def _int8_f32(q):
+        """int8 -> exact float32 via the 1.5 * 2**23 bit pattern (an add and a subtract, no I2F)."""
+        return (q.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+
+    @triton.jit
+    def weight_only_kernel(
+        x_ptr,
+        w_ptr,
+        scale_ptr,
+        zero_ptr,
+        bias_ptr,
+        out_ptr,
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_wn,
+        stride_sn,
+        stride_om,
+        GROUP: tl.constexpr,  # elements per scale along K; 0 = one scale per output channel
+        BITS: tl.constexpr,  # 4 (packed, two per byte) or 8
+        FLOAT_CODES: tl.constexpr,  # 8-bit codes are fp8 e4m3 (else int8)
+        ZERO_POINT: tl.constexpr,  # int4 codes 0..15 with a zero point (else code + 8)
+        HAS_BIAS: tl.constexpr,
+        EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks along K
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr = 8,
+    ):
+        DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+        MAGIC: tl.constexpr = 1024.0 if DTYPE == tl.float16 else 128.0
+        PER_CHANNEL: tl.constexpr = GROUP == 0
+        # The tile lies inside one group: apply the scale after the dot (see the module docstring).
+        SCALE_AFTER: tl.constexpr = PER_CHANNEL or BLOCK_K <= GROUP
+        HALF_K: tl.constexpr = BLOCK_K // 2
+
+        pid = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        # Grouped ordering: GROUP_M row tiles walk the N tiles together, so weight tiles stay in L2.
+        num_pid_in_group = GROUP_M * num_pid_n
+        group_id = pid // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+        pid_n = (pid % num_pid_in_group) // group_size_m
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        offs_n_safe = tl.where(n_mask, offs_n, 0)  # masked rows read row 0 instead of masking every load
+
+        if BLOCK_M == 1:
+            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+        for k0 in range(0, K, BLOCK_K):
+            if BITS == 4:
+                offs_kb = k0 // 2 + tl.arange(0, HALF_K)  # byte columns of this tile
+                w_ptrs = w_ptr + offs_n_safe[:, None] * stride_wn + offs_kb[None, :]
+                if EVEN_K:
+                    packed = tl.load(w_ptrs)
+                else:
+                    packed = tl.load(w_ptrs, mask=(offs_kb < K // 2)[None, :], other=0)
+                low = packed & 0xF  # [BLOCK_N, HALF_K]: elements k0 + 2i
+                high = packed >> 4  # elements k0 + 2i + 1
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                if BLOCK_M == 1:
+                    x_ptrs = x_ptr + pid_m * stride_xm + offs_k
+                    if EVEN_K:
+                        x = tl.load(x_ptrs).to(tl.float32)
+                    else:
+                        x = tl.load(x_ptrs, mask=offs_k < K, other=0.0).to(tl.float32)
+                    x_even, x_odd = tl.split(tl.reshape(x, (HALF_K, 2)))
+                    prod = _codes_f32(low) * x_even[None, :] + _codes_f32(high) * x_odd[None, :]
+                    if SCALE_AFTER:
+                        group = k0 // GROUP
+                        s = tl.load(scale_ptr + offs_n_safe * stride_sn + group)
+                        if ZERO_POINT:
+                            z = tl.load(zero_ptr + offs_n_safe * stride_sn + group)
+                        else:
+                            z = 8.0
+                        acc += (tl.sum(prod, axis=1) - z * tl.sum(x, axis=0)) * s
+                    else:
+                        GROUPS: tl.constexpr = BLOCK_K // GROUP
+                        per_group = tl.sum(tl.reshape(prod, (BLOCK_N, GROUPS, GROUP // 2)), axis=2)
+                        x_sum = tl.sum(tl.reshape(x, (GROUPS, GROUP)), axis=1)
+                        offs_g = k0 // GROUP + tl.arange(0, GROUPS)
+                        g_mask = (offs_g < K // GROUP)[None, :]  # the K tail has no scales
+                        s = tl.load(scale_ptr + offs_n_safe[:, None] * stride_sn + offs_g[None, :], mask=g_mask, other=0.0)
+                        if ZERO_POINT:
+                            z = tl.load(zero_ptr + offs_n_safe[:, None] * stride_sn + offs_g[None, :], mask=g_mask, other=0.0)
+                        else:
+                            z = 8.0
+                        acc += tl.sum((per_group - z * x_sum[None, :]) * s, axis=1)
+                else:
+                    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+                    if EVEN_K:
+                        x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+                    else:
+                        x = tl.load(x_ptrs, mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+                    x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, HALF_K, 2)))
+                    if SCALE_AFTER:
+                        part = tl.dot(x_even, tl.trans(_unpack_magic(low, DTYPE)))
+                        part = tl.dot(x_odd, tl.trans(_unpack_magic(high, DTYPE)), part)
+                        x_sum = tl.sum(x.to(tl.float32), axis=1)
+                        group = k0 // GROUP
+                        s = tl.load(scale_ptr + offs_n_safe * stride_sn + group)
+                        if ZERO_POINT:
+                            z = tl.load(zero_ptr + offs_n_safe * stride_sn + group)
+                            offset = x_sum[:, None] * (z + MAGIC)[None, :]
+                        else:
+                            offset = x_sum[:, None] * (8.0 + MAGIC)
+                        acc += (part - offset) * s[None, :]
+                    else:
+                        offs_g = (k0 + 2 * tl.arange(0, HALF_K)) // GROUP
+                        g_mask = (offs_g < K // GROUP)[None, :]  # the K tail has no scales
+                        s = tl.load(scale_ptr + offs_n_safe[:, None] * stride_sn + offs_g[None, :], mask=g_mask, other=0.0)
+                        if ZERO_POINT:
+                            z = tl.load(zero_ptr + offs_n_safe[:, None] * stride_sn + offs_g[None, :], mask=g_mask, other=0.0)
+                        else:
+                            z = 8.0
+                        w_even = ((_codes_f32(low) - z) * s).to(DTYPE)
+                        w_odd = ((_codes_f32(high) - z) * s).to(DTYPE)
+                        acc = tl.dot(x_even, tl.trans(w_even), acc)
+                        acc = tl.dot(x_odd, tl.trans(w_odd), acc)
+            else:  # 8-bit codes, one scale per output channel (applied in the epilogue)
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                w_ptrs = w_ptr + offs_n_safe[:, None] * stride_wn + offs_k[None, :]
+                if EVEN_K:
+                    q = tl.load(w_ptrs)
+                else:
+                    q = tl.load(w_ptrs, mask=(offs_k < K)[None, :], other=0)
+                if FLOAT_CODES:  # fp8 e4m3 bytes (passed as uint8)
+                    w = q.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+                else:
+                    w = _int8_f32(q)
+                if BLOCK_M == 1:
+                    x_ptrs = x_ptr + pid_m * stride_xm + offs_k
+                    if EVEN_K:
+                        x = tl.load(x_ptrs).to(tl.float32)
+                    else:
+                        x = tl.load(x_ptrs, mask=offs_k < K, other=0.0).to(tl.float32)
+                    acc += tl.sum(w * x[None, :], axis=1)
+                else:
+                    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+                    if EVEN_K:
+                        x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+                    else:
+                        x = tl.load(x_ptrs, mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+                    acc = tl.dot(x, tl.trans(w.to(DTYPE)), acc)
+
+        if PER_CHANNEL:
+            channel_scale = tl.load(scale_ptr + offs_n_safe * stride_sn)
+            if BLOCK_M == 1:
+                acc = acc * channel_scale
+            else:
+                acc = acc * channel_scale[None, :]
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n_safe).to(tl.float32)
+            if BLOCK_M == 1:
+                acc += bias
+            else:
+                acc += bias[None, :]
+        if BLOCK_M == 1:
+            tl.store(out_ptr + pid_m * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+        else:
+            out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+# -- launch parameters ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WeightMeta:
+    """What the kernel needs to know about a folded weight (all static at compile time)."""
+
+    n: int
+    k: int
+    bits: int
+    group: int  # 0: per channel
+    float_codes: bool
+    zero_point: bool
+
+    @classmethod
+    def of(cls, fmt: Format, w_data: torch.Tensor) -> WeightMeta:
+        bits = fmt.bits
+        k = w_data.shape[-1] * (2 if bits == 4 else 1)
+        group = fmt.group_size if fmt.granularity is Granularity.GROUP else 0
+        return cls(
+            n=w_data.shape[0],
+            k=k,
+            bits=bits,
+            group=group,
+            float_codes=fmt.is_float,
+            zero_point=not fmt.symmetric,
+        )
+
+
+def config_is_valid(config: WeightOnlyConfig, meta: WeightMeta) -> bool:
+    """Whether the kernel can run `config` on this weight (tile/group compatibility, K coverage)."""
+    if config.BLOCK_K % 32 or config.BLOCK_K > max(32, triton.next_power_of_2(meta.k) if triton else meta.k):
+        return False
+    if meta.bits == 4:
+        group = meta.group
+        inside_group = config.BLOCK_K <= group and group % config.BLOCK_K == 0
+        spans_groups = config.BLOCK_K % group == 0
+        if not (inside_group or spans_groups):
+            return False
+    return True
+
+
+def kernel_arguments(meta: WeightMeta, config: WeightOnlyConfig, has_bias: bool) -> dict[str, int | bool]:
+    """The constexpr arguments of one launch."""
+    return dict(
+        GROUP=meta.group,
+        BITS=meta.bits,
+        FLOAT_CODES=meta.float_codes,
+        ZERO_POINT=meta.zero_point,
+        HAS_BIAS=has_bias,
+        EVEN_K=meta.k % config.BLOCK_K == 0,
+        BLOCK_M=config.BLOCK_M,
+        BLOCK_N=config.BLOCK_N,
+        BLOCK_K=config.BLOCK_K,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+
+
+def grid(m, n: int, config: WeightOnlyConfig) -> tuple:
+    """Programs for M rows (an int or SymInt): row tiles x column tiles."""
+    tiles_m = (m + config.BLOCK_M - 1) // config.BLOCK_M
+    return tiles_m * triton.cdiv(n, config.BLOCK_N)
+
+
+# -- M buckets and tuning -----------------------------------------------------------------------
+
+# Rows (first, last) each bucket serves (last None: no limit), and the M its configs are tuned at.
+# Inductor compiles one launch per bucket; a launch whose bucket does not hold this call's M has an
+# empty grid, which Triton skips (and a CUDA graph never records), so M stays dynamic without a
+# recompile or a guard.
+M_BUCKETS: tuple[tuple[int, int | None, int], ...] = ((1, 1, 1), (2, 16, 16), (17, 128, 128), (129, None, 4096))
+
+
+def _candidates(bucket_m: int, meta: WeightMeta) -> list[WeightOnlyConfig]:
+    """Tile configs worth trying for a bucket, pruned by shape: tiles are clamped to the weight
+    (no BLOCK_N or BLOCK_K far beyond N or K), invalid ones dropped, duplicates removed."""
+    C = WeightOnlyConfig
+    wide_k = (512, 256) if meta.bits == 4 else (256, 128)
+    if bucket_m == 1:
+        configs = [C(1, bn, bk, w, s) for bn in (8, 16, 32) for bk in wide_k for w, s in ((4, 3), (4, 4))]
+    elif bucket_m <= 16:
+        configs = [C(16, bn, bk, 4, s) for bn in (32, 64, 128) for bk in (64, 128, 256) for s in (3, 4)]
+    elif bucket_m <= 128:
+        tiles = ((32, 64), (64, 64), (64, 128), (128, 64))
+        configs = [C(bm, bn, 64, w, s) for bm, bn in tiles for w, s in ((4, 3), (4, 4), (8, 3))]
+        configs += [C(bm, bn, 128, w, 3) for bm, bn in ((64, 128), (128, 128)) for w in (4, 8)]
+    else:
+        configs = [C(128, bn, bk, 8, s) for bn in (128, 256) for bk in (64, 128) for s in (3, 4)]
+        configs += [C(64, 256, 64, 8, 3), C(128, 128, 32, 4, 4)]
+    max_n = max(8 if bucket_m == 1 else 16, triton.next_power_of_2(meta.n))  # tl.dot needs N >= 16
+    max_k = max(32, triton.next_power_of_2(meta.k))
+    clamped = [dataclasses.replace(c, BLOCK_N=min(c.BLOCK_N, max_n), BLOCK_K=min(c.BLOCK_K, max_k)) for c in configs]
+    return [c for c in dict.fromkeys(clamped) if config_is_valid(c, meta)]
+
+
+def default_config(bucket_m: int, meta: WeightMeta) -> WeightOnlyConfig:
+    """A config that runs everywhere (the interpreter, or with tuning off): the first valid candidate."""
+    return _candidates(bucket_m, meta)[0]
+
+
+_runner_cache: dict[tuple[int, int], object] = {}
+
+
+def _runner(num_warps: int, num_stages: int):
+    """The kernel with its warps and stages fixed, as a one-config autotuner: the form both Triton's
+    launcher and Inductor's user-kernel codegen take these settings from."""
+    key = (num_warps, num_stages)
+    if key not in _runner_cache:
+        config = triton.Config({}, num_warps=num_warps, num_stages=num_stages)
+        _runner_cache[key] = triton.autotune(configs=[config], key=[])(weight_only_kernel)
+    return _runner_cache[key]
+
+
+def launch(
+    x2d: torch.Tensor,
+    w_data: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero_point: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    meta: WeightMeta,
+    config: WeightOnlyConfig,
+    active=1,
+    wrap=None,
+) -> None:
+    """One kernel launch over all rows of `x2d` into `out` (M, N). `active` (0 or 1, possibly a
+    SymInt) multiplies the grid: 0 launches nothing. `wrap` is `torch.library.wrap_triton` when traced."""
+    m = x2d.shape[0]
+    kernel = _runner(config.num_warps, config.num_stages)
+    if wrap is not None:
+        kernel = wrap(kernel)
+    programs = grid(m, meta.n, config)
+    constexprs = kernel_arguments(meta, config, bias is not None)
+    constexprs.pop("num_warps")
+    constexprs.pop("num_stages")
+    kernel[(programs * active,)](
+        x2d,
+        w_data.view(torch.uint8) if meta.float_codes else w_data,
+        w_scale,
+        w_zero_point if meta.zero_point else w_scale,
+        bias if bias is not None else w_scale,
+        out,
+        m,
+        meta.n,
+        meta.k,
+        x2d.stride(0),
+        w_data.stride(0),
+        w_scale.stride(0),
+        out.stride(0),
+        **constexprs,
+    )
+
+
+def _random_weight(meta: WeightMeta, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random data, scale and zero point of a weight like `meta`, for timing candidate configs."""
+    groups = meta.k // meta.group if meta.group else 1
+    if meta.bits == 4:
+        data = torch.randint(0, 256, (meta.n, meta.k // 2), dtype=torch.uint8, device=device)
+    elif meta.float_codes:
+        data = torch.randn(meta.n, meta.k, device=device).to(torch.float8_e4m3fn)
+    else:
+        data = torch.randint(-127, 128, (meta.n, meta.k), dtype=torch.int8, device=device)
+    scale = torch.rand(meta.n, groups, device=device) / 64
+    zero = torch.randint(0, 16, (meta.n, groups), device=device).float()
+    return data, scale, zero
+
+
+def plan(meta: WeightMeta, dtype: torch.dtype, has_bias: bool, device: torch.device) -> list[int]:
+    """Per M bucket, the tile config to launch, flattened for the op's `int[]` argument:
+    (first row, last row or -1, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per bucket."""
+    from lowbit_compile.kernels import tuning
+
+    flat: list[int] = []
+    for first, last, bucket_m in M_BUCKETS:
+        if tuning.tuning_enabled() and device.type == "cuda":
+            key = "|".join(
+                (
+                    "weight_only",
+                    torch.cuda.get_device_name(device),
+                    triton.__version__,
+                    tuning.source_digest(__file__),
+                    f"n{meta.n}k{meta.k}b{meta.bits}g{meta.group}f{int(meta.float_codes)}z{int(meta.zero_point)}",
+                    str(dtype),
+                    f"bias{int(has_bias)}",
+                    f"m{bucket_m}",
+                )
+            )
+            config = tuning.pick(
+                key,
+                _candidates(bucket_m, meta),
+                lambda config, m=bucket_m: _timed_launch(meta, dtype, has_bias, device, m, config),
+                encode=WeightOnlyConfig.as_tuple,
+                decode=WeightOnlyConfig.from_tuple,
+            )
+        else:
+            config = default_config(bucket_m, meta)
+        flat += [first, -1 if last is None else last, *config.as_tuple()]
+    return flat
+
+
+def _timed_launch(meta, dtype, has_bias, device, m, config) -> callable:
+    data, scale, zero = _random_weight(meta, device)
+    x = torch.randn(m, meta.k, dtype=dtype, device=device)
+    bias = torch.randn(meta.n, dtype=dtype, device=device) if has_bias else None
+    out = torch.empty(m, meta.n, dtype=dtype, device=device)
+    launch(x, data, scale, zero, bias, out, meta, config)  # compile (and fail early) outside the timing
+    return lambda: launch(x, data, scale, zero, bias, out, meta, config)
+
+
+_PLAN_FIELDS = 7
+
+
+def unflatten_plan(flat: list[int]) -> list[tuple[int, int | None, WeightOnlyConfig]]:
+    buckets = []
+    for i in range(0, len(flat), _PLAN_FIELDS):
+        first, last, *config = flat[i : i + _PLAN_FIELDS]
+        buckets.append((first, None if last < 0 else last, WeightOnlyConfig.from_tuple(config)))
+    return buckets
+
+
+def _bucket_indicator(m, first: int, last: int | None):
+    """1 if first <= m <= last else 0, as SymInt arithmetic (no guard on a dynamic m)."""
+    above = torch.sym_max(0, torch.sym_min(1, m - first + 1))
+    if last is None:
+        return above
+    return above * torch.sym_max(0, torch.sym_min(1, last - m + 1))
+
+
+def _statically_zero(value) -> bool:
+    if isinstance(value, int):
+        return value == 0
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return statically_known_true(value == 0)
+
+
+def run(
+    x: torch.Tensor,
+    w_data: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero_point: torch.Tensor,
+    bias: torch.Tensor | None,
+    w_fmt: str,
+    out_dtype: torch.dtype,
+    flat_plan: list[int],
+    wrap=None,
+) -> torch.Tensor:
+    """The op body: one launch per M bucket (empty outside its bucket), output in x's leading shape."""
+    from lowbit_compile.formats import get_format
+
+    meta = WeightMeta.of(get_format(w_fmt), w_data)
+    x2d = x.contiguous().reshape(-1, meta.k)
+    m = x2d.shape[0]
+    out = torch.empty((m, meta.n), dtype=out_dtype, device=x.device)
+    for first, last, config in unflatten_plan(flat_plan):
+        active = _bucket_indicator(m, first, last)
+        if _statically_zero(active):
+            continue
+        launch(x2d, w_data, w_scale, w_zero_point, bias, out, meta, config, active=active, wrap=wrap)
+    return out.reshape(*x.shape[:-1], meta.n)

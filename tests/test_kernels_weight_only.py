@@ -1,0 +1,132 @@
+"""Weight-only Triton kernels against the reference op, in Triton's interpreter (CPU, CI).
+
+The interpreter runs the same kernel code as the GPU at tiny sizes. Its bf16 `tl.dot` is wrong
+(Triton 3.9 interpreter: a plain bf16 16x16 dot is off by 1e10), so the tensor-core paths run with
+fp16 activations here and with both dtypes in the GPU suite (tests/test_gpu_kernels.py); the GEMV
+path runs with both dtypes here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from lowbit_compile import reference
+from lowbit_compile.formats import get_format
+from lowbit_compile.report import sqnr
+
+triton = pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 before triton is imported"
+)
+
+from lowbit_compile import ops  # noqa: E402
+from lowbit_compile.kernels import weight_only  # noqa: E402
+
+C = weight_only.WeightOnlyConfig
+FORMATS = ("int4_g32", "int4_g64_asym", "int4_g128", "int4_g128_asym", "int8_row", "fp8_e4m3_row")
+
+
+def _weight(fmt_name: str, n: int, k: int):
+    q = reference.quantize(torch.randn(n, k), fmt_name)
+    zero = q.zero_point if q.zero_point is not None else torch.empty(0)
+    return q.data, q.scale, zero
+
+
+def _reference(x, data, scale, zero, bias, fmt_name):
+    empty = torch.empty(0)
+    return ops._weight_only_mm_reference(x, data, scale, zero, empty, bias, fmt_name, torch.float32)
+
+
+def _launch_poisoned(x, data, scale, zero, bias, fmt_name, config):
+    meta = weight_only.WeightMeta.of(get_format(fmt_name), data)
+    out = torch.full((x.shape[0], meta.n), float("nan"), dtype=x.dtype)
+    weight_only.launch(x, data, scale, zero, bias, out, meta, config)
+    return out
+
+
+# Odd sizes: N not a multiple of any BLOCK_N, K a multiple of the group but not of every BLOCK_K.
+@pytest.mark.parametrize("fmt_name", FORMATS)
+@pytest.mark.parametrize(
+    "m, dtype, config",
+    [
+        (1, torch.bfloat16, C(1, 16, 256, 4, 3)),  # GEMV, tiles span groups
+        (1, torch.float16, C(1, 8, 128, 4, 3)),
+        (3, torch.float16, C(16, 32, 128, 4, 3)),  # tensor-core tile, inside a g128 group
+        (17, torch.float16, C(16, 32, 64, 4, 3)),  # two row tiles, inside g64/g128 groups
+        (37, torch.float16, C(32, 16, 256, 4, 3)),  # tiles span groups: dequantize in registers
+    ],
+)
+def test_kernel_matches_reference(fmt_name, m, dtype, config):
+    torch.manual_seed(m)
+    n, k = 40, 384
+    data, scale, zero = _weight(fmt_name, n, k)
+    meta = weight_only.WeightMeta.of(get_format(fmt_name), data)
+    if not weight_only.config_is_valid(config, meta):
+        pytest.skip(f"{config} does not fit {fmt_name}")
+    x = torch.randn(m, k).to(dtype)
+    bias = torch.randn(n).to(dtype)
+    out = _launch_poisoned(x, data, scale, zero, bias, fmt_name, config)
+    expected = _reference(x, data, scale, zero, bias, fmt_name)
+    assert not out.isnan().any()
+    # fp32 accumulation, one rounding to the 16-bit output: ~50 dB for bf16, ~70 dB for fp16.
+    assert sqnr(expected, out.float()) > (45 if dtype is torch.bfloat16 else 60)
+
+
+def test_every_default_config_is_valid_and_runs():
+    torch.manual_seed(0)
+    for fmt_name in FORMATS:
+        data, scale, zero = _weight(fmt_name, 24, 256)
+        meta = weight_only.WeightMeta.of(get_format(fmt_name), data)
+        for _, _, bucket_m in weight_only.M_BUCKETS:
+            config = weight_only.default_config(bucket_m, meta)
+            m = min(bucket_m, 20)
+            x = torch.randn(m, 256).half()
+            out = _launch_poisoned(x, data, scale, zero, None, fmt_name, config)
+            assert sqnr(_reference(x, data, scale, zero, None, fmt_name), out.float()) > 60, (fmt_name, config)
+
+
+def test_zero_rows_stay_zero_and_nan_stays_in_its_row():
+    torch.manual_seed(1)
+    data, scale, zero = _weight("int4_g128_asym", 24, 256)
+    for m, config in ((1, C(1, 8, 256, 4, 3)), (4, C(16, 16, 128, 4, 3))):
+        x = torch.randn(m, 256).half()
+        x[0] = 0
+        if m > 1:
+            x[1, 5] = float("nan")
+        out = _launch_poisoned(x, data, scale, zero, None, "int4_g128_asym", config)
+        assert torch.equal(out[0], torch.zeros_like(out[0]))
+        if m > 1:
+            assert out[1].isnan().all() and not out[2:].isnan().any()
+
+
+@pytest.mark.parametrize("m", [1, 2, 16, 17, 129])
+def test_op_body_launches_the_bucket_of_each_m(m):
+    """`run` (the triton_op's body) launches only the bucket that holds M, into the right shape."""
+    torch.manual_seed(m)
+    fmt_name = "int4_g64"
+    data, scale, zero = _weight(fmt_name, 24, 128)
+    meta = weight_only.WeightMeta.of(get_format(fmt_name), data)
+    plan = weight_only.plan(meta, torch.float16, False, torch.device("cpu"))
+    x = torch.randn(1, m, 128).half()
+    out = weight_only.run(x, data, scale, zero, None, fmt_name, torch.float16, plan)
+    assert out.shape == (1, m, 24)
+    assert sqnr(_reference(x, data, scale, zero, None, fmt_name), out.float()) > 60
+
+
+def test_bucket_indicator_covers_every_m_once():
+    for m in range(0, 300):
+        hits = [weight_only._bucket_indicator(m, first, last) for first, last, _ in weight_only.M_BUCKETS]
+        assert sum(hits) == (1 if m >= 1 else 0), m
+
+
+def test_report_names_what_runs():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert ops.kernel_name("weight_only_mm", torch.bfloat16, cuda, "int4_g128_asym") == "weight_only_mm [triton:w4a16]"
+    assert ops.kernel_name("weight_only_mm", torch.float16, cuda, "int8_row") == "weight_only_mm [triton:w8a16]"
+    assert ops.kernel_name("weight_only_mm", torch.bfloat16, cpu, "int8_row") == "weight_only_mm [reference]"
+    assert ops.kernel_name("weight_only_mm", torch.float32, cuda, "int8_row") == "weight_only_mm [reference]"
+    assert ops.kernel_name("weight_only_mm", torch.bfloat16, cuda, "mxfp4") == "weight_only_mm [reference]"
+    assert ops.kernel_name("scaled_mm", torch.bfloat16, cuda, "int8_row") == "scaled_mm [reference]"
