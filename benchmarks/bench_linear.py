@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torch._dynamo.utils import counters
 
 SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))  # (N, K) of Llama-3-8B projections
 ROWS = (1, 16, 128, 2048, 8192)
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
+    tuning: dict[str, dict] = {}
     torch.manual_seed(0)
     for n, k in SHAPES:
         layer = nn.Linear(k, n, bias=False).to("cuda", torch.bfloat16).eval()
@@ -66,6 +68,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             # One variant at a time on a fresh Dynamo: several compiles of the same forward would
             # otherwise hit Dynamo's recompile limit and silently run eager.
             torch._dynamo.reset()
+            counters["lowbit"].clear()
             if name == "bf16-eager":
                 fn = layer
             elif name == "bf16-inductor":
@@ -88,10 +91,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         row[f"{name}_ms"] = float("nan")
                         row[f"{name}_error"] = f"{type(failure).__name__}: {failure}"[:300]
                 row[f"{name}_wall_s"] = time.perf_counter() - start
+            if name in recipes:  # kernel tile tuning at compile time (kernels/tuning.py), all M of this shape
+                tuning[f"{n}x{k} {name}"] = {
+                    "seconds": counters["lowbit"]["tuning_seconds_x1000"] / 1000,
+                    "tuned": counters["lowbit"]["tuning_runs"],
+                    "cache_hits": counters["lowbit"]["tuning_cache_hits"],
+                }
         for m in rows:
             results.append(shape_rows[m])
             print(json.dumps(shape_rows[m]), flush=True)
-    (out_dir / "bench_linear.json").write_text(json.dumps(results, indent=2))
+    (out_dir / "bench_linear.json").write_text(json.dumps({"rows": results, "tuning": tuning}, indent=2))
     names = ["bf16-inductor", *recipes]
     header = "| N x K | M | " + " | ".join(names) + " |"
     lines = [
@@ -132,6 +141,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     except ImportError:
         pass
     print(table)
+    for variant, cost in tuning.items():
+        print(f"tuning {variant}: {cost['seconds']:.1f} s, {cost['tuned']} tuned, {cost['cache_hits']} from cache")
     return results
 
 

@@ -83,9 +83,8 @@ if triton is not None:
     @triton.jit
     def _unpack_magic(byte, DTYPE: tl.constexpr):
         """uint8 codes (one nibble or 8-bit) -> MAGIC + code, exactly, in DTYPE (bf16: 128, fp16: 1024)."""
-        if DTYPE == tl.float16:
-            return (byte.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
-        return (byte.to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True)
+        MAGIC_BITS: tl.constexpr = 0x6400 if DTYPE == tl.float16 else 0x4300
+        return (byte.to(tl.int16) | MAGIC_BITS).to(DTYPE, bitcast=True)
 
     @triton.jit
     def _codes_f32(byte):
@@ -121,7 +120,7 @@ if triton is not None:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr = 8,
+        GROUP_M: tl.constexpr,  # row tiles that share a sweep over N (L2 reuse of weight tiles)
     ):
         DTYPE: tl.constexpr = x_ptr.dtype.element_ty
         MAGIC: tl.constexpr = 1024.0 if DTYPE == tl.float16 else 128.0
@@ -321,6 +320,7 @@ def kernel_arguments(meta: WeightMeta, config: WeightOnlyConfig, has_bias: bool)
         BLOCK_M=config.BLOCK_M,
         BLOCK_N=config.BLOCK_N,
         BLOCK_K=config.BLOCK_K,
+        GROUP_M=8,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
@@ -346,17 +346,24 @@ def _candidates(bucket_m: int, meta: WeightMeta) -> list[WeightOnlyConfig]:
     (no BLOCK_N or BLOCK_K far beyond N or K), invalid ones dropped, duplicates removed."""
     C = WeightOnlyConfig
     wide_k = (512, 256) if meta.bits == 4 else (256, 128)
+    # The first config of each bucket is the default (tuning off, or the interpreter): a modest
+    # tile that fits any GPU's shared memory. Configs that do not fit are skipped when tuning.
     if bucket_m == 1:
-        configs = [C(1, bn, bk, w, s) for bn in (8, 16, 32) for bk in wide_k for w, s in ((4, 3), (4, 4))]
+        configs = [C(1, 8, wide_k[1], 4, 3)]
+        configs += [C(1, bn, bk, 4, 4) for bn in (8, 16, 32) for bk in wide_k]
+        configs += [C(1, 8, wide_k[0], 2, 4), C(1, 16, wide_k[1], 4, 6)]
     elif bucket_m <= 16:
-        configs = [C(16, bn, bk, 4, s) for bn in (32, 64, 128) for bk in (64, 128, 256) for s in (3, 4)]
+        configs = [C(16, 32, 128, 4, 3)]
+        configs += [C(16, bn, bk, 4, 4) for bn in (32, 64) for bk in (128, 256)]
+        configs += [C(16, 128, 128, 4, 3), C(16, 32, 64, 4, 6)]
     elif bucket_m <= 128:
-        tiles = ((32, 64), (64, 64), (64, 128), (128, 64))
-        configs = [C(bm, bn, 64, w, s) for bm, bn in tiles for w, s in ((4, 3), (4, 4), (8, 3))]
-        configs += [C(bm, bn, 128, w, 3) for bm, bn in ((64, 128), (128, 128)) for w in (4, 8)]
+        configs = [C(64, 64, 64, 4, 3)]
+        configs += [C(bm, bn, 64, 4, 4) for bm, bn in ((32, 64), (64, 64), (64, 128), (128, 64))]
+        configs += [C(64, 128, 128, 8, 3), C(128, 128, 64, 8, 3), C(32, 128, 128, 4, 3)]
     else:
-        configs = [C(128, bn, bk, 8, s) for bn in (128, 256) for bk in (64, 128) for s in (3, 4)]
-        configs += [C(64, 256, 64, 8, 3), C(128, 128, 32, 4, 4)]
+        configs = [C(128, 128, 64, 8, 3)]
+        configs += [C(128, bn, bk, 8, s) for bn, bk, s in ((128, 64, 4), (128, 128, 3), (256, 64, 3))]
+        configs += [C(64, 256, 64, 8, 3), C(128, 128, 32, 4, 4), C(64, 128, 64, 4, 4)]
     max_n = max(8 if bucket_m == 1 else 16, triton.next_power_of_2(meta.n))  # tl.dot needs N >= 16
     max_k = max(32, triton.next_power_of_2(meta.k))
     clamped = [dataclasses.replace(c, BLOCK_N=min(c.BLOCK_N, max_n), BLOCK_K=min(c.BLOCK_K, max_k)) for c in configs]
