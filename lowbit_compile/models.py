@@ -131,3 +131,108 @@ class TinyLlama(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin)
         return self.lm_head(self.norm(x))
+
+
+class CachedAttention(nn.Module):
+    """Grouped-query attention over a static KV cache held as two buffers (batch, kv_heads, max_len,
+    head_dim), written in place with `index_copy_` at the given positions. The query heads that share
+    a KV head are folded into the query length, so SDPA reads the cache as it is (no repeated K/V)."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        d, hd = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(d, config.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, config.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, config.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(config.num_heads * hd, d, bias=False)
+        self.register_buffer("k_cache", torch.zeros(0), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(0), persistent=False)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        batch, length, _ = x.shape
+        c = self.config
+        group = c.num_heads // c.num_kv_heads
+        q = self.q_proj(x).view(batch, length, c.num_heads, c.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        # The whole buffer, never a slice of it: Inductor writes an index_copy_ into a full input
+        # buffer in place, but copies a sliced one whole on every call.
+        self.k_cache.index_copy_(2, positions, k)
+        self.v_cache.index_copy_(2, positions, v)
+        # Query head h reads KV head h // group: (B, H, L, D) -> (B, KV, group * L, D).
+        q = q.reshape(batch, c.num_kv_heads, group * length, c.head_dim)
+        out = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask)
+        out = out.view(batch, c.num_heads, length, c.head_dim).transpose(1, 2).reshape(batch, length, -1)
+        return self.o_proj(out)
+
+
+class CachedDecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.input_norm = RMSNorm(config.hidden_size)
+        self.attn = CachedAttention(config)
+        self.post_attn_norm = RMSNorm(config.hidden_size)
+        self.mlp = MLP(config)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        x = x + self.attn(self.input_norm(x), cos, sin, positions, mask)
+        return x + self.mlp(self.post_attn_norm(x))
+
+
+class StaticCacheLlama(nn.Module):
+    """`TinyLlama` for generation with a static KV cache, as served with CUDA graphs.
+
+    tokens (B, L) int64 and positions (L,) int64 (where the tokens go in the cache, the same for every
+    row) -> logits of the last position (B, 1, vocab). Positions are a tensor, so every decode step
+    reuses one compiled graph. Each layer's K/V cache is a pair of module buffers of shape
+    (batch, kv_heads, max_len, head_dim), allocated by `allocate_cache` (on the weights' device and
+    dtype) and updated in place with `index_copy_`; a position attends to every cached position up to
+    its own. Build with `device="meta"` and call `init_weights` after `to_empty` for large configs.
+    """
+
+    def __init__(self, config: LlamaConfig | None = None) -> None:
+        super().__init__()
+        self.config = config = config or LlamaConfig()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(CachedDecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        if self.lm_head.weight.device.type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, 0.02, generator=generator)
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+
+    def allocate_cache(self, batch: int, max_len: int) -> None:
+        """(Re)allocate every layer's K/V cache, zeroed, for `batch` rows and `max_len` positions."""
+        c, weight = self.config, self.lm_head.weight
+        for layer in self.layers:
+            for name in ("k_cache", "v_cache"):
+                setattr(layer.attn, name, None)  # free the old cache before allocating the new one
+                shape = (batch, c.num_kv_heads, max_len, c.head_dim)
+                setattr(layer.attn, name, torch.zeros(shape, dtype=weight.dtype, device=weight.device))
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        x = self.embed_tokens(tokens)
+        cos, sin = rotary_tables(c, positions, x.dtype)
+        max_len = self.layers[0].attn.k_cache.shape[2]
+        visible = positions[:, None] >= torch.arange(max_len, device=positions.device)[None, :]  # (L, max_len)
+        mask = visible.repeat(c.num_heads // c.num_kv_heads, 1)  # rows in the folded (group * L) order
+        for layer in self.layers:
+            x = layer(x, cos, sin, positions, mask)
+        return self.lm_head(self.norm(x[:, -1:]))

@@ -73,6 +73,35 @@ def lower_with_inductor(
     # them fresh symbolic sizes that no Dynamo source can guard.
     fake_mode = detect_fake_mode()
     folded_examples = [fake_mode.from_tensor(t, static_shapes=True) if fake_mode else t for t in folded.tensors]
+    # Static inputs for CUDA graphs (issue 5). Inductor's CUDA graphs neither copy a static input
+    # on each replay nor refuse to capture a graph that mutates it (a KV-cache buffer written with
+    # index_copy_: else "skipping cudagraphs due to mutated inputs"). The static inputs are
+    # aot_autograd's `fw_metadata.static_input_indices`, which it fills only for a GraphModule it
+    # recognises as Dynamo's (`_try_get_metadata_from_dynamo`, torch 2.11-2.13 alike): one with
+    # meta["dynamo_compile_id"], `_param_name_to_source`, and a `_dynamo_source` on every
+    # placeholder; a placeholder is static when its meta["tensor_dict"]["_dynamo_static_input_type"]
+    # is set, as Dynamo sets it for module parameters and buffers and mark_static_address'd tensors.
+    # Our copy is a plain GraphModule, so nothing was static. Give it Dynamo's metadata: Dynamo's
+    # own sources and tensor_dicts for its inputs (node meta is copied with the graph), and
+    # "static, no source" for the folded weights (fixed addresses, one set per parameter set).
+    # Skipped (nothing static, as before) for a graph that does not come from Dynamo or has
+    # attributes whose Dynamo sources we no longer have.
+    placeholders = state.placeholders()
+    dynamo_inputs = placeholders[: len(state.example_inputs)]
+    compile_id = torch._guards.CompileContext.current_compile_id()
+    if (
+        compile_id is not None
+        and all("grapharg" in node.meta for node in dynamo_inputs)
+        and next(state.gm.parameters(), None) is None
+        and next(state.gm.buffers(), None) is None
+    ):
+        state.gm.meta["dynamo_compile_id"] = compile_id
+        state.gm._param_name_to_source = {}
+        for node in dynamo_inputs:
+            node._dynamo_source = node.meta["grapharg"].source
+        for node in placeholders[len(state.example_inputs) :]:
+            node._dynamo_source = None
+            node.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
     # Inference only: the quantized ops have no autograd formula, so trace and run without grad.
     with torch.no_grad():
         compiled = compile_fx(
