@@ -126,7 +126,9 @@ if triton is not None:
         MAGIC: tl.constexpr = 1024.0 if DTYPE == tl.float16 else 128.0
         PER_CHANNEL: tl.constexpr = GROUP == 0
         # The tile lies inside one group: apply the scale after the dot (see the module docstring).
-        SCALE_AFTER: tl.constexpr = PER_CHANNEL or BLOCK_K <= GROUP
+        # Only for small row tiles: with many rows the per-tile correction of the whole accumulator
+        # costs as much as the MMA and stalls its pipeline, so large tiles dequantize first.
+        SCALE_AFTER: tl.constexpr = PER_CHANNEL or (BLOCK_K <= GROUP and BLOCK_M <= 16)
         HALF_K: tl.constexpr = BLOCK_K // 2
 
         pid = tl.program_id(0)
@@ -352,6 +354,7 @@ def _candidates(bucket_m: int, meta: WeightMeta) -> list[WeightOnlyConfig]:
         configs = [C(1, 8, wide_k[1], 4, 3)]
         configs += [C(1, bn, bk, 4, 4) for bn in (8, 16, 32) for bk in wide_k]
         configs += [C(1, 8, wide_k[0], 2, 4), C(1, 16, wide_k[1], 4, 6)]
+        configs += [C(1, 4, wide_k[0], 2, 4), C(1, 4, 2 * wide_k[0], 4, 3), C(1, 8, 2 * wide_k[0], 4, 3)]
     elif bucket_m <= 16:
         configs = [C(16, 32, 128, 4, 3)]
         configs += [C(16, bn, bk, 4, 4) for bn in (32, 64) for bk in (128, 256)]
