@@ -211,7 +211,18 @@ if triton is not None:
                         else:
                             offset = x_sum[:, None] * (8.0 + MAGIC)
                         acc += (part - offset) * s[None, :]
-                    else:
+                    elif BLOCK_K <= GROUP:  # inside one group, many rows: dequantize with one scale per row
+                        group = k0 // GROUP
+                        s = tl.load(scale_ptr + offs_n_safe * stride_sn + group)[:, None]
+                        if ZERO_POINT:
+                            z = tl.load(zero_ptr + offs_n_safe * stride_sn + group)[:, None]
+                        else:
+                            z = 8.0
+                        w_even = ((_codes_f32(low) - z) * s).to(DTYPE)
+                        w_odd = ((_codes_f32(high) - z) * s).to(DTYPE)
+                        acc = tl.dot(x_even, tl.trans(w_even), acc)
+                        acc = tl.dot(x_odd, tl.trans(w_odd), acc)
+                    else:  # the tile spans groups: a scale per element (gathered; slower)
                         offs_g = (k0 + 2 * tl.arange(0, HALF_K)) // GROUP
                         g_mask = (offs_g < K // GROUP)[None, :]  # the K tail has no scales
                         s = tl.load(scale_ptr + offs_n_safe[:, None] * stride_sn + offs_g[None, :], mask=g_mask, other=0.0)
