@@ -29,6 +29,10 @@ OPTION_DOCS = {
     "compute_sqnr": "measure each site's SQNR on the compile-time inputs (default True)",
     "inductor": "False to stop after the fused stage and run it without Inductor (debugging); default True",
     "inductor_config": "dict of torch._inductor.config patches for this compile",
+    "release_weights": (
+        "True frees the original weights of the quantized (folded) sites once quantized, so the model holds only "
+        "their packed copies; using them afterwards (the eager module, another format) raises an error; default False"
+    ),
 }
 VALID_OPTIONS = tuple(OPTION_DOCS)
 _graph_counter = itertools.count()
@@ -41,6 +45,7 @@ class BackendOptions:
     compute_sqnr: bool = True
     inductor: bool = True
     inductor_config: dict[str, Any] = field(default_factory=dict)
+    release_weights: bool = False
 
     @classmethod
     def parse(cls, options: dict[str, Any] | None) -> BackendOptions:
@@ -58,6 +63,7 @@ class BackendOptions:
             compute_sqnr=bool(options.get("compute_sqnr", True)),
             inductor=bool(options.get("inductor", True)),
             inductor_config=dict(inductor_config),
+            release_weights=bool(options.get("release_weights", False)),
         )
 
 
@@ -85,15 +91,22 @@ def compile_graph(
     on_stages: Callable[[dict[str, str]], None] | None = None,
 ) -> Callable[..., Any]:
     """Run the pipeline on one Dynamo graph and return what Dynamo should call instead."""
+    from passes.fold import released_inputs
     from passes.lower import lower_with_inductor
     from passes.pipeline import run_pipeline
 
     policy = options.policy
+    # Released weights (release_weights=True in an earlier compile) cannot run the SQNR measurement;
+    # folding uses their kept quantized copies, or says which one is missing.
+    released = released_inputs(example_inputs)
+    if released and options.compute_sqnr:
+        log.info("site SQNR not measured: %d weights were released (%s)", len(released), ", ".join(released[:3]))
+    compute_sqnr = options.compute_sqnr and not released
     graph_id = _graph_id()
     recorder = StageRecorder(options.dump_dir, graph_id)
 
     def observe(stage: str, state: Any) -> None:
-        if stage == "annotated" and options.compute_sqnr and _mutation_free(state.gm.graph):
+        if stage == "annotated" and compute_sqnr and _mutation_free(state.gm.graph):
             measure_site_sqnr(state.gm, state.example_inputs, state.sites, state.parameters, state.quantized_weight)
         sites = state.sites if stage != "captured" else None
         recorder.record(stage, render_stage(stage, graph_text(state.gm), policy, graph_id, sites))
@@ -128,6 +141,8 @@ def compile_graph(
             with torch.no_grad():
                 return fused(*args, *folded.for_call(args))
 
+    if options.release_weights:
+        state.folded.release_weights(state)
     if on_stages is not None:
         on_stages(recorder.texts)
     return compiled
