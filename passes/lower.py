@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,10 @@ from torch._guards import detect_fake_mode
 from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
+from lowbit_compile.ops import use_device_kernels
 from passes.state import PipelineState
+
+log = logging.getLogger("lowbit_compile." + __name__)  # under TORCH_LOGS="+lowbit_compile"
 
 _PROJECT_DIRS = (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "lowbit_compile")
 
@@ -69,6 +73,12 @@ def lower_with_inductor(
         return compiled
 
     folded = state.folded
+    # Fused ops that a device kernel runs become that kernel's triton_op, so Inductor compiles the
+    # kernel's Triton source into the output code (the op layer decides which; see ops.py).
+    kernel_counts = use_device_kernels(state.gm.graph)
+    if kernel_counts:
+        state.gm.recompile()
+        log.info("device kernels: %s", kernel_counts)
     # The folded weights have fixed shapes: hand Inductor static fake versions, else it would give
     # them fresh symbolic sizes that no Dynamo source can guard.
     fake_mode = detect_fake_mode()
