@@ -150,6 +150,11 @@ if triton is not None:
 
         if BLOCK_M == 1:
             acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            # GEMV partial products stay elementwise across the K loop and are reduced once at the
+            # end (no cross-thread reduction per tile); `offset` collects the zero-point terms.
+            ACC_K: tl.constexpr = HALF_K if BITS == 4 else BLOCK_K
+            acc_tile = tl.zeros((BLOCK_N, ACC_K), dtype=tl.float32)
+            offset = tl.zeros((BLOCK_N,), dtype=tl.float32)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
@@ -171,16 +176,18 @@ if triton is not None:
                     else:
                         x = tl.load(x_ptrs, mask=offs_k < K, other=0.0).to(tl.float32)
                     x_even, x_odd = tl.split(tl.reshape(x, (HALF_K, 2)))
-                    prod = _codes_f32(low) * x_even[None, :] + _codes_f32(high) * x_odd[None, :]
-                    if SCALE_AFTER:
+                    if SCALE_AFTER:  # one scale per row in this tile: fold it into x
                         group = k0 // GROUP
                         s = tl.load(scale_ptr + offs_n_safe * stride_sn + group)
                         if ZERO_POINT:
                             z = tl.load(zero_ptr + offs_n_safe * stride_sn + group)
                         else:
                             z = 8.0
-                        acc += (tl.sum(prod, axis=1) - z * tl.sum(x, axis=0)) * s
+                        acc_tile += _codes_f32(low) * (s[:, None] * x_even[None, :])
+                        acc_tile += _codes_f32(high) * (s[:, None] * x_odd[None, :])
+                        offset += z * s * tl.sum(x, axis=0)
                     else:
+                        prod = _codes_f32(low) * x_even[None, :] + _codes_f32(high) * x_odd[None, :]
                         GROUPS: tl.constexpr = BLOCK_K // GROUP
                         per_group = tl.sum(tl.reshape(prod, (BLOCK_N, GROUPS, GROUP // 2)), axis=2)
                         x_sum = tl.sum(tl.reshape(x, (GROUPS, GROUP)), axis=1)
@@ -251,7 +258,7 @@ if triton is not None:
                         x = tl.load(x_ptrs).to(tl.float32)
                     else:
                         x = tl.load(x_ptrs, mask=offs_k < K, other=0.0).to(tl.float32)
-                    acc += tl.sum(w * x[None, :], axis=1)
+                    acc_tile += w * x[None, :]
                 else:
                     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
                     if EVEN_K:
@@ -260,6 +267,8 @@ if triton is not None:
                         x = tl.load(x_ptrs, mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
                     acc = tl.dot(x, tl.trans(w.to(DTYPE)), acc)
 
+        if BLOCK_M == 1:
+            acc += tl.sum(acc_tile, axis=1) - offset
         if PER_CHANNEL:
             channel_scale = tl.load(scale_ptr + offs_n_safe * stride_sn)
             if BLOCK_M == 1:
@@ -366,6 +375,8 @@ def _candidates(bucket_m: int, meta: WeightMeta) -> list[WeightOnlyConfig]:
         configs += [C(1, bn, bk, 4, 4) for bn in (8, 16, 32) for bk in wide_k]
         configs += [C(1, 8, wide_k[0], 2, 4), C(1, 16, wide_k[1], 4, 6)]
         configs += [C(1, 4, wide_k[0], 2, 4), C(1, 4, 2 * wide_k[0], 4, 3), C(1, 8, 2 * wide_k[0], 4, 3)]
+        if meta.bits == 4:  # tiles inside one group: the scale folds into x, no per-group reshapes
+            configs += [C(1, bn, meta.group, 4, st) for bn, st in ((16, 4), (32, 4), (64, 3), (16, 6))]
     elif bucket_m <= 16:
         configs = [C(16, 32, 128, 4, 3)]
         configs += [C(16, bn, bk, 4, 4) for bn in (32, 64) for bk in (128, 256)]
