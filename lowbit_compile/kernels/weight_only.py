@@ -97,6 +97,25 @@ if triton is not None:
         return (q.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
 
     @triton.jit
+    def _load_x_row(x_row_ptr, offs_k, K, EVEN_K: tl.constexpr):
+        """One activation row's K tile as fp32 (GEMV)."""
+        if EVEN_K:
+            x = tl.load(x_row_ptr + offs_k)
+        else:
+            x = tl.load(x_row_ptr + offs_k, mask=offs_k < K, other=0.0)
+        return x.to(tl.float32)
+
+    @triton.jit
+    def _load_x_tile(x_ptr, offs_m, offs_k, stride_xm, M, K, EVEN_K: tl.constexpr):
+        """A [BLOCK_M, BLOCK_K] activation tile in its own dtype; rows past M read as zeros."""
+        ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+        if EVEN_K:
+            x = tl.load(ptrs, mask=(offs_m < M)[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0)
+        return x
+
+    @triton.jit
     def weight_only_kernel(
         x_ptr,
         w_ptr,
@@ -170,11 +189,7 @@ if triton is not None:
                 high = packed >> 4  # elements k0 + 2i + 1
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 if BLOCK_M == 1:
-                    x_ptrs = x_ptr + pid_m * stride_xm + offs_k
-                    if EVEN_K:
-                        x = tl.load(x_ptrs).to(tl.float32)
-                    else:
-                        x = tl.load(x_ptrs, mask=offs_k < K, other=0.0).to(tl.float32)
+                    x = _load_x_row(x_ptr + pid_m * stride_xm, offs_k, K, EVEN_K)
                     x_even, x_odd = tl.split(tl.reshape(x, (HALF_K, 2)))
                     if SCALE_AFTER:  # one scale per row in this tile: fold it into x
                         group = k0 // GROUP
@@ -200,11 +215,7 @@ if triton is not None:
                             z = 8.0
                         acc += tl.sum((per_group - z * x_sum[None, :]) * s, axis=1)
                 else:
-                    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
-                    if EVEN_K:
-                        x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
-                    else:
-                        x = tl.load(x_ptrs, mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+                    x = _load_x_tile(x_ptr, offs_m, offs_k, stride_xm, M, K, EVEN_K)
                     x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, HALF_K, 2)))
                     if SCALE_AFTER:
                         part = tl.dot(x_even, tl.trans(_unpack_magic(low, DTYPE)))
@@ -253,18 +264,10 @@ if triton is not None:
                 else:
                     w = _int8_f32(q)
                 if BLOCK_M == 1:
-                    x_ptrs = x_ptr + pid_m * stride_xm + offs_k
-                    if EVEN_K:
-                        x = tl.load(x_ptrs).to(tl.float32)
-                    else:
-                        x = tl.load(x_ptrs, mask=offs_k < K, other=0.0).to(tl.float32)
+                    x = _load_x_row(x_ptr + pid_m * stride_xm, offs_k, K, EVEN_K)
                     acc_tile += w * x[None, :]
                 else:
-                    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
-                    if EVEN_K:
-                        x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
-                    else:
-                        x = tl.load(x_ptrs, mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+                    x = _load_x_tile(x_ptr, offs_m, offs_k, stride_xm, M, K, EVEN_K)
                     acc = tl.dot(x, tl.trans(w.to(DTYPE)), acc)
 
         if BLOCK_M == 1:
