@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+import torch.fx
 
 from lowbit_compile import reference
 from lowbit_compile.formats import get_format
@@ -130,3 +131,58 @@ def test_report_names_what_runs():
     assert ops.kernel_name("weight_only_mm", torch.float32, cuda, "int8_row") == "weight_only_mm [reference]"
     assert ops.kernel_name("weight_only_mm", torch.bfloat16, cuda, "mxfp4") == "weight_only_mm [reference]"
     assert ops.kernel_name("scaled_mm", torch.bfloat16, cuda, "int8_row") == "scaled_mm [reference]"
+
+
+def _fused_graph(device: str, dtype: torch.dtype, fmt_name: str) -> torch.fx.Graph:
+    """A one-node graph calling lowbit.weight_only_mm, with fake tensors on `device` as meta["val"]."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    k = 256
+    fmt = get_format(fmt_name)
+    with FakeTensorMode():
+        x = torch.empty(3, 7, k, dtype=dtype, device=device)
+        data = torch.empty(64, k // 2 if fmt.bits == 4 else k, dtype=fmt.storage_dtype, device=device)
+        groups = k // fmt.group_size if fmt.group_size else 1
+        scale = torch.empty(64, groups, dtype=fmt.scale_dtype, device=device)
+        zero = torch.empty(64, groups, device=device)
+        absent = torch.empty(0, device=device)
+        out = torch.empty(3, 7, 64, dtype=dtype, device=device)
+    graph = torch.fx.Graph()
+    nodes = []
+    for name, value in zip(("x", "w_data", "w_scale", "w_zero_point", "w_global_scale"), (x, data, scale, zero, absent)):
+        node = graph.placeholder(name)
+        node.meta["val"] = value
+        nodes.append(node)
+    call = graph.call_function(torch.ops.lowbit.weight_only_mm.default, (*nodes, None, fmt_name, dtype))
+    call.meta["val"] = out  # as the fused stage leaves it
+    graph.output(call)
+    return graph
+
+
+def _targets(graph: torch.fx.Graph) -> list:
+    return [node.target for node in graph.nodes if node.op == "call_function"]
+
+
+@pytest.mark.parametrize("fmt_name, kernel", [("int4_g128_asym", "triton:w4a16"), ("int8_row", "triton:w8a16")])
+def test_lowering_swaps_the_op_for_the_triton_op_on_cuda(fmt_name, kernel):
+    """The lowering hook (fake CUDA tensors: no GPU needed) replaces the opaque op by the triton_op,
+    carrying one tile config per M bucket."""
+    graph = _fused_graph("cuda", torch.bfloat16, fmt_name)
+    assert ops.use_device_kernels(graph) == {kernel: 1}
+    (node,) = [n for n in graph.nodes if n.op == "call_function"]
+    assert node.target is torch.ops.lowbit.weight_only_mm_triton.default
+    plan = node.args[-1]
+    assert len(plan) == 7 * len(weight_only.M_BUCKETS)
+    assert [bucket[:2] for bucket in weight_only.unflatten_plan(plan)] == [b[:2] for b in weight_only.M_BUCKETS]
+    assert node.meta["val"].shape == (3, 7, 64)
+    graph.lint()
+
+
+@pytest.mark.parametrize(
+    "device, dtype, fmt_name",
+    [("cpu", torch.bfloat16, "int4_g128_asym"), ("cuda", torch.float32, "int8_row"), ("cuda", torch.bfloat16, "mxfp4")],
+)
+def test_lowering_leaves_calls_without_a_kernel_to_the_reference(device, dtype, fmt_name):
+    graph = _fused_graph(device, dtype, fmt_name)
+    assert ops.use_device_kernels(graph) == {}
+    assert _targets(graph) == [torch.ops.lowbit.weight_only_mm.default]
