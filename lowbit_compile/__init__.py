@@ -4,7 +4,7 @@ torch.compile(model, backend="lowbit", options={"policy": "w8a8"})
 """
 
 from lowbit_compile import ops  # noqa: F401  (registers torch.ops.lowbit)
-from lowbit_compile.backend import VALID_OPTIONS, lowbit_backend
+from lowbit_compile.backend import VALID_OPTIONS, OptionError, check_options, lowbit_backend
 from lowbit_compile.explain import explain
 from lowbit_compile.formats import FORMATS, Format, get_format, register_format
 from lowbit_compile.policy import RECIPES, OpKind, Policy, QuantSpec, Rule, default_policy, recipe
@@ -23,6 +23,8 @@ __all__ = [
     "default_policy",
     "recipe",
     "VALID_OPTIONS",
+    "OptionError",
+    "check_options",
     "lowbit_backend",
     "explain",
     "Report",

@@ -7,6 +7,7 @@ The entry point in pyproject.toml registers it under `torch_dynamo_backends`, so
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import logging
 from collections.abc import Callable
@@ -49,22 +50,60 @@ class BackendOptions:
 
     @classmethod
     def parse(cls, options: dict[str, Any] | None) -> BackendOptions:
+        if options is not None and not isinstance(options, dict):
+            raise OptionError(f"options must be a dict, got {type(options).__name__}")
         options = dict(options or {})
         unknown = sorted(set(options) - set(VALID_OPTIONS))
         if unknown:
-            valid = "; ".join(f"{k}: {doc}" for k, doc in OPTION_DOCS.items())
-            raise ValueError(f"unknown lowbit option(s) {unknown}; valid options are {valid}")
+            hints = [
+                f"{key!r} -> {close[0]!r}"
+                for key in unknown
+                if (close := difflib.get_close_matches(key, VALID_OPTIONS, n=1))
+            ]
+            hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+            raise OptionError(f"unknown lowbit option(s) {unknown}{hint}")
         inductor_config = options.get("inductor_config") or {}
         if not isinstance(inductor_config, dict):
-            raise ValueError("option inductor_config must be a dict of torch._inductor.config settings")
+            raise OptionError("option inductor_config must be a dict of torch._inductor.config settings")
+        try:
+            policy = as_policy(options.get("policy"))
+        except ValueError as error:
+            raise OptionError(f"option policy: {error}") from None
         return cls(
-            policy=as_policy(options.get("policy")),
+            policy=policy,
             dump_dir=options.get("dump_dir"),
             compute_sqnr=bool(options.get("compute_sqnr", True)),
             inductor=bool(options.get("inductor", True)),
             inductor_config=dict(inductor_config),
             release_weights=bool(options.get("release_weights", False)),
         )
+
+
+class OptionError(ValueError):
+    """A bad `options=` for backend="lowbit".
+
+    torch.compile hands options to a registered backend only when it compiles, at the first call of
+    the compiled model (checked on torch 2.13: `_TorchCompileWrapper` stores them, and nothing in
+    torch.compile or Dynamo's `optimize` calls the backend or a hook of it before), so Dynamo raises
+    this as `torch._dynamo.exc.BackendCompilerFailed` (the ValueError is its `inner_exception`).
+    `lowbit_compile.check_options(options)` raises it directly, at once."""
+
+    def __init__(self, problem: str) -> None:
+        valid = "\n".join(f"  {key}: {doc}" for key, doc in OPTION_DOCS.items())
+        super().__init__(
+            f"invalid options for torch.compile(..., backend='lowbit', options=...): {problem}.\n"
+            f"Valid options:\n{valid}\n"
+            "(torch.compile passes options to a backend only at the first call, so this error arrives there, "
+            "wrapped in torch._dynamo.exc.BackendCompilerFailed; call lowbit_compile.check_options(options) "
+            "before torch.compile to check them at once.)"
+        )
+        self.problem = problem
+
+
+def check_options(options: dict[str, Any] | None) -> BackendOptions:
+    """Validate `options` for backend="lowbit" now (torch.compile itself only passes them on at the
+    first call); raises `OptionError` (a ValueError) naming the problem and the valid options."""
+    return BackendOptions.parse(options)
 
 
 def _graph_id() -> str:

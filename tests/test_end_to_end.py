@@ -90,7 +90,7 @@ def test_auto_recipe_switches_per_call_without_recompiling() -> None:
 
 def test_unknown_option_names_the_valid_ones() -> None:
     model = nn.Linear(128, 64)
-    with pytest.raises(Exception, match=r"unknown lowbit option\(s\) \['polcy'\].*policy.*dump_dir"):
+    with pytest.raises(Exception, match=r"(?s)unknown lowbit option\(s\) \['polcy'\].*policy.*dump_dir"):
         torch.compile(model, backend="lowbit", options={"polcy": "w8a8"})(torch.randn(2, 128))
 
 
