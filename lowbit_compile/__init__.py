@@ -4,7 +4,7 @@ torch.compile(model, backend="lowbit", options={"policy": "w8a8"})
 """
 
 from lowbit_compile import ops  # noqa: F401  (registers torch.ops.lowbit)
-from lowbit_compile.backend import VALID_OPTIONS, OptionError, check_options, lowbit_backend
+from lowbit_compile.backend import VALID_OPTIONS, InferenceOnlyWarning, OptionError, check_options, lowbit_backend
 from lowbit_compile.explain import explain
 from lowbit_compile.formats import FORMATS, Format, get_format, register_format
 from lowbit_compile.policy import RECIPES, OpKind, Policy, QuantSpec, Rule, default_policy, recipe
@@ -24,6 +24,7 @@ __all__ = [
     "recipe",
     "VALID_OPTIONS",
     "OptionError",
+    "InferenceOnlyWarning",
     "check_options",
     "lowbit_backend",
     "explain",

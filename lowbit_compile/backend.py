@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +21,7 @@ import torch.fx
 from lowbit_compile import ops  # noqa: F401  (registers torch.ops.lowbit)
 from lowbit_compile.dump import StageRecorder, graph_text, render_stage
 from lowbit_compile.policy import Policy, as_policy
-from lowbit_compile.report import Report, build_report, measure_site_sqnr
+from lowbit_compile.report import Report, build_report, coverage_problem, measure_site_sqnr
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,9 @@ def compile_graph(
     state = run_pipeline(gm, example_inputs, policy, observe)
     report = build_report(state.sites, policy, graph_id)
     log.info("%s", report.table())
+    problem = coverage_problem(state.sites)
+    if problem is not None:
+        log.warning("lowbit graph %s, policy %s: %s", graph_id, policy.name, problem)
     recorder.record("report", report.table() + "\n", suffix=".txt")
     recorder.record("report_json", report.to_json(), suffix=".json")
     if on_report is not None:
@@ -184,7 +188,61 @@ def compile_graph(
         state.folded.release_weights(state)
     if on_stages is not None:
         on_stages(recorder.texts)
-    return compiled
+    return _inference_only(compiled, example_inputs, graph_id)
+
+
+INFERENCE_ONLY = (
+    "lowbit_compile is inference-only: the quantized graph has no backward (the fused low-bit ops have no "
+    "autograd formula). Wrap the call in torch.no_grad() / torch.inference_mode() for inference, or compile "
+    "without backend='lowbit' for training"
+)
+
+
+class InferenceOnlyWarning(UserWarning):
+    """Compiling with grad enabled and inputs or parameters that require grad."""
+
+
+class _NoBackward(torch.autograd.Function):
+    """Gives the outputs of a graph compiled with grad enabled a grad_fn whose backward raises
+    (instead of outputs that silently do not require grad)."""
+
+    @staticmethod
+    def forward(ctx: Any, anchor: torch.Tensor, *outputs: Any) -> Any:
+        ctx.mark_non_differentiable(*(o for o in outputs if isinstance(o, torch.Tensor) and not o.is_floating_point()))
+        return outputs
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:
+        raise RuntimeError(INFERENCE_ONLY)
+
+
+def _inference_only(compiled: Callable[..., Any], example_inputs: list[Any], graph_id: str) -> Callable[..., Any]:
+    """`compiled` itself when the graph was compiled without grad (Dynamo guards on grad mode and on
+    each input's requires_grad, so such a graph only runs without grad: no per-call cost); otherwise a
+    warning now and a wrapper whose outputs fail `backward()` with the cause."""
+    needs_grad = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.Tensor) and x.requires_grad]
+    if not (torch.is_grad_enabled() and needs_grad):
+        return compiled
+    warnings.warn(
+        f"lowbit graph {graph_id} is compiled with grad enabled and {len(needs_grad)} inputs or parameters that "
+        f"require grad; its outputs cannot be differentiated (backward() raises). {INFERENCE_ONLY}.",
+        InferenceOnlyWarning,
+    )
+    anchor_index = needs_grad[0]
+
+    def run(*args: Any) -> Any:
+        outputs = compiled(*args)
+        if not torch.is_grad_enabled():
+            return outputs
+        single = not isinstance(outputs, (tuple, list))
+        if not any(isinstance(o, torch.Tensor) for o in ((outputs,) if single else outputs)):
+            return outputs
+        wrapped = _NoBackward.apply(args[anchor_index], *((outputs,) if single else outputs))
+        if single:
+            return wrapped[0]
+        return type(outputs)(wrapped) if isinstance(outputs, tuple) else list(wrapped)
+
+    return run
 
 
 def lowbit_backend(

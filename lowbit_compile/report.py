@@ -176,6 +176,32 @@ def build_report(sites: list[Any], policy: Any, graph: str = "") -> Report:
     return report
 
 
+def coverage_problem(sites: list[Any]) -> str | None:
+    """A warning text when the policy asked for a format that some sites could not take, or when the
+    graph has no matmul site at all; None when every candidate site is quantized.
+
+    Candidates are the sites the policy gave a spec: a site that a `Rule(spec=None)` (like the
+    recipes' attention / matmul rules) or a `default=None` leaves unquantized is skipped on purpose."""
+    if not sites:
+        return "no matmul sites found: nothing to quantize in this graph"
+    candidates = [site for site in sites if site.spec is not None]
+    missed = [site for site in candidates if not site.quantized]
+    if not missed:
+        return None
+    reasons: dict[str, int] = {}
+    for site in missed:
+        reasons[site.skip_reason] = reasons.get(site.skip_reason, 0) + 1
+    top = sorted(reasons.items(), key=lambda item: -item[1])[:3]
+    on_purpose = len(sites) - len(candidates)
+    return (
+        f"{len(sites)} matmul sites found, "
+        f"{len(candidates) - len(missed)} of {len(candidates)} candidate sites quantized"
+        + (f" ({on_purpose} left unquantized by the policy)" if on_purpose else "")
+        + "; top skip reasons: "
+        + "; ".join(f"{count}x {reason}" for reason, count in top)
+    )
+
+
 # -- per-site SQNR ---------------------------------------------------------------------------------
 
 
