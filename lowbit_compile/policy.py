@@ -65,22 +65,28 @@ class QuantSpec:
     activation:  format of the activation operand(s) (quantized dynamically, per call); None = weight-only.
     weight_only_below_m: with both formats set, rows M below this run weight-only (A16) and rows at or
                  above it quantize activations too, decided at run time from one stored weight.
+    weight_search: int4 weights (int4_g*, int4_g*_asym) get each group's scale and zero point searched
+                 at compile time for the smallest reconstruction error (`lowbit_compile.weight_search`;
+                 no calibration data, same layout). False rounds to nearest. Other formats ignore it.
     Formats are stored by registry name so the spec stays plain, hashable data.
     """
 
     weight: str | None = None
     activation: str | None = None
     weight_only_below_m: int | None = None
+    weight_search: bool = True
 
     def __init__(
         self,
         weight: Format | str | None = None,
         activation: Format | str | None = None,
         weight_only_below_m: int | None = None,
+        weight_search: bool = True,
     ) -> None:
         object.__setattr__(self, "weight", _format_name(weight))
         object.__setattr__(self, "activation", _format_name(activation))
         object.__setattr__(self, "weight_only_below_m", weight_only_below_m)
+        object.__setattr__(self, "weight_search", weight_search)
         self.__post_init__()
 
     def __post_init__(self) -> None:
@@ -97,6 +103,8 @@ class QuantSpec:
                 )
             if not _is_int(self.weight_only_below_m) or self.weight_only_below_m < 1:
                 raise ValueError(f"weight_only_below_m must be a positive int, got {self.weight_only_below_m!r}")
+        if not isinstance(self.weight_search, bool):
+            raise ValueError(f"weight_search must be a bool, got {self.weight_search!r}")
 
     @property
     def weight_format(self) -> Format | None:
@@ -125,14 +133,21 @@ class QuantSpec:
             parts.append(f"W={self.weight}")
         if self.weight_only_below_m is not None:
             parts.append(f"weight-only below M={self.weight_only_below_m}")
+        if not self.weight_search:
+            parts.append("no weight search")
         return " ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "weight": self.weight,
             "activation": self.activation,
             "weight_only_below_m": self.weight_only_below_m,
         }
+        # Written only when off: the default keeps the JSON and cache key of policies saved before
+        # the field existed (the compiled code does not depend on it; the folded weights do).
+        if not self.weight_search:
+            data["weight_search"] = False
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantSpec:

@@ -12,7 +12,10 @@ Layouts (x has shape (..., R, K); quantization is along the last dim K):
 - scale: same rank as x: TENSOR (1, ..., 1); ROW (..., 1); GROUP (..., K//g);
          BLOCK (..., ceil(R/block_rows), K//g). Stored as `fmt.scale_dtype`: fp32, bf16,
          e8m0 as a uint8 biased exponent (2**(e-127), 255 = NaN), e4m3 as float8_e4m3fn.
-- zero_point: asymmetric int only: float32 of the scale's shape, integer values in [0, 15].
+- zero_point: asymmetric int only: float32 of the scale's shape. `quantize` gives integer values in
+         [0, 15]; weights quantized at compile time with the scale search
+         (`lowbit_compile.weight_search`, QuantSpec.weight_search) may have any finite float value.
+         Every consumer computes (code - zero_point) * scale in fp32 and must not assume integers.
 - global_scale: NVFP4 only: float32 0-dim, multiplies the decoded block scales.
 
 Numerics: all math in float32. x ~= decode(data) * scale (asymmetric: (code - zero_point) * scale).

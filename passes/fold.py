@@ -37,6 +37,7 @@ class FoldedSource:
     transposed: bool
     fmt: str
     path: str = ""  # the parameter's module path, for messages
+    search: bool = True  # QuantSpec.weight_search: int4 scales searched (see passes.state.quantize_weight)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,7 +54,7 @@ class FoldedSource:
 class _Released:
     path: str
     nbytes: int  # the storage size before release (restored for load_state_dict)
-    copies: dict[tuple[bool, str], list[torch.Tensor]] = field(default_factory=dict)  # (transposed, fmt) -> parts
+    copies: dict[tuple[bool, str, bool], list[torch.Tensor]] = field(default_factory=dict)  # (transposed, fmt, search)
 
 
 _RELEASED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> _Released
@@ -83,21 +84,23 @@ def released_inputs(values: Sequence[Any]) -> list[str]:
     return [record.path for record in map(released_record, values) if record is not None]
 
 
-def _kept_copy(parameter: torch.Tensor, transposed: bool, fmt: str) -> list[torch.Tensor] | None:
+def _kept_copy(parameter: torch.Tensor, transposed: bool, fmt: str, search: bool = True) -> list[torch.Tensor] | None:
     """The quantized copy kept for a released parameter (None if it is not released); raises if the
     copy needed was not kept."""
     record = released_record(parameter)
     if record is None:
         return None
-    copy = record.copies.get((transposed, fmt))
+    copy = record.copies.get((transposed, fmt, search))
     if copy is None:
-        kept = ", ".join(f"{f}{' transposed' if t else ''}" for t, f in record.copies) or "none"
+        kept = ", ".join(f"{f}{' transposed' if t else ''}" for t, f, _ in record.copies) or "none"
         layout = " transposed" if transposed else ""
         raise released_error(record.path, f"this compile needs it quantized as {fmt}{layout}, and only {kept} was kept")
     return copy
 
 
-def _release_parameter(parameter: torch.Tensor, path: str, key: tuple[bool, str], parts: list[torch.Tensor]) -> bool:
+def _release_parameter(
+    parameter: torch.Tensor, path: str, key: tuple[bool, str, bool], parts: list[torch.Tensor]
+) -> bool:
     """Free a parameter's storage, keeping `parts` (its quantized copy) for other graphs."""
     storage = parameter.untyped_storage()
     record = _RELEASED.get(parameter)
@@ -315,8 +318,10 @@ class FoldedWeights:
         log.info("parameters differ from the compiled ones: quantizing %d weights for them", len(parameters))
         tensors: list[torch.Tensor] = []
         for source, parameter in zip(self.sources, parameters):
-            kept = _kept_copy(parameter, source.transposed, source.fmt)
-            tensors.extend(kept if kept is not None else quantize_weight(parameter, source.transposed, source.fmt))
+            kept = _kept_copy(parameter, source.transposed, source.fmt, source.search)
+            if kept is None:
+                kept = quantize_weight(parameter, source.transposed, source.fmt, source.search)
+            tensors.extend(kept)
         for tensor in tensors:
             if tensor.is_cuda:
                 torch._dynamo.mark_static_address(tensor)
@@ -349,7 +354,9 @@ class FoldedWeights:
         released = []
         for i, (source, parameter, releasable) in enumerate(zip(self.sources, parameters, self._releasable or ())):
             parts = entry.tensors[i * _PARTS : (i + 1) * _PARTS]
-            if releasable and _release_parameter(parameter, source.path, (source.transposed, source.fmt), parts):
+            if releasable and _release_parameter(
+                parameter, source.path, (source.transposed, source.fmt, source.search), parts
+            ):
                 released.append(parameter)
         if released:
             entry.snapshot(parameters)  # their storage changed: this is how the set looks from now on
@@ -358,7 +365,7 @@ class FoldedWeights:
 
 
 def _compile_time_copy(state: PipelineState, site: Site, parameter: torch.Tensor) -> list[torch.Tensor]:
-    kept = _kept_copy(parameter, site.weight_layout == "kn", site.spec.weight)
+    kept = _kept_copy(parameter, site.weight_layout == "kn", site.spec.weight, site.spec.weight_search)
     return kept if kept is not None else state.quantized_weight(site)
 
 
@@ -370,7 +377,7 @@ def fold_weight_quantization(state: PipelineState) -> None:
     graph = state.gm.graph
     fake_mode = state.fake_mode()
     last_placeholder = state.placeholders()[-1]
-    folded: dict[tuple[str, bool, str], list[torch.fx.Node]] = {}
+    folded: dict[tuple[str, bool, str, bool], list[torch.fx.Node]] = {}
     input_index = {node: i for i, node in enumerate(state.placeholders())}
     sources: list[FoldedSource] = []
     source_parameters: list[torch.Tensor] = []
@@ -383,7 +390,8 @@ def fold_weight_quantization(state: PipelineState) -> None:
         weight = site.inputs["weight"]
         fmt = site.spec.weight
         transposed = site.weight_layout == "kn"
-        key = (weight.name, transposed, fmt)
+        search = site.spec.weight_search
+        key = (weight.name, transposed, fmt, search)
         parameter = state.parameters[weight.name].tensor
         if key not in folded:
             tensors = _compile_time_copy(state, site, parameter)
@@ -398,7 +406,7 @@ def fold_weight_quantization(state: PipelineState) -> None:
                 nodes.append(node)
                 tensors_in_order.append(tensor)
             folded[key] = nodes
-            sources.append(FoldedSource(input_index[weight], transposed, fmt, site.weight_path or weight.name))
+            sources.append(FoldedSource(input_index[weight], transposed, fmt, site.weight_path or weight.name, search))
             source_parameters.append(parameter)
             total_before += parameter.numel() * parameter.element_size()
             total_after += _bytes(tensors)

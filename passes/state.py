@@ -9,8 +9,10 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch.utils.weak import WeakIdKeyDictionary
 
 from lowbit_compile.policy import Kernel, OpKind, Policy, QuantSpec
+from lowbit_compile.weight_search import search_quantize, searchable
 
 _INPLACE_OPERATORS = {
     operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
@@ -59,8 +61,44 @@ def remove_dead_code(graph: torch.fx.Graph) -> None:
     graph.eliminate_dead_code(is_impure_node=lambda node: node.is_impure() or mutates(node))
 
 
-def quantize_weight(parameter: torch.Tensor, transposed: bool, fmt: str) -> list[torch.Tensor]:
-    """(data, scale, zero_point, global_scale) of a weight as (N, K); `transposed` for one stored (K, N)."""
+# Searched weights, per parameter (weakly keyed, dropped with it): (transposed, fmt) -> (storage
+# pointer, version, parts). The scale search costs far more than round-to-nearest, so a recompile
+# (a new shape, `explain` then `torch.compile`, layers sharing code) reuses it while the parameter's
+# values are unchanged. Only searched results are kept (round-to-nearest is cheap to redo).
+_SEARCHED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _searched_weight(parameter: torch.Tensor, transposed: bool, fmt: str) -> list[torch.Tensor]:
+    try:
+        stamp = (parameter.data_ptr(), parameter._version)
+    except RuntimeError:  # an inference tensor has no version counter: nothing to key a cache on
+        stamp = None
+    entries = _SEARCHED.get(parameter) if stamp is not None else None
+    hit = None if entries is None else entries.get((transposed, fmt))
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    with torch.no_grad():
+        source = parameter.detach()
+        source = (source.t() if transposed else source).contiguous()
+        q = search_quantize(source, fmt)
+    absent = torch.empty(0, dtype=torch.float32, device=source.device)  # as lowbit.quantize gives it
+    parts = [q.data, q.scale, absent if q.zero_point is None else q.zero_point, absent.clone()]
+    parts = [t.contiguous() for t in parts]
+    if stamp is not None:
+        if entries is None:
+            entries = _SEARCHED[parameter] = {}
+        entries[(transposed, fmt)] = (stamp, parts)
+    return parts
+
+
+def quantize_weight(parameter: torch.Tensor, transposed: bool, fmt: str, search: bool = True) -> list[torch.Tensor]:
+    """(data, scale, zero_point, global_scale) of a weight as (N, K); `transposed` for one stored (K, N).
+
+    `search` (QuantSpec.weight_search, on by default): int4 weights get each group's scale and zero
+    point searched for the smallest reconstruction error (`lowbit_compile.weight_search`), in the
+    same layout; other formats, and `search=False`, round to nearest (`lowbit.quantize`)."""
+    if search and searchable(fmt):
+        return _searched_weight(parameter, transposed, fmt)
     with torch.no_grad():
         source = parameter.detach()
         source = (source.t() if transposed else source).contiguous()
@@ -121,17 +159,19 @@ class PipelineState:
     parameters: dict[str, Parameter] = field(default_factory=dict)  # placeholder name -> parameter
     sites: list[Site] = field(default_factory=list)
     folded: Any = None  # fold.FoldedWeights: the quantized weights appended to every call
-    _quantized_weights: dict[tuple[str, bool, str], list[torch.Tensor]] = field(default_factory=dict)
+    _quantized_weights: dict[tuple[str, bool, str, bool], list[torch.Tensor]] = field(default_factory=dict)
 
     def quantized_weight(self, site: Site) -> list[torch.Tensor]:
         """The (data, scale, zero_point, global_scale) of a linear site's weight as (N, K), computed
         once per compile however many sites or stages ask (tied weights, the SQNR report, folding)."""
         weight = site.inputs["weight"]
         transposed = site.weight_layout == "kn"
-        key = (weight.name, transposed, site.spec.weight)
+        key = (weight.name, transposed, site.spec.weight, site.spec.weight_search)
         if key not in self._quantized_weights:
             parameter = self.parameters[weight.name].tensor
-            self._quantized_weights[key] = quantize_weight(parameter, transposed, site.spec.weight)
+            self._quantized_weights[key] = quantize_weight(
+                parameter, transposed, site.spec.weight, site.spec.weight_search
+            )
         return self._quantized_weights[key]
 
     def replace_node(self, old: torch.fx.Node, new: torch.fx.Node) -> None:

@@ -2,7 +2,8 @@
 
 Needs the examples extra (`pip install -e '.[examples]'`); skipped without it. The bounds sit a little
 under the values measured on CPU (w8a16: mean cos 0.9996, min 0.9995; w8a8: mean 0.9977, min 0.9967;
-top-1 agreement 8/8 for both; w4a16: mean 0.959, min 0.946, top-1 7/8) and well above what broken
+top-1 agreement 8/8 for both; w4a16 with the int4 scale search: mean 0.965, min 0.957, top-1 6/8, top-3
+overlap 92%; round-to-nearest was mean 0.959, min 0.946, top-1 7/8) and well above what broken
 quantization gives. A pass-through compile (plain Inductor, nothing quantized) differs from fp32 eager
 by ~1e-7 per element and 1 - cos ~ 1e-13, which the "really quantized" checks reject.
 """
@@ -23,7 +24,7 @@ ENCODER_LINEAR_SITES = 6 * 6  # 6 layers x (query, key, value, attention output,
 ENCODER_LINEAR_WEIGHT_BYTES = 6 * (4 * 384 * 384 + 2 * 384 * 1536) * 4  # fp32
 
 # recipe -> (min mean cosine, min min cosine) of the quantized corpus embeddings vs fp32 eager
-COSINE_BOUNDS = {"w8a16": (0.999, 0.998), "w8a8": (0.995, 0.99), "w4a16": (0.94, 0.92)}
+COSINE_BOUNDS = {"w8a16": (0.999, 0.998), "w8a8": (0.995, 0.99), "w4a16": (0.955, 0.945)}
 # recipe -> (min top-1 agreement, min top-3 overlap, min on-topic top hits) over the 8 queries
 RANKING_BOUNDS = {"w8a16": (0.85, 0.8, 0.85), "w8a8": (0.85, 0.8, 0.85), "w4a16": (0.75, 0.7, 0.85)}
 # recipe -> largest quantized/fp32 weight byte ratio: int8 rows ~0.25, int4 g128 with zero points ~0.14

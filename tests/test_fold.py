@@ -44,9 +44,9 @@ class _Counting:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, parameters: list[nn.Parameter]) -> None:
         self.quantized: list[int] = []  # ids: holding the parameters would keep them alive
 
-        def counting(parameter: torch.Tensor, transposed: bool, fmt: str) -> list[torch.Tensor]:
+        def counting(parameter: torch.Tensor, transposed: bool, fmt: str, search: bool = True) -> list[torch.Tensor]:
             self.quantized.append(id(parameter))
-            return quantize_weight(parameter, transposed, fmt)
+            return quantize_weight(parameter, transposed, fmt, search)
 
         monkeypatch.setattr(passes.fold, "quantize_weight", counting)
         sources = [FoldedSource(i + 1, False, FMT, f"w{i}") for i in range(len(parameters))]
