@@ -16,6 +16,7 @@ from lowbit_compile.formats import get_format
 from lowbit_compile.models import LlamaConfig, TinyLlama
 from lowbit_compile.report import sqnr
 from lowbit_compile.testing import run_and_get_graphs
+from passes.state import quantize_weight
 
 pytestmark = [
     pytest.mark.gpu,
@@ -136,7 +137,8 @@ def test_dynamic_m_one_graph_every_bucket():
     torch.manual_seed(3)
     layer = torch.nn.Linear(512, 320).to("cuda", torch.bfloat16).eval()
     compiled = torch.compile(layer, backend="lowbit", dynamic=True, options={"policy": "w4a16"})
-    data, scale, zero, _ = (t for t in torch.ops.lowbit.quantize(layer.weight.detach(), "int4_g128_asym"))
+    # The folded weight as the backend makes it (searched int4 scales, QuantSpec.weight_search).
+    data, scale, zero, _ = quantize_weight(layer.weight, False, "int4_g128_asym")
     with torch.no_grad():
         for m in (2, 7, 16, 17, 100, 128, 129, 700, 5, 2):
             x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
