@@ -104,18 +104,24 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attn_norm(x))
 
 
+def _build_decoder(model: nn.Module, config: LlamaConfig, layer_type: type[nn.Module]) -> None:
+    """Give `model` the Llama trunk: embedding, `num_layers` layers, final norm and lm_head (tied to the
+    embedding when the config says so)."""
+    model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+    model.layers = nn.ModuleList(layer_type(config) for _ in range(config.num_layers))
+    model.norm = RMSNorm(config.hidden_size)
+    model.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+
+
 class TinyLlama(nn.Module):
     """tokens (B, L) int64 -> logits (B, L, vocab)."""
 
     def __init__(self, config: LlamaConfig | None = None) -> None:
         super().__init__()
         self.config = config = config or LlamaConfig()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        _build_decoder(self, config, DecoderLayer)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -200,12 +206,7 @@ class StaticCacheLlama(nn.Module):
     def __init__(self, config: LlamaConfig | None = None) -> None:
         super().__init__()
         self.config = config = config or LlamaConfig()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(CachedDecoderLayer(config) for _ in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        _build_decoder(self, config, CachedDecoderLayer)
         if self.lm_head.weight.device.type != "meta":
             self.init_weights()
 

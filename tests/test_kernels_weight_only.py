@@ -65,8 +65,7 @@ def test_kernel_matches_reference(fmt_name, m, dtype, config):
     n, k = 40, 384
     data, scale, zero = _weight(fmt_name, n, k)
     meta = weight_only.WeightMeta.of(get_format(fmt_name), data)
-    if not weight_only.config_is_valid(config, meta):
-        pytest.skip(f"{config} does not fit {fmt_name}")
+    assert weight_only.config_is_valid(config, meta), f"{config} does not fit {fmt_name}"
     x = torch.randn(m, k).to(dtype)
     bias = torch.randn(n).to(dtype)
     out = _launch_poisoned(x, data, scale, zero, bias, fmt_name, config)

@@ -29,6 +29,8 @@ Two code paths, chosen per M bucket by tile config (`WeightOnlyConfig`):
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -334,7 +336,7 @@ def config_is_valid(config: WeightOnlyConfig, meta: WeightMeta) -> bool:
 
 
 def kernel_arguments(meta: WeightMeta, config: WeightOnlyConfig, has_bias: bool) -> dict[str, int | bool]:
-    """The constexpr arguments of one launch."""
+    """The constexpr arguments of one launch (warps and stages travel with `_runner`)."""
     return dict(
         GROUP=meta.group,
         BITS=meta.bits,
@@ -346,8 +348,6 @@ def kernel_arguments(meta: WeightMeta, config: WeightOnlyConfig, has_bias: bool)
         BLOCK_N=config.BLOCK_N,
         BLOCK_K=config.BLOCK_K,
         GROUP_M=8,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
     )
 
 
@@ -436,8 +436,6 @@ def launch(
         kernel = wrap(kernel)
     programs = grid(m, meta.n, config)
     constexprs = kernel_arguments(meta, config, bias is not None)
-    constexprs.pop("num_warps")
-    constexprs.pop("num_stages")
     kernel[(programs * active,)](
         x2d,
         w_data.view(torch.uint8) if meta.float_codes else w_data,
@@ -472,12 +470,20 @@ def _random_weight(meta: WeightMeta, device: torch.device) -> tuple[torch.Tensor
 
 def plan(meta: WeightMeta, dtype: torch.dtype, has_bias: bool, device: torch.device) -> list[int]:
     """Per M bucket, the tile config to launch, flattened for the op's `int[]` argument:
-    (first row, last row or -1, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per bucket."""
+    (first row, last row or -1, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per bucket.
+    Computed once per weight shape, dtype and device (eager CUDA calls ask on every call)."""
+    from lowbit_compile.kernels import tuning
+
+    return list(_plan(meta, dtype, has_bias, device, tuning.tuning_enabled() and device.type == "cuda"))
+
+
+@functools.cache
+def _plan(meta: WeightMeta, dtype: torch.dtype, has_bias: bool, device: torch.device, tune: bool) -> tuple[int, ...]:
     from lowbit_compile.kernels import tuning
 
     flat: list[int] = []
     for first, last, bucket_m in M_BUCKETS:
-        if tuning.tuning_enabled() and device.type == "cuda":
+        if tune:
             key = "|".join(
                 (
                     "weight_only",
@@ -500,10 +506,10 @@ def plan(meta: WeightMeta, dtype: torch.dtype, has_bias: bool, device: torch.dev
         else:
             config = default_config(bucket_m, meta)
         flat += [first, -1 if last is None else last, *config.as_tuple()]
-    return flat
+    return tuple(flat)
 
 
-def _timed_launch(meta, dtype, has_bias, device, m, config) -> callable:
+def _timed_launch(meta, dtype, has_bias, device, m, config) -> Callable[[], None]:
     data, scale, zero = _random_weight(meta, device)
     x = torch.randn(m, meta.k, dtype=dtype, device=device)
     bias = torch.randn(meta.n, dtype=dtype, device=device) if has_bias else None
