@@ -58,6 +58,14 @@ def _launch_poisoned(x, data, scale, zero, bias, fmt_name, config):
         (3, torch.float16, C(16, 32, 128, 4, 3)),  # tensor-core tile, inside a g128 group
         (17, torch.float16, C(16, 32, 64, 4, 3)),  # two row tiles, inside g64/g128 groups
         (37, torch.float16, C(32, 16, 256, 4, 3)),  # tiles span groups: dequantize in registers
+        (1, torch.bfloat16, C(1, 8, 128, 4, 3, 2)),  # split-K: slices of 2 and 1 tiles, summed
+        (1, torch.float16, C(1, 8, 64, 4, 3, 8)),  # split-K with more slices than tiles (empty slices)
+        (3, torch.float16, C(16, 32, 128, 4, 3, 2)),  # split-K on tensor cores
+        (37, torch.float16, C(32, 16, 64, 4, 3, 4)),
+        (3, torch.float16, C(16, 32, 128, 4, 3, 1, 1)),  # swapped (out^T = W @ x^T), inside a g128 group
+        (17, torch.float16, C(16, 32, 64, 4, 3, 2, 1)),  # swapped, two row tiles, split-K
+        (37, torch.float16, C(32, 16, 256, 4, 3, 1, 1)),  # swapped, tiles span groups
+        (37, torch.float16, C(32, 16, 64, 4, 3, 2, 2)),  # swapped, scale after the dot at 32 rows
     ],
 )
 def test_kernel_matches_reference(fmt_name, m, dtype, config):
@@ -116,6 +124,22 @@ def test_op_body_launches_the_bucket_of_each_m(m):
     assert sqnr(_reference(x, data, scale, zero, None, fmt_name), out.float()) > 60
 
 
+@pytest.mark.parametrize("m", [1, 5, 16, 20])
+def test_op_body_with_split_k_buckets(m):
+    """Split-K buckets keep fp32 partials of at most the bucket's rows and sum them into the output."""
+    torch.manual_seed(m)
+    fmt_name = "int4_g32"
+    data, scale, zero = _weight(fmt_name, 24, 128)
+    configs = (C(1, 8, 32, 4, 3, 4), C(16, 16, 32, 4, 3, 2), C(16, 16, 64, 4, 3, 1))
+    plan = []
+    for (first, last, _), config in zip(((1, 1, 1), (2, 16, 16), (17, None, 32)), configs):
+        plan += [first, -1 if last is None else last, *config.as_tuple()]
+    bias = torch.randn(24).half()
+    x = torch.randn(m, 128).half()
+    out = weight_only.run(x, data, scale, zero, bias, fmt_name, torch.float16, plan)
+    assert sqnr(_reference(x, data, scale, zero, bias, fmt_name), out.float()) > 60
+
+
 def test_bucket_indicator_covers_every_m_once():
     for m in range(0, 300):
         hits = [weight_only._bucket_indicator(m, first, last) for first, last, _ in weight_only.M_BUCKETS]
@@ -171,7 +195,7 @@ def test_lowering_swaps_the_op_for_the_triton_op_on_cuda(fmt_name, kernel):
     (node,) = [n for n in graph.nodes if n.op == "call_function"]
     assert node.target is torch.ops.lowbit.weight_only_mm_triton.default
     plan = node.args[-1]
-    assert len(plan) == 7 * len(weight_only.M_BUCKETS)
+    assert len(plan) == weight_only._PLAN_FIELDS * len(weight_only.M_BUCKETS)
     assert [bucket[:2] for bucket in weight_only.unflatten_plan(plan)] == [b[:2] for b in weight_only.M_BUCKETS]
     assert node.meta["val"].shape == (3, 7, 64)
     graph.lint()

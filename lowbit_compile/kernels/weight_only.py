@@ -71,6 +71,10 @@ class WeightOnlyConfig:
     BLOCK_K: int
     num_warps: int = 4
     num_stages: int = 3
+    SPLIT_K: int = 1  # programs along K per output tile; > 1 writes fp32 partials, summed by a second kernel
+    # tensor-core tiles: 1 computes out^T = W @ x^T (the weight tile is the MMA's A operand); 2 also
+    # applies int4 group scales after the dot at any BLOCK_M (else only up to 16 rows)
+    SWAP_AB: int = 0
 
     def as_tuple(self) -> tuple[int, ...]:
         return dataclasses.astuple(self)
@@ -99,23 +103,77 @@ if triton is not None:
         return (q.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
 
     @triton.jit
-    def _load_x_row(x_row_ptr, offs_k, K, EVEN_K: tl.constexpr):
-        """One activation row's K tile as fp32 (GEMV)."""
-        if EVEN_K:
-            x = tl.load(x_row_ptr + offs_k)
+    def _load_step(
+        w_ptr, x_ptr, scale_ptr, zero_ptr, offs_m, offs_n_safe, pid_m, k0, k_end, M, K,
+        stride_xm, stride_wn, stride_sn,
+        GROUP: tl.constexpr, BITS: tl.constexpr, ZERO_POINT: tl.constexpr, EVEN_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
+    ):  # fmt: skip
+        """Every load of the K step at k0: weight codes [BLOCK_N, BLOCK_K (/2 for int4)], activations
+        ([BLOCK_K] for the GEMV, [BLOCK_K, BLOCK_M] when SWAP_AB, else [BLOCK_M, BLOCK_K]), and for int4 the group scales and zero
+        points ([BLOCK_N] inside one group; [BLOCK_N, groups] for a GEMV tile spanning groups; one
+        per element for a larger tile spanning groups). Every load is masked off when k0 >= k_end
+        (the prefetch past the last step); the mask is a splat, so loads stay vectorized. Without zero points `z` repeats `s` (unused); 8-bit formats
+        return dummies for both (their scale is per channel, applied in the epilogue)."""
+        HALF_K: tl.constexpr = BLOCK_K // 2
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        # (a splat compared, not a scalar: Triton's interpreter rejects scalar masks)
+        live = (tl.full((BLOCK_K,), 0, tl.int32) + k0) < k_end
+        if BITS == 4:
+            live_b = (tl.full((HALF_K,), 0, tl.int32) + k0) < k_end
+            offs_kb = k0 // 2 + tl.arange(0, HALF_K)  # byte columns of this tile
+            w_ptrs = w_ptr + offs_n_safe[:, None] * stride_wn + offs_kb[None, :]
+            if EVEN_K:
+                w = tl.load(w_ptrs, mask=live_b[None, :], other=0)
+            else:
+                w = tl.load(w_ptrs, mask=(live_b & (offs_kb < K // 2))[None, :], other=0)
         else:
-            x = tl.load(x_row_ptr + offs_k, mask=offs_k < K, other=0.0)
-        return x.to(tl.float32)
-
-    @triton.jit
-    def _load_x_tile(x_ptr, offs_m, offs_k, stride_xm, M, K, EVEN_K: tl.constexpr):
-        """A [BLOCK_M, BLOCK_K] activation tile in its own dtype; rows past M read as zeros."""
-        ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
-        if EVEN_K:
-            x = tl.load(ptrs, mask=(offs_m < M)[:, None], other=0.0)
+            w_ptrs = w_ptr + offs_n_safe[:, None] * stride_wn + offs_k[None, :]
+            if EVEN_K:
+                w = tl.load(w_ptrs, mask=live[None, :], other=0)
+            else:
+                w = tl.load(w_ptrs, mask=(live & (offs_k < K))[None, :], other=0)
+        if BLOCK_M == 1:
+            x_ptrs = x_ptr + pid_m * stride_xm + offs_k
+            if EVEN_K:
+                x = tl.load(x_ptrs, mask=live, other=0.0)
+            else:
+                x = tl.load(x_ptrs, mask=live & (offs_k < K), other=0.0)
+        elif SWAP_AB:  # transposed: [BLOCK_K, BLOCK_M]; rows past M read as zeros
+            x_ptrs = x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None]
+            rows = live[:, None] & (offs_m < M)[None, :]
+            if EVEN_K:
+                x = tl.load(x_ptrs, mask=rows, other=0.0)
+            else:
+                x = tl.load(x_ptrs, mask=rows & (offs_k < K)[:, None], other=0.0)
+        else:  # rows past M read as zeros
+            x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+            rows = live[None, :] & (offs_m < M)[:, None]
+            if EVEN_K:
+                x = tl.load(x_ptrs, mask=rows, other=0.0)
+            else:
+                x = tl.load(x_ptrs, mask=rows & (offs_k < K)[None, :], other=0.0)
+        if BITS == 4:
+            if BLOCK_K <= GROUP:
+                s_offs = offs_n_safe * stride_sn + k0 // GROUP
+                s_mask = (tl.full((BLOCK_N,), 0, tl.int32) + k0) < k_end
+            else:
+                if BLOCK_M == 1:
+                    offs_g = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+                else:
+                    offs_g = (k0 + 2 * tl.arange(0, HALF_K)) // GROUP
+                s_offs = offs_n_safe[:, None] * stride_sn + offs_g[None, :]
+                # the K tail has no scales
+                s_mask = ((tl.zeros_like(offs_g) + k0 < k_end) & (offs_g < K // GROUP))[None, :]
+            s = tl.load(scale_ptr + s_offs, mask=s_mask, other=0.0)
+            if ZERO_POINT:
+                z = tl.load(zero_ptr + s_offs, mask=s_mask, other=0.0)
+            else:
+                z = s
         else:
-            x = tl.load(ptrs, mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0)
-        return x
+            s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            z = s
+        return w, x, s, z
 
     @triton.jit
     def weight_only_kernel(
@@ -132,6 +190,8 @@ if triton is not None:
         stride_wn,
         stride_sn,
         stride_om,
+        stride_os,  # split-K: elements between the partial outputs of two K slices
+        K_SLICE,  # split-K: K elements per slice, a multiple of BLOCK_K (K when SPLIT_K == 1)
         GROUP: tl.constexpr,  # elements per scale along K; 0 = one scale per output channel
         BITS: tl.constexpr,  # 4 (packed, two per byte) or 8
         FLOAT_CODES: tl.constexpr,  # 8-bit codes are fp8 e4m3 (else int8)
@@ -142,6 +202,9 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,  # row tiles that share a sweep over N (L2 reuse of weight tiles)
+        SPLIT_K: tl.constexpr,  # > 1: each program covers one K slice and writes fp32 partial sums
+        SWAP_AB: tl.constexpr,  # tensor-core tiles compute out^T = W @ x^T (small M: W fills the MMA's M)
+        SCALE_AFTER_ANY_M: tl.constexpr,  # int4 tiles inside one group scale after the dot at any BLOCK_M
     ):
         DTYPE: tl.constexpr = x_ptr.dtype.element_ty
         MAGIC: tl.constexpr = 1024.0 if DTYPE == tl.float16 else 128.0
@@ -149,10 +212,15 @@ if triton is not None:
         # The tile lies inside one group: apply the scale after the dot (see the module docstring).
         # Only for small row tiles: with many rows the per-tile correction of the whole accumulator
         # costs as much as the MMA and stalls its pipeline, so large tiles dequantize first.
-        SCALE_AFTER: tl.constexpr = PER_CHANNEL or (BLOCK_K <= GROUP and BLOCK_M <= 16)
+        SCALE_AFTER: tl.constexpr = PER_CHANNEL or (BLOCK_K <= GROUP and (BLOCK_M <= 16 or SCALE_AFTER_ANY_M))
         HALF_K: tl.constexpr = BLOCK_K // 2
 
         pid = tl.program_id(0)
+        # Split-K: neighbouring programs take the K slices of one output tile (they share x in L2).
+        pid_k = pid % SPLIT_K
+        pid = pid // SPLIT_K
+        k_begin = pid_k * K_SLICE
+        k_end = tl.minimum(k_begin + K_SLICE, K)
         num_pid_m = tl.cdiv(M, BLOCK_M)
         num_pid_n = tl.cdiv(N, BLOCK_N)
         # Grouped ordering: GROUP_M row tiles walk the N tiles together, so weight tiles stay in L2.
@@ -176,100 +244,84 @@ if triton is not None:
             ACC_K: tl.constexpr = HALF_K if BITS == 4 else BLOCK_K
             acc_tile = tl.zeros((BLOCK_N, ACC_K), dtype=tl.float32)
             offset = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        elif SWAP_AB:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # the transposed output tile
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            # (Issuing step k+1's loads before step k's math was measured: no faster, more registers.)
+            w_tile, x, s, z = _load_step(
+                w_ptr, x_ptr, scale_ptr, zero_ptr, offs_m, offs_n_safe, pid_m, k0, k_end, M, K,
+                stride_xm, stride_wn, stride_sn, GROUP, BITS, ZERO_POINT, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB,
+            )  # fmt: skip
             if BITS == 4:
-                offs_kb = k0 // 2 + tl.arange(0, HALF_K)  # byte columns of this tile
-                w_ptrs = w_ptr + offs_n_safe[:, None] * stride_wn + offs_kb[None, :]
-                if EVEN_K:
-                    packed = tl.load(w_ptrs)
-                else:
-                    packed = tl.load(w_ptrs, mask=(offs_kb < K // 2)[None, :], other=0)
-                low = packed & 0xF  # [BLOCK_N, HALF_K]: elements k0 + 2i
-                high = packed >> 4  # elements k0 + 2i + 1
-                offs_k = k0 + tl.arange(0, BLOCK_K)
+                if not ZERO_POINT:
+                    z = 8.0  # symmetric codes are stored as code + 8
+                low = w_tile & 0xF  # [BLOCK_N, HALF_K]: elements k0 + 2i
+                high = w_tile >> 4  # elements k0 + 2i + 1
                 if BLOCK_M == 1:
-                    x = _load_x_row(x_ptr + pid_m * stride_xm, offs_k, K, EVEN_K)
+                    x = x.to(tl.float32)
                     x_even, x_odd = tl.split(tl.reshape(x, (HALF_K, 2)))
                     if SCALE_AFTER:  # one scale per row in this tile: fold it into x
-                        group = k0 // GROUP
-                        s = tl.load(scale_ptr + offs_n_safe * stride_sn + group)
-                        if ZERO_POINT:
-                            z = tl.load(zero_ptr + offs_n_safe * stride_sn + group)
-                        else:
-                            z = 8.0
                         acc_tile += _codes_f32(low) * (s[:, None] * x_even[None, :])
                         acc_tile += _codes_f32(high) * (s[:, None] * x_odd[None, :])
                         offset += z * s * tl.sum(x, axis=0)
-                    else:
+                    else:  # s, z: [BLOCK_N, groups in the tile]
                         prod = _codes_f32(low) * x_even[None, :] + _codes_f32(high) * x_odd[None, :]
                         GROUPS: tl.constexpr = BLOCK_K // GROUP
                         per_group = tl.sum(tl.reshape(prod, (BLOCK_N, GROUPS, GROUP // 2)), axis=2)
                         x_sum = tl.sum(tl.reshape(x, (GROUPS, GROUP)), axis=1)
-                        offs_g = k0 // GROUP + tl.arange(0, GROUPS)
-                        g_mask = (offs_g < K // GROUP)[None, :]  # the K tail has no scales
-                        s = tl.load(scale_ptr + offs_n_safe[:, None] * stride_sn + offs_g[None, :], mask=g_mask, other=0.0)
-                        if ZERO_POINT:
-                            z = tl.load(zero_ptr + offs_n_safe[:, None] * stride_sn + offs_g[None, :], mask=g_mask, other=0.0)
-                        else:
-                            z = 8.0
                         acc += tl.sum((per_group - z * x_sum[None, :]) * s, axis=1)
+                elif SWAP_AB:  # acc[BLOCK_N, BLOCK_M] += W tile @ x tile^T: the weight tile is the
+                    # MMA's A operand in its natural order (low and high nibbles joined back), no
+                    # transposed weight tile and no split of x
+                    if SCALE_AFTER:
+                        w = tl.reshape(tl.join(_unpack_magic(low, DTYPE), _unpack_magic(high, DTYPE)), (BLOCK_N, BLOCK_K))
+                        part = tl.dot(w, x)
+                        x_sum = tl.sum(x.to(tl.float32), axis=0)
+                        if ZERO_POINT:
+                            acc += (part - (z + MAGIC)[:, None] * x_sum[None, :]) * s[:, None]
+                        else:
+                            acc += (part - (z + MAGIC) * x_sum[None, :]) * s[:, None]
+                    else:
+                        if BLOCK_K <= GROUP:
+                            s = s[:, None]
+                            if ZERO_POINT:
+                                z = z[:, None]
+                        w_even = ((_codes_f32(low) - z) * s).to(DTYPE)
+                        w_odd = ((_codes_f32(high) - z) * s).to(DTYPE)
+                        acc = tl.dot(tl.reshape(tl.join(w_even, w_odd), (BLOCK_N, BLOCK_K)), x, acc)
                 else:
-                    x = _load_x_tile(x_ptr, offs_m, offs_k, stride_xm, M, K, EVEN_K)
                     x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, HALF_K, 2)))
                     if SCALE_AFTER:
                         part = tl.dot(x_even, tl.trans(_unpack_magic(low, DTYPE)))
                         part = tl.dot(x_odd, tl.trans(_unpack_magic(high, DTYPE)), part)
                         x_sum = tl.sum(x.to(tl.float32), axis=1)
-                        group = k0 // GROUP
-                        s = tl.load(scale_ptr + offs_n_safe * stride_sn + group)
                         if ZERO_POINT:
-                            z = tl.load(zero_ptr + offs_n_safe * stride_sn + group)
-                            offset = x_sum[:, None] * (z + MAGIC)[None, :]
+                            acc += (part - x_sum[:, None] * (z + MAGIC)[None, :]) * s[None, :]
                         else:
-                            offset = x_sum[:, None] * (8.0 + MAGIC)
-                        acc += (part - offset) * s[None, :]
-                    elif BLOCK_K <= GROUP:  # inside one group, many rows: dequantize with one scale per row
-                        group = k0 // GROUP
-                        s = tl.load(scale_ptr + offs_n_safe * stride_sn + group)[:, None]
-                        if ZERO_POINT:
-                            z = tl.load(zero_ptr + offs_n_safe * stride_sn + group)[:, None]
-                        else:
-                            z = 8.0
-                        w_even = ((_codes_f32(low) - z) * s).to(DTYPE)
-                        w_odd = ((_codes_f32(high) - z) * s).to(DTYPE)
-                        acc = tl.dot(x_even, tl.trans(w_even), acc)
-                        acc = tl.dot(x_odd, tl.trans(w_odd), acc)
-                    else:  # the tile spans groups: a scale per element (gathered; slower)
-                        offs_g = (k0 + 2 * tl.arange(0, HALF_K)) // GROUP
-                        g_mask = (offs_g < K // GROUP)[None, :]  # the K tail has no scales
-                        s = tl.load(scale_ptr + offs_n_safe[:, None] * stride_sn + offs_g[None, :], mask=g_mask, other=0.0)
-                        if ZERO_POINT:
-                            z = tl.load(zero_ptr + offs_n_safe[:, None] * stride_sn + offs_g[None, :], mask=g_mask, other=0.0)
-                        else:
-                            z = 8.0
+                            acc += (part - x_sum[:, None] * (z + MAGIC)) * s[None, :]
+                    else:
+                        if BLOCK_K <= GROUP:  # inside one group, many rows: one scale per row
+                            s = s[:, None]
+                            if ZERO_POINT:
+                                z = z[:, None]
+                        # else the tile spans groups: s and z hold one value per element (gathered)
                         w_even = ((_codes_f32(low) - z) * s).to(DTYPE)
                         w_odd = ((_codes_f32(high) - z) * s).to(DTYPE)
                         acc = tl.dot(x_even, tl.trans(w_even), acc)
                         acc = tl.dot(x_odd, tl.trans(w_odd), acc)
             else:  # 8-bit codes, one scale per output channel (applied in the epilogue)
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                w_ptrs = w_ptr + offs_n_safe[:, None] * stride_wn + offs_k[None, :]
-                if EVEN_K:
-                    q = tl.load(w_ptrs)
-                else:
-                    q = tl.load(w_ptrs, mask=(offs_k < K)[None, :], other=0)
                 if FLOAT_CODES:  # fp8 e4m3 bytes (passed as uint8)
-                    w = q.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+                    w = w_tile.to(tl.float8e4nv, bitcast=True).to(tl.float32)
                 else:
-                    w = _int8_f32(q)
+                    w = _int8_f32(w_tile)
                 if BLOCK_M == 1:
-                    x = _load_x_row(x_ptr + pid_m * stride_xm, offs_k, K, EVEN_K)
-                    acc_tile += w * x[None, :]
+                    acc_tile += w * x.to(tl.float32)[None, :]
+                elif SWAP_AB:
+                    acc = tl.dot(w.to(DTYPE), x, acc)
                 else:
-                    x = _load_x_tile(x_ptr, offs_m, offs_k, stride_xm, M, K, EVEN_K)
                     acc = tl.dot(x, tl.trans(w.to(DTYPE)), acc)
 
         if BLOCK_M == 1:
@@ -278,19 +330,37 @@ if triton is not None:
             channel_scale = tl.load(scale_ptr + offs_n_safe * stride_sn)
             if BLOCK_M == 1:
                 acc = acc * channel_scale
+            elif SWAP_AB:
+                acc = acc * channel_scale[:, None]
             else:
                 acc = acc * channel_scale[None, :]
-        if HAS_BIAS:
+        if HAS_BIAS and pid_k == 0:  # split-K: the bias joins the first slice's partial only
             bias = tl.load(bias_ptr + offs_n_safe).to(tl.float32)
             if BLOCK_M == 1:
                 acc += bias
+            elif SWAP_AB:
+                acc += bias[:, None]
             else:
                 acc += bias[None, :]
+        out_ptr += pid_k * stride_os
         if BLOCK_M == 1:
             tl.store(out_ptr + pid_m * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+        elif SWAP_AB:
+            out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[None, :] & n_mask[:, None])
         else:
             out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+    @triton.jit
+    def splitk_sum_kernel(partial_ptr, out_ptr, numel, stride_ps, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+        """out = sum of SPLIT_K fp32 partials (contiguous (M, N) each), cast to out's dtype."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        acc = tl.load(partial_ptr + offs, mask=mask, other=0.0)
+        for s in tl.static_range(1, SPLIT_K):
+            acc += tl.load(partial_ptr + s * stride_ps + offs, mask=mask, other=0.0)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # -- launch parameters ----------------------------------------------------------------------------
@@ -348,13 +418,22 @@ def kernel_arguments(meta: WeightMeta, config: WeightOnlyConfig, has_bias: bool)
         BLOCK_N=config.BLOCK_N,
         BLOCK_K=config.BLOCK_K,
         GROUP_M=8,
+        SPLIT_K=config.SPLIT_K,
+        SWAP_AB=bool(config.SWAP_AB) and config.BLOCK_M > 1,
+        SCALE_AFTER_ANY_M=config.SWAP_AB == 2,
     )
 
 
 def grid(m, n: int, config: WeightOnlyConfig) -> tuple:
-    """Programs for M rows (an int or SymInt): row tiles x column tiles."""
+    """Programs for M rows (an int or SymInt): row tiles x column tiles x K slices."""
     tiles_m = (m + config.BLOCK_M - 1) // config.BLOCK_M
-    return tiles_m * triton.cdiv(n, config.BLOCK_N)
+    return tiles_m * triton.cdiv(n, config.BLOCK_N) * config.SPLIT_K
+
+
+def k_slice(meta: WeightMeta, config: WeightOnlyConfig) -> int:
+    """K elements per split-K slice: whole tiles, spread evenly over the slices."""
+    tiles = triton.cdiv(meta.k, config.BLOCK_K)
+    return triton.cdiv(tiles, config.SPLIT_K) * config.BLOCK_K
 
 
 # -- M buckets and tuning -----------------------------------------------------------------------
@@ -373,25 +452,29 @@ def _candidates(bucket_m: int, meta: WeightMeta) -> list[WeightOnlyConfig]:
     wide_k = (512, 256) if meta.bits == 4 else (256, 128)
     # The first config of each bucket is the default (tuning off, or the interpreter): a modest
     # tile that fits any GPU's shared memory. Configs that do not fit are skipped when tuning.
+    # Decode is latency bound: the bytes in flight are about N * BLOCK_K / 2 (int4) per K step,
+    # whatever BLOCK_N is, so small-M configs take wide K tiles or split K over more programs.
+    # Measured on H100 (benchmarks/sweep_weight_only.py, RESULTS.md): decode wants wide K tiles
+    # (the bytes in flight per K step are about N * BLOCK_K / 2 for int4, whatever BLOCK_N is);
+    # tensor-core tiles win with the weight as the MMA's A operand (SWAP_AB) and split K.
     if bucket_m == 1:
         configs = [C(1, 8, wide_k[1], 4, 3)]
-        configs += [C(1, bn, bk, 4, 4) for bn in (8, 16, 32) for bk in wide_k]
-        configs += [C(1, 8, wide_k[0], 2, 4), C(1, 16, wide_k[1], 4, 6)]
-        configs += [C(1, 4, wide_k[0], 2, 4), C(1, 4, 2 * wide_k[0], 4, 3), C(1, 8, 2 * wide_k[0], 4, 3)]
-        if meta.bits == 4:  # tiles inside one group: the scale folds into x, no per-group reshapes
-            configs += [C(1, bn, meta.group, 4, st) for bn, st in ((16, 4), (32, 4), (64, 3), (16, 6))]
+        configs += [C(1, bn, bk, 4, 2) for bn, bk in ((8, 2048), (8, 4096), (4, 4096), (8, 1024), (4, 1024), (8, 512))]
+        configs += [C(1, 8, wide_k[0], 4, 3, s) for s in (2, 4)]
     elif bucket_m <= 16:
         configs = [C(16, 32, 128, 4, 3)]
-        configs += [C(16, bn, bk, 4, 4) for bn in (32, 64) for bk in (128, 256)]
-        configs += [C(16, 128, 128, 4, 3), C(16, 32, 64, 4, 6)]
+        configs += [C(16, 64, 128, 4, 3, s, 1) for s in (1, 2, 4, 8)]
+        configs += [C(16, 128, 128, 4, 3, s, 1) for s in (2, 4, 8)]
+        configs += [C(16, 32, 128, 4, 3, 4), C(16, 64, 128, 4, 4, 1), C(16, 64, 64, 4, 3, 2, 1)]
     elif bucket_m <= 128:
         configs = [C(64, 64, 64, 4, 3)]
-        configs += [C(bm, bn, 64, 4, 4) for bm, bn in ((32, 64), (64, 64), (64, 128), (128, 64))]
-        configs += [C(64, 128, 128, 8, 3), C(128, 128, 64, 8, 3), C(32, 128, 128, 4, 3)]
+        configs += [C(128, 64, 128, 4, 3, s, swap) for s in (1, 2) for swap in (1, 2)]
+        configs += [C(128, 128, 128, 8, 3, 1, 1), C(64, 64, 128, 4, 3, 1, 1), C(128, 64, 64, 4, 4, 4)]
     else:
         configs = [C(128, 128, 64, 8, 3)]
         configs += [C(128, bn, bk, 8, s) for bn, bk, s in ((128, 64, 4), (128, 128, 3), (256, 64, 3))]
         configs += [C(64, 256, 64, 8, 3), C(128, 128, 32, 4, 4), C(64, 128, 64, 4, 4)]
+        configs += [C(128, 64, 128, 4, 3, 1, 1), C(128, 64, 128, 4, 3, 1, 2), C(128, 128, 128, 8, 3, 1, 1)]
     max_n = max(8 if bucket_m == 1 else 16, triton.next_power_of_2(meta.n))  # tl.dot needs N >= 16
     max_k = max(32, triton.next_power_of_2(meta.k))
     clamped = [dataclasses.replace(c, BLOCK_N=min(c.BLOCK_N, max_n), BLOCK_K=min(c.BLOCK_K, max_k)) for c in configs]
@@ -426,32 +509,53 @@ def launch(
     meta: WeightMeta,
     config: WeightOnlyConfig,
     active=1,
+    max_rows: int | None = None,
     wrap=None,
 ) -> None:
-    """One kernel launch over all rows of `x2d` into `out` (M, N). `active` (0 or 1, possibly a
-    SymInt) multiplies the grid: 0 launches nothing. `wrap` is `torch.library.wrap_triton` when traced."""
+    """The launches for all rows of `x2d` into `out` (M, N, contiguous). `active` (0 or 1, possibly a
+    SymInt) multiplies the grids: 0 launches nothing. `max_rows` bounds the rows a split-K config's
+    fp32 partials hold (the bucket's last row). `wrap` is `torch.library.wrap_triton` when traced."""
     m = x2d.shape[0]
     kernel = _runner(config.num_warps, config.num_stages)
+    summing = None
     if wrap is not None:
         kernel = wrap(kernel)
+        summing = wrap(splitk_sum_kernel)
     programs = grid(m, meta.n, config)
     constexprs = kernel_arguments(meta, config, bias is not None)
+    if config.SPLIT_K > 1:
+        rows = m if max_rows is None else torch.sym_min(m, max_rows)
+        target = torch.empty((config.SPLIT_K, rows, meta.n), dtype=torch.float32, device=out.device)
+        split_stride = rows * meta.n
+    else:
+        target, split_stride = out, 0
     kernel[(programs * active,)](
         x2d,
         w_data.view(torch.uint8) if meta.float_codes else w_data,
         w_scale,
         w_zero_point if meta.zero_point else w_scale,
         bias if bias is not None else w_scale,
-        out,
+        target,
         m,
         meta.n,
         meta.k,
         x2d.stride(0),
         w_data.stride(0),
         w_scale.stride(0),
-        out.stride(0),
+        meta.n,
+        split_stride,
+        k_slice(meta, config),
         **constexprs,
     )
+    if config.SPLIT_K > 1:
+        summing = summing or splitk_sum_kernel
+        numel = m * meta.n
+        summing[(((numel + SUM_BLOCK - 1) // SUM_BLOCK) * active,)](
+            target, out, numel, split_stride, SPLIT_K=config.SPLIT_K, BLOCK=SUM_BLOCK
+        )
+
+
+SUM_BLOCK = 1024
 
 
 def _random_weight(meta: WeightMeta, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -470,7 +574,7 @@ def _random_weight(meta: WeightMeta, device: torch.device) -> tuple[torch.Tensor
 
 def plan(meta: WeightMeta, dtype: torch.dtype, has_bias: bool, device: torch.device) -> list[int]:
     """Per M bucket, the tile config to launch, flattened for the op's `int[]` argument:
-    (first row, last row or -1, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per bucket.
+    (first row, last row or -1, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K, SWAP_AB) per bucket.
     Computed once per weight shape, dtype and device (eager CUDA calls ask on every call)."""
     from lowbit_compile.kernels import tuning
 
@@ -510,15 +614,28 @@ def _plan(meta: WeightMeta, dtype: torch.dtype, has_bias: bool, device: torch.de
 
 
 def _timed_launch(meta, dtype, has_bias, device, m, config) -> Callable[[], None]:
-    data, scale, zero = _random_weight(meta, device)
+    """A launch of `config` on random data, cycling through copies of the weight that together
+    exceed L2 (in a model no weight stays in L2 between calls; timing is by graph replay)."""
+    weight_bytes = meta.n * meta.k * meta.bits // 8
+    copies = max(1, min(8, -(-_L2_BYTES // weight_bytes)))
+    weights = [_random_weight(meta, device) for _ in range(copies)]
     x = torch.randn(m, meta.k, dtype=dtype, device=device)
     bias = torch.randn(meta.n, dtype=dtype, device=device) if has_bias else None
     out = torch.empty(m, meta.n, dtype=dtype, device=device)
-    launch(x, data, scale, zero, bias, out, meta, config)  # compile (and fail early) outside the timing
-    return lambda: launch(x, data, scale, zero, bias, out, meta, config)
+    launch(x, *weights[0], bias, out, meta, config)  # compile (and fail early) outside the timing
+    turn = [0]
+
+    def run_once() -> None:
+        turn[0] = (turn[0] + 1) % copies
+        launch(x, *weights[turn[0]], bias, out, meta, config)
+
+    return run_once
 
 
-_PLAN_FIELDS = 7
+_L2_BYTES = 64 * 2**20
+
+
+_PLAN_FIELDS = 9
 
 
 def unflatten_plan(flat: list[int]) -> list[tuple[int, int | None, WeightOnlyConfig]]:
@@ -567,5 +684,5 @@ def run(
         active = _bucket_indicator(m, first, last)
         if _statically_zero(active):
             continue
-        launch(x2d, w_data, w_scale, w_zero_point, bias, out, meta, config, active=active, wrap=wrap)
+        launch(x2d, w_data, w_scale, w_zero_point, bias, out, meta, config, active=active, max_rows=last, wrap=wrap)
     return out.reshape(*x.shape[:-1], meta.n)
