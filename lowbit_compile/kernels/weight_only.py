@@ -20,10 +20,14 @@ scale s and zero point z leave the inner product:
 so the tensor cores see raw codes and the scale costs one FMA per output per tile. Tiles that span
 several groups (and the 8-bit formats at large tiles) dequantize in registers instead.
 
-Two code paths, chosen per M bucket by tile config (`WeightOnlyConfig`):
-- GEMV (BLOCK_M == 1): one row per program, products and sums on the CUDA cores; decode.
+Code paths, chosen per M bucket by tile config (`WeightOnlyConfig`):
+- GEMV (BLOCK_M == 1): one row per program, products and sums on the CUDA cores; decode. Wide K
+  tiles keep enough bytes in flight (about N * BLOCK_K / 2 per step, whatever BLOCK_N is).
 - tensor-core tiles (BLOCK_M >= 16): `tl.dot` on the codes (scale after the dot) or on dequantized
-  tiles (scale before the dot, when BLOCK_K spans several groups).
+  tiles (scale before the dot, when BLOCK_K spans several groups). With SWAP_AB the tile computes
+  out^T = W @ x^T, the weight tile being the MMA's A operand in natural order (faster at M <= 128).
+- SPLIT_K > 1 (any path): programs take K slices and write fp32 partials, which
+  `splitk_sum_kernel` sums into the output.
 """
 
 from __future__ import annotations
