@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from passes.fold import FoldedSource, FoldedWeights
+from lowbit_compile.passes.fold import FoldedSource, FoldedWeights
 
 
 def _old_state(tensor: torch.Tensor) -> tuple[int, int]:

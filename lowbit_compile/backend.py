@@ -30,7 +30,12 @@ OPTION_DOCS = {
     "dump_dir": "directory for stage graphs, the report and Inductor's output code (or env LOWBIT_DUMP_DIR)",
     "compute_sqnr": "measure each site's SQNR on the compile-time inputs (default True)",
     "inductor": "False to stop after the fused stage and run it without Inductor (debugging); default True",
-    "inductor_config": "dict of torch._inductor.config patches for this compile",
+    "inductor_config": "dict of torch._inductor.config patches for this compile (applied over the mode's)",
+    "mode": (
+        "torch.compile's mode, with Inductor's meaning ('reduce-overhead': CUDA graphs, the folded weights static; "
+        "'max-autotune'; 'max-autotune-no-cudagraphs'; 'default'); torch.compile's own mode= works too, but "
+        "torch.compile refuses mode= together with options=, so name it here when you also pass options"
+    ),
     "release_weights": (
         "True frees the original weights of the quantized (folded) sites once quantized, so the model holds only "
         "their packed copies; using them afterwards (the eager module, another format) raises an error; default False"
@@ -48,6 +53,7 @@ class BackendOptions:
     inductor: bool = True
     inductor_config: dict[str, Any] = field(default_factory=dict)
     release_weights: bool = False
+    mode: str | None = None
 
     @classmethod
     def parse(cls, options: dict[str, Any] | None) -> BackendOptions:
@@ -66,6 +72,14 @@ class BackendOptions:
         inductor_config = options.get("inductor_config") or {}
         if not isinstance(inductor_config, dict):
             raise OptionError("option inductor_config must be a dict of torch._inductor.config settings")
+        mode = options.get("mode")
+        if mode is not None:
+            modes = _inductor_modes()
+            if mode not in modes:
+                hint = difflib.get_close_matches(str(mode), modes, n=1)
+                hint = f" (did you mean {hint[0]!r}?)" if hint else ""
+                raise OptionError(f"unknown mode {mode!r}{hint}; torch.compile's modes are {sorted(modes)}")
+            inductor_config = {**modes[mode], **inductor_config}  # explicit settings win over the mode's
         try:
             policy = as_policy(options.get("policy"))
         except ValueError as error:
@@ -77,7 +91,15 @@ class BackendOptions:
             inductor=bool(options.get("inductor", True)),
             inductor_config=dict(inductor_config),
             release_weights=bool(options.get("release_weights", False)),
+            mode=mode,
         )
+
+
+def _inductor_modes() -> dict[str, dict[str, Any]]:
+    """torch.compile's modes and the Inductor settings each stands for (this torch version's list)."""
+    from torch._inductor import list_mode_options
+
+    return list_mode_options()
 
 
 class OptionError(ValueError):
@@ -115,7 +137,7 @@ def _graph_id() -> str:
 def _mutation_free(graph: torch.fx.Graph) -> bool:
     """The SQNR report runs the graph once at compile time; a graph that updates its inputs in place
     (a KV cache, `x += 1`) must not run an extra time, so its sites get no SQNR."""
-    from passes.state import mutates
+    from lowbit_compile.passes.state import mutates
 
     mutating = [node.name for node in graph.nodes if mutates(node)]
     if mutating:
@@ -131,9 +153,9 @@ def compile_graph(
     on_stages: Callable[[dict[str, str]], None] | None = None,
 ) -> Callable[..., Any]:
     """Run the pipeline on one Dynamo graph and return what Dynamo should call instead."""
-    from passes.fold import released_inputs
-    from passes.lower import lower_with_inductor
-    from passes.pipeline import run_pipeline
+    from lowbit_compile.passes.fold import released_inputs
+    from lowbit_compile.passes.lower import lower_with_inductor
+    from lowbit_compile.passes.pipeline import run_pipeline
 
     policy = options.policy
     # Released weights (release_weights=True in an earlier compile) cannot run the SQNR measurement;
@@ -246,7 +268,15 @@ def _inference_only(compiled: Callable[..., Any], example_inputs: list[Any], gra
 
 
 def lowbit_backend(
-    gm: torch.fx.GraphModule, example_inputs: list[Any], options: dict[str, Any] | None = None
+    gm: torch.fx.GraphModule,
+    example_inputs: list[Any],
+    options: dict[str, Any] | None = None,
+    mode: str | None = None,
 ) -> Callable[..., Any]:
-    """The function registered as `backend="lowbit"`."""
+    """The function registered as `backend="lowbit"`. torch.compile passes `mode=` here when it is
+    given (it refuses mode= together with options=; `options={"mode": ...}` covers that case)."""
+    if mode is not None:
+        if isinstance(options, dict) and options.get("mode") not in (None, mode):
+            raise OptionError(f"mode={mode!r} and options['mode']={options['mode']!r} disagree")
+        options = {**(options if isinstance(options, dict) else {}), "mode": mode}
     return compile_graph(gm, example_inputs, BackendOptions.parse(options))

@@ -9,7 +9,7 @@ import torch
 from lowbit_compile.backend import BackendOptions, compile_graph
 from lowbit_compile.policy import Policy
 from lowbit_compile.report import Report
-from passes.pipeline import STAGE_NAMES
+from lowbit_compile.passes.pipeline import STAGE_NAMES
 
 GRAPH_KEYS = (*STAGE_NAMES, "output_code")
 

@@ -25,10 +25,10 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from lowbit_compile.formats import Format
 from lowbit_compile.policy import OpKind
 from lowbit_compile.reference import check_quantizable
-from passes.capture import module_path
-from passes.state import PipelineState, Site, mutates
+from lowbit_compile.passes.capture import module_path
+from lowbit_compile.passes.state import PipelineState, Site, mutates
 
-log = logging.getLogger("lowbit_compile." + __name__)  # under TORCH_LOGS="+lowbit_compile"
+log = logging.getLogger(__name__)  # lowbit_compile.passes.*: under TORCH_LOGS="+lowbit_compile"
 
 LINEAR_FUNCTIONS = {torch._C._nn.linear, F.linear}
 MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.mm, torch.bmm}

@@ -13,7 +13,7 @@ import re
 import torch
 import torch.fx
 
-from passes.state import Parameter, PipelineState, remove_dead_code
+from lowbit_compile.passes.state import Parameter, PipelineState, remove_dead_code
 
 _SOURCE_ROOT = re.compile(r"^[LG]\['[^']*'\]\.?")  # a local (L['self']) or a global (G['model']) root
 _SOURCE_KEY = re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]")

@@ -21,10 +21,10 @@ import torch
 import torch.fx
 from torch.utils.weak import WeakIdKeyDictionary
 
-from passes.qdq import QUANTIZED_PARTS
-from passes.state import PipelineState, Site, quantize_weight, remove_dead_code
+from lowbit_compile.passes.qdq import QUANTIZED_PARTS
+from lowbit_compile.passes.state import PipelineState, Site, quantize_weight, remove_dead_code
 
-log = logging.getLogger("lowbit_compile." + __name__)  # under TORCH_LOGS="+lowbit_compile"
+log = logging.getLogger(__name__)  # lowbit_compile.passes.*: under TORCH_LOGS="+lowbit_compile"
 
 RELEASE_OPTION = "release_weights"
 

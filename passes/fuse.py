@@ -14,10 +14,10 @@ import torch.fx
 
 from lowbit_compile.ops import FUSED_OPS
 from lowbit_compile.policy import Kernel
-from passes.annotate import value_of
-from passes.state import PipelineState, Site, remove_dead_code
+from lowbit_compile.passes.annotate import value_of
+from lowbit_compile.passes.state import PipelineState, Site, remove_dead_code
 
-log = logging.getLogger("lowbit_compile." + __name__)  # under TORCH_LOGS="+lowbit_compile"
+log = logging.getLogger(__name__)  # lowbit_compile.passes.*: under TORCH_LOGS="+lowbit_compile"
 
 
 def _fused_args(site: Site) -> tuple:

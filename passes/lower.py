@@ -22,9 +22,9 @@ from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from lowbit_compile.ops import use_device_kernels
-from passes.state import PipelineState
+from lowbit_compile.passes.state import PipelineState
 
-log = logging.getLogger("lowbit_compile." + __name__)  # under TORCH_LOGS="+lowbit_compile"
+log = logging.getLogger(__name__)  # lowbit_compile.passes.*: under TORCH_LOGS="+lowbit_compile"
 
 _PROJECT_DIRS = (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "lowbit_compile")
 

@@ -13,12 +13,12 @@ import torch
 import torch.fx
 
 from lowbit_compile.policy import Policy
-from passes.annotate import annotate_sites
-from passes.capture import capture_graph
-from passes.fold import fold_weight_quantization
-from passes.fuse import fuse_quantized_ops
-from passes.qdq import insert_qdq
-from passes.state import PipelineState
+from lowbit_compile.passes.annotate import annotate_sites
+from lowbit_compile.passes.capture import capture_graph
+from lowbit_compile.passes.fold import fold_weight_quantization
+from lowbit_compile.passes.fuse import fuse_quantized_ops
+from lowbit_compile.passes.qdq import insert_qdq
+from lowbit_compile.passes.state import PipelineState
 
 Observer = Callable[[str, PipelineState], None]
 

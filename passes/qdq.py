@@ -15,8 +15,8 @@ import torch.fx
 import torch.nn.functional as F
 
 from lowbit_compile.policy import OpKind
-from passes.annotate import value_of
-from passes.state import PipelineState, Site, remove_dead_code
+from lowbit_compile.passes.annotate import value_of
+from lowbit_compile.passes.state import PipelineState, Site, remove_dead_code
 
 QUANTIZE = torch.ops.lowbit.quantize.default
 DEQUANTIZE = torch.ops.lowbit.dequantize.default

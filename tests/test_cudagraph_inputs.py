@@ -19,7 +19,7 @@ from torch._dynamo.utils import counters
 from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 from torch._inductor.cudagraph_utils import check_for_mutation_ignore_cuda_graph_managed_tensor
 
-import passes.lower
+import lowbit_compile.passes.lower
 from lowbit_compile.models import LlamaConfig, StaticCacheLlama
 from lowbit_compile.report import sqnr
 
@@ -73,7 +73,7 @@ class _Spy:
 
 def _run_lowbit(monkeypatch: pytest.MonkeyPatch, model: StaticCacheLlama, steps, policy: str = "w8a16"):
     spy = _Spy()
-    monkeypatch.setattr(passes.lower, "compile_fx_inner", spy)
+    monkeypatch.setattr(lowbit_compile.passes.lower, "compile_fx_inner", spy)
     compiled = torch.compile(model, backend="lowbit", options={"policy": policy})
     with torch._inductor.config.patch(force_disable_caches=True), torch.no_grad():
         outputs = [compiled(tokens, positions) for tokens, positions in steps]

@@ -18,10 +18,10 @@ import torch
 import torch.nn as nn
 from torch._dynamo.utils import counters
 
-import passes.fold
+import lowbit_compile.passes.fold
 from lowbit_compile.report import sqnr
-from passes.fold import FoldedSource, FoldedWeights
-from passes.state import quantize_weight
+from lowbit_compile.passes.fold import FoldedSource, FoldedWeights
+from lowbit_compile.passes.state import quantize_weight
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
@@ -48,7 +48,7 @@ class _Counting:
             self.quantized.append(id(parameter))
             return quantize_weight(parameter, transposed, fmt, search)
 
-        monkeypatch.setattr(passes.fold, "quantize_weight", counting)
+        monkeypatch.setattr(lowbit_compile.passes.fold, "quantize_weight", counting)
         sources = [FoldedSource(i + 1, False, FMT, f"w{i}") for i in range(len(parameters))]
         tensors = [t for p in parameters for t in quantize_weight(p, False, FMT)]
         self.folded = FoldedWeights(sources, parameters, tensors)

@@ -69,6 +69,21 @@ def test_dynamic_lengths_and_cuda_graphs() -> None:
     assert counters["stats"]["unique_graphs"] == 2
 
 
+def test_reduce_overhead_mode_captures_cuda_graphs_with_static_folded_weights() -> None:
+    """Serving users compile decode with `mode="reduce-overhead"` (issue 9 item 1): CUDA graphs are
+    captured (no skips) and replayed, and the folded weights are not copied as inputs."""
+    model, _ = _llama()
+    counters.clear()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="lowbit", options={"policy": "w8a16", "mode": "reduce-overhead"})
+    with torch.no_grad():
+        for _ in range(3):
+            tokens = torch.randint(0, LLAMA.vocab_size, (1, 16), device="cuda")
+            assert 20 < sqnr(model(tokens), compiled(tokens)) < 60
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert counters["inductor"]["cudagraph_recorded_non_static_inputs"] <= 2  # the tokens, not weights
+
+
 class _Block(torch.nn.Module):
     # A module of our own: Dynamo does not trace a bare nn.Linear compiled with Module.compile().
     def __init__(self) -> None:

@@ -16,7 +16,7 @@ from lowbit_compile.formats import get_format
 from lowbit_compile.models import LlamaConfig, TinyLlama
 from lowbit_compile.report import sqnr
 from lowbit_compile.testing import run_and_get_graphs
-from passes.state import quantize_weight
+from lowbit_compile.passes.state import quantize_weight
 
 pytestmark = [
     pytest.mark.gpu,

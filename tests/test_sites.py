@@ -20,9 +20,9 @@ import lowbit_compile
 from lowbit_compile import Policy, QuantSpec, Rule
 from lowbit_compile.policy import as_policy
 from lowbit_compile.report import Report, SiteReport, sqnr
-from passes.annotate import annotate_sites
-from passes.capture import capture_graph
-from passes.state import PipelineState, Site
+from lowbit_compile.passes.annotate import annotate_sites
+from lowbit_compile.passes.capture import capture_graph
+from lowbit_compile.passes.state import PipelineState, Site
 
 M, K, N = 7, 256, 72
 BATCH, HEADS, SEQ, HEAD_DIM = 2, 4, 9, 64

@@ -51,6 +51,64 @@ def test_check_options_accepts_valid_ones() -> None:
     assert check_options(None).policy.name == lowbit_compile.default_policy().name
 
 
+# -- item 1: torch.compile's modes ---------------------------------------------------------------
+
+
+def _patches_seen(monkeypatch) -> list[dict]:
+    """Record the Inductor config patches each lowering receives."""
+    import lowbit_compile.passes.lower as lower
+
+    seen: list[dict] = []
+    original = lower.lower_with_inductor
+
+    def spy(state, *args, config_patches=None, **kwargs):
+        seen.append(dict(config_patches or {}))
+        return original(state, *args, config_patches=config_patches, **kwargs)
+
+    monkeypatch.setattr(lower, "lower_with_inductor", spy)
+    return seen
+
+
+@pytest.mark.parametrize("mode", ["max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune", "default"])
+def test_torch_compile_mode_is_accepted_with_inductors_meaning(mode, monkeypatch) -> None:
+    """`torch.compile(m, backend="lowbit", mode=...)` used to fail with "unexpected keyword argument
+    'mode'"; each mode now means what it means for Inductor (CUDA graphs are a no-op on CPU)."""
+    from torch._inductor import list_mode_options
+
+    seen = _patches_seen(monkeypatch)
+    torch._dynamo.reset()
+    model = _mlp().eval()
+    x = torch.randn(4, 128)
+    compiled = torch.compile(model, backend="lowbit", mode=mode)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=0.05, rtol=0.05)
+    assert seen and all(list_mode_options(mode).items() <= patches.items() for patches in seen)
+    torch._dynamo.reset()
+
+
+def test_mode_inside_options_with_a_policy(monkeypatch) -> None:
+    """torch.compile refuses mode= together with options=: the mode goes inside options; explicit
+    inductor_config settings win over the mode's."""
+    seen = _patches_seen(monkeypatch)
+    torch._dynamo.reset()
+    options = {"policy": "w8a16", "mode": "max-autotune", "inductor_config": {"coordinate_descent_tuning": False}}
+    compiled = torch.compile(_mlp().eval(), backend="lowbit", options=options)
+    with torch.no_grad():
+        compiled(torch.randn(4, 128))
+    assert seen[0]["max_autotune"] is True and seen[0]["triton.cudagraphs"] is True
+    assert seen[0]["coordinate_descent_tuning"] is False
+    with pytest.raises(RuntimeError, match="Either mode or options"):
+        torch.compile(_mlp(), backend="lowbit", mode="max-autotune", options={"policy": "w8a16"})
+    torch._dynamo.reset()
+
+
+def test_unknown_mode_names_the_valid_ones() -> None:
+    with pytest.raises(OptionError, match=r"unknown mode 'max_autotune' \(did you mean 'max-autotune'\?\)"):
+        check_options({"mode": "max_autotune"})
+    with pytest.raises(OptionError, match="disagree"):
+        lowbit_compile.lowbit_backend(None, [], options={"mode": "default"}, mode="max-autotune")
+
+
 # -- item 3: gradients ----------------------------------------------------------------------------
 
 

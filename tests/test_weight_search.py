@@ -12,8 +12,8 @@ from lowbit_compile import reference
 from lowbit_compile.formats import get_format
 from lowbit_compile.policy import Policy, QuantSpec, recipe
 from lowbit_compile.weight_search import search_quantize, searchable
-from passes import state as state_module
-from passes.state import quantize_weight
+from lowbit_compile.passes import state as state_module
+from lowbit_compile.passes.state import quantize_weight
 
 INT4 = ("int4_g32", "int4_g128", "int4_g32_asym", "int4_g64_asym", "int4_g128_asym")
 
