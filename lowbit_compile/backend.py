@@ -28,7 +28,10 @@ log = logging.getLogger(__name__)
 OPTION_DOCS = {
     "policy": "a lowbit_compile.Policy or a recipe name (lowbit_compile.RECIPES); default: the 8-bit default policy",
     "dump_dir": "directory for stage graphs, the report and Inductor's output code (or env LOWBIT_DUMP_DIR)",
-    "compute_sqnr": "measure each site's SQNR on the compile-time inputs (default True)",
+    "compute_sqnr": (
+        "measure each site's SQNR on the compile-time inputs (default True; specs with a min_sqnr floor are "
+        "measured regardless)"
+    ),
     "inductor": "False to stop after the fused stage and run it without Inductor (debugging); default True",
     "inductor_config": "dict of torch._inductor.config patches for this compile (applied over the mode's)",
     "mode": (
@@ -134,15 +137,41 @@ def _graph_id() -> str:
     return str(compile_id).replace("/", "_") if compile_id is not None else str(next(_graph_counter))
 
 
-def _mutation_free(graph: torch.fx.Graph) -> bool:
-    """The SQNR report runs the graph once at compile time; a graph that updates its inputs in place
-    (a KV cache, `x += 1`) must not run an extra time, so its sites get no SQNR."""
+PROTECT_LIMIT_BYTES = 1 << 30
+
+
+def _measurement_inputs(graph: torch.fx.Graph, example_inputs: list[Any]) -> list[Any] | str:
+    """The inputs to run the graph on once at compile time (SQNR and the accuracy gate), or why it
+    cannot run. A graph that updates inputs in place (a KV cache, a counter buffer) runs on copies
+    of every input an in-place op may write: the written tensor's chain of first arguments is
+    followed back to a placeholder (conservative: any op may return a view of its first argument)."""
     from lowbit_compile.passes.state import mutates
 
-    mutating = [node.name for node in graph.nodes if mutates(node)]
-    if mutating:
-        log.info("graph updates inputs in place (%s): site SQNR not measured", ", ".join(mutating[:3]))
-    return not mutating
+    placeholders = {node: i for i, node in enumerate(n for n in graph.nodes if n.op == "placeholder")}
+    protect: set[int] = set()
+    for node in graph.nodes:
+        if not mutates(node):
+            continue
+        written = node.kwargs.get("out", node.args[0] if node.args else None)
+        seen = set()
+        while isinstance(written, torch.fx.Node) and written.op != "placeholder" and written not in seen:
+            seen.add(written)
+            written = written.args[0] if written.args else None
+        if isinstance(written, torch.fx.Node) and written.op == "placeholder":
+            protect.add(placeholders[written])
+    inputs = list(example_inputs)
+    size = sum(inputs[i].nbytes for i in protect if isinstance(inputs[i], torch.Tensor))
+    if size > PROTECT_LIMIT_BYTES:
+        return (
+            f"not measured: the graph updates {size / 2**30:.1f} GiB of inputs in place, more than the "
+            f"{PROTECT_LIMIT_BYTES / 2**30:.0f} GiB it would copy to run once at compile time"
+        )
+    for i in protect:
+        if isinstance(inputs[i], torch.Tensor):
+            inputs[i] = inputs[i].clone()
+    if protect:
+        log.info("graph updates %d inputs in place: site SQNR measured on copies of them", len(protect))
+    return inputs
 
 
 def compile_graph(
@@ -161,15 +190,12 @@ def compile_graph(
     # Released weights (release_weights=True in an earlier compile) cannot run the SQNR measurement;
     # folding uses their kept quantized copies, or says which one is missing.
     released = released_inputs(example_inputs)
-    if released and options.compute_sqnr:
-        log.info("site SQNR not measured: %d weights were released (%s)", len(released), ", ".join(released[:3]))
-    compute_sqnr = options.compute_sqnr and not released
     graph_id = _graph_id()
     recorder = StageRecorder(options.dump_dir, graph_id)
 
     def observe(stage: str, state: Any) -> None:
-        if stage == "annotated" and compute_sqnr and _mutation_free(state.gm.graph):
-            measure_site_sqnr(state.gm, state.example_inputs, state.sites, state.parameters, state.quantized_weight)
+        if stage == "annotated":
+            _measure(state, options.compute_sqnr, released)
         sites = state.sites if stage != "captured" else None
         recorder.record(stage, render_stage(stage, graph_text(state.gm), policy, graph_id, sites))
 
@@ -211,6 +237,33 @@ def compile_graph(
     if on_stages is not None:
         on_stages(recorder.texts)
     return _inference_only(compiled, example_inputs, graph_id)
+
+
+def _measure(state: Any, compute_sqnr: bool, released: list[str]) -> None:
+    """Site SQNR and the accuracy gate, in one run of the annotated graph at compile time. Floors
+    (`QuantSpec.min_sqnr`) make it run even with compute_sqnr=False; a site whose floor cannot be
+    checked stays quantized, and the report and a WARNING say why."""
+    from lowbit_compile.passes.annotate import spec_problem
+
+    quantized = [site for site in state.sites if site.quantized]
+    gated = [site for site in quantized if site.spec.min_sqnr is not None]
+    if not quantized or not (compute_sqnr or gated):
+        return
+    if released:
+        problem: list[Any] | str = f"not measured: {len(released)} weights were released ({', '.join(released[:3])})"
+    else:
+        problem = _measurement_inputs(state.gm.graph, state.example_inputs)
+    if isinstance(problem, str):
+        for site in quantized:
+            site.sqnr_note = problem if site not in gated else f"accuracy gate not checked: {problem}"
+        if gated:
+            log.warning("lowbit accuracy gate not checked on %d sites: %s", len(gated), problem)
+        else:
+            log.info("site SQNR %s", problem)
+        return
+    measure_site_sqnr(
+        state.gm, problem, state.sites, state.parameters, state.quantized_weight, spec_problem=spec_problem
+    )
 
 
 INFERENCE_ONLY = (

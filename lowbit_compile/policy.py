@@ -12,6 +12,7 @@ import enum
 import fnmatch
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,12 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _finite_float(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number of dB, got {value!r}")
+    return float(value)
+
+
 def _checked_keys(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     """`data` if it names only fields of `cls`, else a ValueError listing the valid keys."""
     names = [f.name for f in dataclasses.fields(cls)]
@@ -68,6 +75,10 @@ class QuantSpec:
     weight_search: int4 weights (int4_g*, int4_g*_asym) get each group's scale and zero point searched
                  at compile time for the smallest reconstruction error (`lowbit_compile.weight_search`;
                  no calibration data, same layout). False rounds to nearest. Other formats ignore it.
+    min_sqnr:    accuracy floor in dB: at compile time the site's output SQNR on the example inputs
+                 (the report's SQNR column) is checked, and a site below it takes `fallback` instead.
+    fallback:    the spec a site below `min_sqnr` falls back to (it may have its own floor and
+                 fallback: a chain, safest last); None leaves such a site unquantized.
     Formats are stored by registry name so the spec stays plain, hashable data.
     """
 
@@ -75,6 +86,8 @@ class QuantSpec:
     activation: str | None = None
     weight_only_below_m: int | None = None
     weight_search: bool = True
+    min_sqnr: float | None = None
+    fallback: QuantSpec | None = None
 
     def __init__(
         self,
@@ -82,11 +95,17 @@ class QuantSpec:
         activation: Format | str | None = None,
         weight_only_below_m: int | None = None,
         weight_search: bool = True,
+        min_sqnr: float | None = None,
+        fallback: QuantSpec | dict[str, Any] | None = None,
     ) -> None:
         object.__setattr__(self, "weight", _format_name(weight))
         object.__setattr__(self, "activation", _format_name(activation))
         object.__setattr__(self, "weight_only_below_m", weight_only_below_m)
         object.__setattr__(self, "weight_search", weight_search)
+        object.__setattr__(self, "min_sqnr", None if min_sqnr is None else _finite_float(min_sqnr, "min_sqnr"))
+        if isinstance(fallback, dict):
+            fallback = QuantSpec.from_dict(fallback)
+        object.__setattr__(self, "fallback", fallback)
         self.__post_init__()
 
     def __post_init__(self) -> None:
@@ -105,6 +124,19 @@ class QuantSpec:
                 raise ValueError(f"weight_only_below_m must be a positive int, got {self.weight_only_below_m!r}")
         if not isinstance(self.weight_search, bool):
             raise ValueError(f"weight_search must be a bool, got {self.weight_search!r}")
+        if self.fallback is not None:
+            if not isinstance(self.fallback, QuantSpec):
+                raise ValueError(f"fallback must be a QuantSpec or None, got {type(self.fallback).__name__}")
+            if self.min_sqnr is None:
+                raise ValueError("a fallback is taken only below min_sqnr: set min_sqnr too")
+
+    def chain(self) -> list[QuantSpec]:
+        """This spec and its fallbacks, in the order the accuracy gate tries them."""
+        specs, spec = [], self
+        while spec is not None:
+            specs.append(spec)
+            spec = spec.fallback
+        return specs
 
     @property
     def weight_format(self) -> Format | None:
@@ -135,6 +167,8 @@ class QuantSpec:
             parts.append(f"weight-only below M={self.weight_only_below_m}")
         if not self.weight_search:
             parts.append("no weight search")
+        if self.min_sqnr is not None:
+            parts.append(f"floor {self.min_sqnr:g} dB")
         return " ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
@@ -147,6 +181,9 @@ class QuantSpec:
         # the field existed (the compiled code does not depend on it; the folded weights do).
         if not self.weight_search:
             data["weight_search"] = False
+        if self.min_sqnr is not None:  # likewise written only when set
+            data["min_sqnr"] = self.min_sqnr
+            data["fallback"] = None if self.fallback is None else self.fallback.to_dict()
         return data
 
     @classmethod
@@ -277,8 +314,8 @@ class Policy:
 
     def format_names(self) -> list[str]:
         """Every format the policy names, sorted."""
-        specs = [self.default, *(r.spec for r in self.rules)]
-        return sorted({n for spec in specs if spec is not None for n in (spec.weight, spec.activation) if n})
+        specs = [s for top in (self.default, *(r.spec for r in self.rules)) if top is not None for s in top.chain()]
+        return sorted({n for spec in specs for n in (spec.weight, spec.activation) if n})
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data; formats outside the built-in registry travel along as records, so the policy

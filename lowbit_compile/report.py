@@ -52,6 +52,8 @@ class SiteReport:
     weight_bytes_before: int = 0
     weight_bytes_after: int = 0
     sqnr_db: float | None = None
+    sqnr_note: str | None = None  # why the SQNR is missing, or why the accuracy gate was not checked
+    fell_back_from: list[str] = field(default_factory=list)  # specs the accuracy gate rejected, and why
 
 
 @dataclass
@@ -107,6 +109,8 @@ class Report:
         for s in self.sites:
             shapes = " ".join(f"{k}={v}" for k, v in s.shapes.items() if k != "out")
             decision = s.format if s.format is not None else f"skip: {s.skip_reason}"
+            if s.format is not None and s.fell_back_from:
+                decision += f" (fell back from {'; '.join(s.fell_back_from)})"
             weight = f"{s.weight_bytes_before}->{s.weight_bytes_after}" if s.weight_bytes_before else "-"
             quality = "-" if s.sqnr_db is None else f"{s.sqnr_db:.1f}"
             rows.append(
@@ -128,6 +132,12 @@ class Report:
             "  ".join(h.ljust(w) for h, w in zip(headers, widths)),
         ]
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+        notes: dict[str, list[str]] = {}
+        for s in self.sites:
+            if s.sqnr_note and s.format is not None:
+                notes.setdefault(s.sqnr_note, []).append(str(s.index))
+        for note, indices in notes.items():
+            lines.append(f"SQNR of sites {','.join(indices)}: {note}")
         before, after = self.weight_bytes()
         lines.append(
             f"{len(self.quantized)}/{len(self.sites)} sites quantized; sites by op {self.counts()}; "
@@ -171,6 +181,8 @@ def build_report(sites: list[Any], policy: Any, graph: str = "") -> Report:
                 weight_bytes_before=site.weight_bytes_before,
                 weight_bytes_after=site.weight_bytes_after,
                 sqnr_db=site.sqnr_db,
+                sqnr_note=site.sqnr_note,
+                fell_back_from=list(site.fell_back_from),
             )
         )
     return report
@@ -256,14 +268,20 @@ def measure_site_sqnr(
     sites: list[Any],
     parameters: dict[str, Any],
     quantized_weight: Callable[[Any], list],
+    spec_problem: Callable[[Any, Any], str | None] | None = None,
 ) -> None:
     """Run `gm` (the unquantized, annotated graph) once and set `site.sqnr_db` on quantized sites.
 
     `quantized_weight(site)` gives a linear site's quantized weight parts (the same ones that are
     folded into the graph, so weights are still quantized once per compile).
 
-    A diagnostic only: if the graph cannot be run eagerly here, SQNR stays unknown and compiling
-    goes on."""
+    The accuracy gate runs in the same pass: a site whose spec has a `min_sqnr` floor and measures
+    below it takes the first fallback that `spec_problem(site, spec)` accepts, measured on the same
+    operands (no further run of the graph); with none left it is left unquantized. The site records
+    what it fell back from and why.
+
+    If the graph cannot be run eagerly here, SQNR stays unknown (`site.sqnr_note` says why) and
+    compiling goes on."""
     by_node = {site.node: site for site in sites if site.quantized}
     if not by_node:
         return
@@ -288,6 +306,7 @@ def measure_site_sqnr(
             if site is not None:
                 reference, test = _site_outputs(site, held, parameters, quantized_weight)
                 site.sqnr_db = sqnr(reference, test)
+                _accuracy_gate(site, held, parameters, quantized_weight, spec_problem)
                 for operand in site.inputs.values():
                     if isinstance(operand, torch.fx.Node):
                         pending[operand] -= 1
@@ -300,3 +319,28 @@ def measure_site_sqnr(
             _Recorder(gm).run(*inputs)
     except Exception as error:  # noqa: BLE001 - a failed measurement must not fail the compile
         log.warning("site SQNR not measured: %s: %s", type(error).__name__, error)
+        for site in by_node.values():
+            if site.sqnr_db is None:
+                site.sqnr_note = f"not measured: running the graph eagerly failed ({type(error).__name__}: {error})"
+
+
+def _accuracy_gate(site, env, parameters, quantized_weight, spec_problem) -> None:
+    """Walk `site.spec`'s fallback chain while the measured SQNR is below the spec's floor."""
+    while site.spec.min_sqnr is not None and site.sqnr_db is not None and site.sqnr_db < site.spec.min_sqnr:
+        site.fell_back_from.append(f"{site.spec.describe()}: {site.sqnr_db:.1f} dB < {site.spec.min_sqnr:g} dB")
+        candidate = site.spec.fallback
+        while candidate is not None and spec_problem is not None:
+            problem = spec_problem(site, candidate)
+            if problem is None:
+                break
+            site.fell_back_from.append(f"{candidate.describe()}: cannot run here ({problem})")
+            candidate = candidate.fallback
+        if candidate is None:
+            site.skip_reason = "accuracy gate: " + "; ".join(site.fell_back_from) + "; no fallback left"
+            site.sqnr_db = None
+            log.info("site %s (%s) left unquantized by the accuracy gate", site.fqn, site.kind.value)
+            return
+        site.spec = candidate
+        reference, test = _site_outputs(site, env, parameters, quantized_weight)
+        site.sqnr_db = sqnr(reference, test)
+        log.info("site %s (%s) fell back to %s", site.fqn, site.kind.value, candidate.describe())

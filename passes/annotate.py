@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from lowbit_compile.formats import Format
-from lowbit_compile.policy import OpKind
+from lowbit_compile.policy import OpKind, QuantSpec
 from lowbit_compile.reference import check_quantizable
 from lowbit_compile.passes.capture import module_path
 from lowbit_compile.passes.state import PipelineState, Site, mutates
@@ -394,31 +394,31 @@ def _decide(site: Site, state: PipelineState) -> None:
     if site.spec is None:
         site.skip_reason = f"policy: {state.policy.describe_decision(site.decided_by)} leaves it unquantized"
         return
-    spec = site.spec
-    if site.kind is OpKind.MATMUL:
-        site.skip_reason = "activation x activation matmul outside attention: no quantized kernel for it yet"
-    elif site.kind is OpKind.LINEAR:
-        dtypes = {"x": _dtype(site.inputs["x"]), "weight": _dtype(site.inputs["weight"])}
-        site.skip_reason = _check_formats(
-            site.shapes, dtypes, {"weight": spec.weight_format, "x": spec.activation_format}
-        )
-        if site.skip_reason is None and spec.weight is None:
-            site.skip_reason = f"spec {spec.describe()} has no weight format for a linear site"
-        if site.skip_reason is None and any(mutates(user) for user in site.inputs["weight"].users):
-            site.skip_reason = (
-                "weight is updated in place inside the graph: a compile-time quantized copy would be stale"
-            )
-    else:
-        attrs = site.attrs
-        if spec.activation is None:
-            site.skip_reason = f"spec {spec.describe()} has no activation format for attention"
-        elif attrs["dropout_p"] not in (0, 0.0):
-            site.skip_reason = "attention with dropout_p > 0 (training) is not quantized"
-        elif isinstance(site.inputs["mask"], torch.fx.Node) and shape_of(site.inputs["mask"]) == ():
-            site.skip_reason = "attention mask is not a tensor"
-        else:
-            dtypes = {name: _dtype(site.inputs[name]) for name in ("q", "k", "v")}
-            fmt = spec.activation_format
-            site.skip_reason = _check_formats(site.shapes, dtypes, {"q": fmt, "k": fmt, "v": fmt})
+    site.skip_reason = spec_problem(site, site.spec)
     if site.skip_reason is not None:
         log.debug("site %s (%s) skipped: %s", site.fqn, site.kind.value, site.skip_reason)
+
+
+def spec_problem(site: Site, spec: QuantSpec) -> str | None:
+    """Why `spec` cannot quantize `site` (shapes, dtypes, the site's kind), or None if it can. Used
+    for the policy's choice and for the accuracy gate's fallbacks."""
+    if site.kind is OpKind.MATMUL:
+        return "activation x activation matmul outside attention: no quantized kernel for it yet"
+    if site.kind is OpKind.LINEAR:
+        dtypes = {"x": _dtype(site.inputs["x"]), "weight": _dtype(site.inputs["weight"])}
+        reason = _check_formats(site.shapes, dtypes, {"weight": spec.weight_format, "x": spec.activation_format})
+        if reason is None and spec.weight is None:
+            reason = f"spec {spec.describe()} has no weight format for a linear site"
+        if reason is None and any(mutates(user) for user in site.inputs["weight"].users):
+            reason = "weight is updated in place inside the graph: a compile-time quantized copy would be stale"
+        return reason
+    attrs = site.attrs
+    if spec.activation is None:
+        return f"spec {spec.describe()} has no activation format for attention"
+    if attrs["dropout_p"] not in (0, 0.0):
+        return "attention with dropout_p > 0 (training) is not quantized"
+    if isinstance(site.inputs["mask"], torch.fx.Node) and shape_of(site.inputs["mask"]) == ():
+        return "attention mask is not a tensor"
+    dtypes = {name: _dtype(site.inputs[name]) for name in ("q", "k", "v")}
+    fmt = spec.activation_format
+    return _check_formats(site.shapes, dtypes, {"q": fmt, "k": fmt, "v": fmt})

@@ -141,6 +141,8 @@ class Site:
     weight_bytes_before: int = 0
     weight_bytes_after: int = 0
     sqnr_db: float | None = None
+    sqnr_note: str | None = None  # why sqnr_db is missing (or the accuracy gate was not checked)
+    fell_back_from: list[str] = field(default_factory=list)  # specs the accuracy gate rejected, and why
 
     @property
     def quantized(self) -> bool:

@@ -1,0 +1,173 @@
+"""The per-site accuracy gate (issue 8, item 3): `QuantSpec(min_sqnr=..., fallback=...)` is checked at
+compile time against the measured site SQNR, in the one extra run of the graph; SQNR is measured on
+graphs that update inputs in place too, and the report says why wherever it is not."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.fx
+import torch.nn as nn
+
+import lowbit_compile
+from lowbit_compile import Policy, QuantSpec, Rule
+from lowbit_compile.report import sqnr
+
+INT4 = "int4_g32"
+INT8 = "int8_row"
+
+
+class _Mlp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(96, 256)  # K=96: int4 g32 fits, g128 does not
+        self.down = nn.Linear(256, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x)))
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return _Mlp().eval()
+
+
+def _compile_report(model: nn.Module, x: torch.Tensor, policy: Policy, **options):
+    reports = []
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        model, backend="lowbit", options={"policy": policy, "inductor": False, **options}
+    )
+    from lowbit_compile import backend
+
+    original = backend.build_report
+
+    def capture(*args, **kwargs):
+        report = original(*args, **kwargs)
+        reports.append(report)
+        return report
+
+    backend.build_report = capture
+    try:
+        with torch.no_grad():
+            out = compiled(x)
+    finally:
+        backend.build_report = original
+        torch._dynamo.reset()
+    return out, reports[0]
+
+
+def _sqnr_of(fmt: str) -> list[float]:
+    """The sites' SQNR under a plain spec (no floor), as the report measures it."""
+    x = torch.randn(16, 96)
+    report = lowbit_compile.explain(_model(), x, policy=Policy(default=QuantSpec(fmt)))
+    return [site.sqnr_db for site in report.sites]
+
+
+def test_sites_below_the_floor_fall_back_and_the_report_says_from_what() -> None:
+    int4, int8 = _sqnr_of(INT4), _sqnr_of(INT8)
+    floor = (max(int4) + min(int8)) / 2  # int4 fails it at both sites, int8 passes
+    assert max(int4) < floor < min(int8)
+    policy = Policy(default=QuantSpec(INT4, min_sqnr=floor, fallback=QuantSpec(INT8)), name="gated")
+    x = torch.randn(16, 96)
+    model = _model()
+    out, report = _compile_report(model, x, policy)
+    for site in report.sites:
+        assert site.format == f"A=16bit W={INT8}"
+        assert len(site.fell_back_from) == 1 and site.fell_back_from[0].startswith(f"A=16bit W={INT4} floor")
+        assert site.sqnr_db > floor
+        assert "fell back from A=16bit W=int4_g32" in report.table()
+    # The compiled model runs the fallback: the same output as plain int8.
+    int8_out, _ = _compile_report(model, x, Policy(default=QuantSpec(INT8)))
+    torch.testing.assert_close(out, int8_out)
+
+
+def test_no_fallback_left_leaves_the_site_unquantized_with_the_reason() -> None:
+    policy = Policy(default=QuantSpec(INT4, min_sqnr=200.0), name="strict")
+    x = torch.randn(16, 96)
+    model = _model()
+    out, report = _compile_report(model, x, policy)
+    for site in report.sites:
+        assert site.format is None
+        assert site.skip_reason.startswith("accuracy gate: A=16bit W=int4_g32 floor 200 dB: ")
+        assert site.skip_reason.endswith("dB < 200 dB; no fallback left")
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x))
+
+
+def test_gate_per_rule_and_an_inapplicable_fallback_is_skipped() -> None:
+    """A fallback that cannot run on the site (int4 g128 on K=96) is passed over with its reason."""
+    gated = QuantSpec(INT4, min_sqnr=200.0, fallback=QuantSpec("int4_g128", min_sqnr=200.0, fallback=QuantSpec(INT8)))
+    policy = Policy(rules=(Rule(fqn="up", spec=gated),), default=QuantSpec(INT4), name="one-gated")
+    _, report = _compile_report(_model(), torch.randn(16, 96), policy)
+    up, down = report.sites
+    assert down.format == f"A=16bit W={INT4}" and not down.fell_back_from
+    assert up.format == f"A=16bit W={INT8}"
+    assert "int4_g128" in up.fell_back_from[1] and "cannot run here" in up.fell_back_from[1]
+
+
+def test_the_gate_runs_the_graph_once_and_with_compute_sqnr_off(monkeypatch) -> None:
+    runs = []
+    original = torch.fx.Interpreter.run
+
+    def counting(self, *args, **kwargs):
+        runs.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.fx.Interpreter, "run", counting)
+    policy = Policy(default=QuantSpec(INT4, min_sqnr=200.0, fallback=QuantSpec(INT8, min_sqnr=200.0)))
+    _, report = _compile_report(_model(), torch.randn(16, 96), policy, compute_sqnr=False)
+    assert all(site.format is None for site in report.sites)  # gated even with compute_sqnr=False
+    assert len(runs) == 1
+
+
+class _Counting(nn.Module):
+    """Updates a buffer in place, as KV caches and step counters do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(128, 64)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.add_(1)
+        return self.fc(x)
+
+
+def test_sqnr_is_measured_on_graphs_that_update_inputs_in_place() -> None:
+    torch.manual_seed(0)
+    model = _Counting().eval()
+    x = torch.randn(8, 128)
+    out, report = _compile_report(model, x, Policy(default=QuantSpec(INT8)))
+    (site,) = report.sites
+    assert site.sqnr_db is not None and site.sqnr_db > 30 and site.sqnr_note is None
+    assert model.calls.item() == 1  # the measurement ran on a copy of the buffer
+    assert sqnr(model.fc(x), out) > 30
+
+
+def test_released_weights_leave_the_gate_unchecked_and_say_so(caplog) -> None:
+    model = _model()
+    x = torch.randn(16, 96)
+    _compile_report(model, x, Policy(default=QuantSpec(INT4)), release_weights=True, inductor=True)
+    # A later compile of the released model with a floor cannot run the unquantized graph.
+    with caplog.at_level(logging.WARNING, logger="lowbit_compile"):
+        _, report = _compile_report(model, x, Policy(default=QuantSpec(INT4, min_sqnr=200.0)), inductor=True)
+    assert len(report.sites) == 2
+    for site in report.sites:
+        assert site.format is not None  # kept: the floor could not be checked
+        assert site.sqnr_note.startswith("accuracy gate not checked: not measured: 2 weights were released")
+    assert "lowbit accuracy gate not checked on 2 sites" in caplog.text
+    assert "accuracy gate not checked" in report.table()
+
+
+def test_floor_and_fallback_round_trip_through_json() -> None:
+    spec = QuantSpec(INT4, min_sqnr=25, fallback=QuantSpec(INT8))
+    policy = Policy(default=spec, name="p")
+    assert Policy.from_json(policy.to_json()).default == spec
+    assert Policy(default=QuantSpec(INT4)).cache_key() != policy.cache_key()
+    with pytest.raises(ValueError, match="set min_sqnr too"):
+        QuantSpec(INT4, fallback=QuantSpec(INT8))
+    with pytest.raises(ValueError, match="min_sqnr must be a finite number"):
+        QuantSpec(INT4, min_sqnr=float("nan"))
