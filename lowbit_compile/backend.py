@@ -21,7 +21,7 @@ import torch.fx
 from lowbit_compile import ops  # noqa: F401  (registers torch.ops.lowbit)
 from lowbit_compile.dump import StageRecorder, graph_text, render_stage
 from lowbit_compile.policy import Policy, as_policy
-from lowbit_compile.report import Report, build_report, coverage_problem, measure_site_sqnr
+from lowbit_compile.report import Report, build_report, coverage_problem, measure_sensitivity, measure_site_sqnr
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class BackendOptions:
     inductor_config: dict[str, Any] = field(default_factory=dict)
     release_weights: bool = False
     mode: str | None = None
+    sensitivity: bool = False  # explain(): per-site output SQNR (one extra graph run per site); not an option
 
     @classmethod
     def parse(cls, options: dict[str, Any] | None) -> BackendOptions:
@@ -196,6 +197,8 @@ def compile_graph(
     def observe(stage: str, state: Any) -> None:
         if stage == "annotated":
             _measure(state, options.compute_sqnr, released)
+            if options.sensitivity and not released:
+                _sensitivity(state)
         sites = state.sites if stage != "captured" else None
         recorder.record(stage, render_stage(stage, graph_text(state.gm), policy, graph_id, sites))
 
@@ -264,6 +267,16 @@ def _measure(state: Any, compute_sqnr: bool, released: list[str]) -> None:
     measure_site_sqnr(
         state.gm, problem, state.sites, state.parameters, state.quantized_weight, spec_problem=spec_problem
     )
+
+
+def _sensitivity(state: Any) -> None:
+    def fresh_inputs() -> list[Any]:
+        inputs = _measurement_inputs(state.gm.graph, state.example_inputs)
+        if isinstance(inputs, str):
+            raise RuntimeError(inputs)
+        return inputs
+
+    measure_sensitivity(state.gm, fresh_inputs, state.sites, state.parameters, state.quantized_weight)
 
 
 INFERENCE_ONLY = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -11,14 +12,20 @@ from lowbit_compile.policy import Policy
 from lowbit_compile.report import Report
 
 
-def explain(model: Any, *args: Any, policy: Policy | str | None = None, **kwargs: Any) -> Report:
+def explain(
+    model: Any, *args: Any, policy: Policy | str | None = None, sensitivity: bool = True, **kwargs: Any
+) -> Report:
     """Capture `model(*args, **kwargs)` with Dynamo, run the pass pipeline up to the fused stage and
     return the report: one row per matmul site (all graphs of the model, in order).
+
+    sensitivity: also measure, per quantized site, the graph output's SQNR when only that site is
+    quantized (`SiteReport.output_sqnr_db`; `report.sensitivity()` ranks them worst first). It runs
+    the graph once more per site; `sensitivity=False` skips it.
 
     Like `torch._dynamo.explain`, this resets Dynamo's caches first (functions compiled earlier
     recompile on their next call): a capture must never be skipped by a cache or recompile limit."""
     reports: list[Report] = []
-    options = BackendOptions.parse({"policy": policy, "inductor": False})
+    options = dataclasses.replace(BackendOptions.parse({"policy": policy, "inductor": False}), sensitivity=sensitivity)
 
     def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
         return compile_graph(gm, example_inputs, options, on_report=reports.append)

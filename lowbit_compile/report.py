@@ -54,6 +54,7 @@ class SiteReport:
     sqnr_db: float | None = None
     sqnr_note: str | None = None  # why the SQNR is missing, or why the accuracy gate was not checked
     fell_back_from: list[str] = field(default_factory=list)  # specs the accuracy gate rejected, and why
+    output_sqnr_db: float | None = None  # sensitivity (explain): graph output SQNR, only this site quantized
 
 
 @dataclass
@@ -101,10 +102,29 @@ class Report:
         data = self.to_dict()
         for site in data["sites"]:
             site["sqnr_db"] = encodable(site["sqnr_db"])
+            site["output_sqnr_db"] = encodable(site["output_sqnr_db"])
+        data["sensitivity"] = [site.index for site in self.sensitivity()]
         return json.dumps(data, indent=2)
+
+    def sensitivity(self) -> list[SiteReport]:
+        """Quantized sites with a measured sensitivity, worst first: lowest output SQNR when only that
+        site is quantized (`explain(..., sensitivity=True)`, the default)."""
+        measured = [s for s in self.sites if s.format is not None and s.output_sqnr_db is not None]
+        return sorted(measured, key=lambda s: (s.output_sqnr_db, s.index))
+
+    def sensitivity_table(self) -> str:
+        """The sensitivity ranking as text: which site hurts the output most, and what it saves."""
+        lines = ["sensitivity (output SQNR with only this site quantized; worst first):"]
+        for s in self.sensitivity():
+            saved = s.weight_bytes_before - s.weight_bytes_after
+            lines.append(f"  {s.output_sqnr_db:7.1f} dB  #{s.index} {s.fqn or '<root>'}  {s.format}  saves {saved} bytes")
+        return "\n".join(lines)
 
     def table(self) -> str:
         headers = ("#", "site", "op", "shapes", "format / skip reason", "kernel", "weight bytes", "SQNR dB")
+        alone = any(s.output_sqnr_db is not None for s in self.sites)
+        if alone:
+            headers += ("output SQNR dB, only this site",)
         rows = []
         for s in self.sites:
             shapes = " ".join(f"{k}={v}" for k, v in s.shapes.items() if k != "out")
@@ -125,6 +145,8 @@ class Report:
                     quality,
                 )
             )
+            if alone:
+                rows[-1] += ("-" if s.output_sqnr_db is None else f"{s.output_sqnr_db:.1f}",)
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
         graph = f" graph {self.graph}" if self.graph else ""
         lines = [
@@ -183,6 +205,7 @@ def build_report(sites: list[Any], policy: Any, graph: str = "") -> Report:
                 sqnr_db=site.sqnr_db,
                 sqnr_note=site.sqnr_note,
                 fell_back_from=list(site.fell_back_from),
+                output_sqnr_db=site.output_sqnr_db,
             )
         )
     return report
@@ -322,6 +345,50 @@ def measure_site_sqnr(
         for site in by_node.values():
             if site.sqnr_db is None:
                 site.sqnr_note = f"not measured: running the graph eagerly failed ({type(error).__name__}: {error})"
+
+
+def measure_sensitivity(
+    gm: torch.fx.GraphModule,
+    make_inputs: Callable[[], list[Any]],
+    sites: list[Any],
+    parameters: dict[str, Any],
+    quantized_weight: Callable[[Any], list],
+) -> None:
+    """Per quantized site, the SQNR of the graph's output when only that site is quantized (its
+    output replaced by the fake-quantized one), in `site.output_sqnr_db`. One run of the graph for
+    the reference and one per site, each on fresh inputs from `make_inputs` (copies where the graph
+    writes its inputs); for `explain`, not for every compile."""
+    from torch.utils._pytree import tree_leaves
+
+    quantized = [site for site in sites if site.quantized]
+    if not quantized:
+        return
+
+    def run(only: Any = None) -> torch.Tensor:
+        operands = {o for o in only.inputs.values() if isinstance(o, torch.fx.Node)} if only is not None else set()
+        held: dict[torch.fx.Node, Any] = {}
+
+        class _Run(torch.fx.Interpreter):
+            def run_node(self, node: torch.fx.Node) -> Any:
+                result = super().run_node(node)
+                if node in operands:
+                    held[node] = result
+                if only is not None and node is only.node:
+                    _, test = _site_outputs(only, held, parameters, quantized_weight)
+                    result = test.to(result.dtype).reshape(result.shape)
+                return result
+
+        with torch.no_grad():
+            outputs = _Run(gm).run(*[_concrete(v) for v in make_inputs()])
+        leaves = [t for t in tree_leaves(outputs) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        return torch.cat([t.detach().double().flatten() for t in leaves]) if leaves else torch.zeros(0)
+
+    try:
+        reference = run()
+        for site in quantized:
+            site.output_sqnr_db = sqnr(reference, run(site))
+    except Exception as error:  # noqa: BLE001 - a diagnostic must not fail the compile
+        log.warning("sensitivity not measured: %s: %s", type(error).__name__, error)
 
 
 def _accuracy_gate(site, env, parameters, quantized_weight, spec_problem) -> None:

@@ -143,6 +143,7 @@ class Site:
     sqnr_db: float | None = None
     sqnr_note: str | None = None  # why sqnr_db is missing (or the accuracy gate was not checked)
     fell_back_from: list[str] = field(default_factory=list)  # specs the accuracy gate rejected, and why
+    output_sqnr_db: float | None = None  # sensitivity: the graph output's SQNR with only this site quantized
 
     @property
     def quantized(self) -> bool:

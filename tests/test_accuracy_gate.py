@@ -171,3 +171,49 @@ def test_floor_and_fallback_round_trip_through_json() -> None:
         QuantSpec(INT4, fallback=QuantSpec(INT8))
     with pytest.raises(ValueError, match="min_sqnr must be a finite number"):
         QuantSpec(INT4, min_sqnr=float("nan"))
+
+
+# -- issue 8 item 4: sensitivity in explain() -------------------------------------------------------
+
+
+class _Outlier(nn.Module):
+    """Two linears; `hurt`'s weight is heavy-tailed (a cubed Gaussian), so its int4 groups are scaled
+    by a few large values and lose the rest (~19 dB alone against ~24 dB for Gaussian `fine`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fine = nn.Linear(96, 96)
+        self.hurt = nn.Linear(96, 96)
+        with torch.no_grad():
+            self.hurt.weight.copy_(torch.randn(96, 96) ** 3 * 0.05)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hurt(self.fine(x))
+
+
+def test_explain_ranks_sites_by_output_sqnr_worst_first() -> None:
+    report = lowbit_compile.explain(_Outlier().eval(), torch.randn(8, 96), policy=Policy(default=QuantSpec(INT4)))
+    ranking = report.sensitivity()
+    assert [s.fqn for s in ranking] == ["hurt", "fine"]
+    assert ranking[0].output_sqnr_db < ranking[1].output_sqnr_db - 3
+    assert "output SQNR dB, only this site" in report.table()
+    assert report.sensitivity_table().splitlines()[1].split("#")[1].startswith("1 hurt")
+    data = __import__("json").loads(report.to_json())
+    assert data["sensitivity"] == [1, 0]
+    assert all(isinstance(site["output_sqnr_db"], float) for site in data["sites"])
+
+
+def test_sensitivity_of_one_site_is_the_output_sqnr_of_quantizing_it_alone() -> None:
+    """Against a hand-made check: quantizing only `fine` equals running `hurt` unquantized after it."""
+    from lowbit_compile.reference import fake_quantize
+
+    model = _Outlier().eval()
+    x = torch.randn(8, 96)
+    report = lowbit_compile.explain(model, x, policy=Policy(default=QuantSpec(INT4, weight_search=False)))
+    fine = next(s for s in report.sites if s.fqn == "fine")
+    with torch.no_grad():
+        expected = model(x)
+        only_fine = model.hurt(torch.nn.functional.linear(x, fake_quantize(model.fine.weight, INT4), model.fine.bias))
+    assert fine.output_sqnr_db == pytest.approx(sqnr(expected, only_fine), abs=0.05)
+    assert lowbit_compile.explain(model, x, policy="w8a16", sensitivity=False).sensitivity() == []
