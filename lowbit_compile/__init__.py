@@ -35,6 +35,7 @@ from lowbit_compile.backend import (  # noqa: E402
 )
 from lowbit_compile.explain import explain  # noqa: E402
 from lowbit_compile.formats import FORMATS, Format, get_format, register_format  # noqa: E402
+from lowbit_compile.policy_search import search  # noqa: E402
 from lowbit_compile.policy import RECIPES, OpKind, Policy, QuantSpec, Rule, default_policy, recipe  # noqa: E402
 from lowbit_compile.report import Report, SiteReport  # noqa: E402
 
@@ -56,6 +57,7 @@ __all__ = [
     "check_options",
     "lowbit_backend",
     "explain",
+    "search",
     "Report",
     "SiteReport",
 ]
