@@ -75,7 +75,7 @@ _library.impl("dequantize", _dequantize_impl, "CompositeImplicitAutograd")
 def _linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
     """fp32 accumulate, one rounding to the output dtype at the end (what the kernels do)."""
     out = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
-    return out.to(out_dtype)
+    return out.to(out_dtype).contiguous()  # what the fake impls promise, whatever x's strides
 
 
 def _out_features(w_data: Tensor) -> int:
@@ -198,7 +198,9 @@ def attention(
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
     )
-    return out.to(out_dtype)
+    # The fake impl promises a contiguous result; SDPA's CUDA kernels return (B, L, H, D) memory
+    # transposed to (B, H, L, D) (issue 7: Inductor's assert_size_stride failed on it).
+    return out.to(out_dtype).contiguous()
 
 
 @attention.register_fake

@@ -135,3 +135,75 @@ def test_quantize_decomposes_to_aten_under_tracing() -> None:
     targets = {str(n.target) for n in graph.nodes if n.op == "call_function"}
     assert not any("lowbit" in t for t in targets), targets
     assert any("amax" in t or "max" in t for t in targets), targets
+
+
+# Issue 7: every lowbit op returns what its fake impl says (sizes and strides), with operands shaped
+# as real models produce them: heads transposed out of (B, L, H, D), GQA, float and bool masks,
+# activations that are views.
+def _heads(batch: int, length: int, heads: int, dim: int) -> torch.Tensor:
+    return torch.randn(batch, length, heads, dim).transpose(1, 2)  # (B, H, L, D), not contiguous
+
+
+@pytest.mark.parametrize("fmt", ["int8_row", "fp8_e4m3_row"])
+@pytest.mark.parametrize(
+    "case",
+    ["transposed", "gqa", "float_mask", "bool_mask", "decode"],
+)
+def test_opcheck_attention_with_model_shaped_inputs(fmt, case) -> None:
+    torch.manual_seed(0)
+    batch, heads, kv_heads, length, dim = 2, 4, 4, 7, 32
+    if case == "gqa":
+        kv_heads = 2
+    q_len = 1 if case == "decode" else length
+    q = ops.quantize(_heads(batch, q_len, heads, dim), fmt)[:2]
+    k = ops.quantize(_heads(batch, length, kv_heads, dim), fmt)[:2]
+    v = ops.quantize(_heads(batch, length, kv_heads, dim), fmt)[:2]
+    mask = None
+    if case == "float_mask":
+        mask = torch.randn(batch, 1, q_len, length)
+    elif case == "bool_mask":
+        mask = torch.rand(batch, 1, q_len, length) > 0.3
+        mask[..., 0] = True
+    causal = case in ("transposed", "gqa")
+    args = (*q, *k, *v, mask, causal, None, case == "gqa", fmt, torch.bfloat16)
+    out = ops.attention(*args)
+    assert out.is_contiguous()
+    # CPU float8 tensors cannot go through SchemaCheckMode's input arithmetic: that check is skipped for fp8.
+    utils = ("test_faketensor", "test_aot_dispatch_dynamic") if fmt.startswith("fp8") else None
+    torch.library.opcheck(ops.attention, args, **({"test_utils": utils} if utils else {}))
+
+
+@pytest.mark.parametrize("fmt", ["int4_g32_asym", "int8_row"])
+def test_opcheck_linear_ops_with_view_activations(fmt) -> None:
+    torch.manual_seed(0)
+    _, (data, scale, zero_point, global_scale) = _quantized_weight(24, 64, fmt)
+    x = torch.randn(5, 3, 64).transpose(0, 1)  # (3, 5, 64), not contiguous
+    args = (x, data, scale, zero_point, global_scale, torch.randn(24), fmt, torch.bfloat16)
+    assert ops.weight_only_mm(*args).is_contiguous()
+    torch.library.opcheck(ops.weight_only_mm, args)
+    if fmt == "int8_row":
+        x_data, x_scale, _, x_global = ops.quantize(x, "int8_row")
+        scaled = (x_data, x_scale, x_global, data, scale, global_scale, None, "int8_row", "int8_row", torch.float32)
+        assert ops.scaled_mm(*scaled).is_contiguous()
+        torch.library.opcheck(ops.scaled_mm, scaled)
+        auto = (x, data, scale, zero_point, global_scale, None, "int8_row", "int8_row", 4, torch.bfloat16)
+        assert ops.auto_mm(*auto).is_contiguous()
+        torch.library.opcheck(ops.auto_mm, auto)
+
+
+def test_attention_is_contiguous_when_sdpa_returns_transposed_memory(monkeypatch) -> None:
+    """On CUDA, SDPA's flash/efficient kernels return (B, H, L, D) with (B, L, H, D) memory; the op
+    must still return the contiguous tensor its fake impl describes (issue 7's assert_size_stride)."""
+    sdpa = F.scaled_dot_product_attention
+
+    def like_cuda(*args, **kwargs):
+        out = sdpa(*args, **kwargs)
+        return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+    import lowbit_compile.ops as ops_module
+
+    monkeypatch.setattr(ops_module.F, "scaled_dot_product_attention", like_cuda)
+    q = ops.quantize(_heads(2, 7, 4, 32), "int8_row")[:2]
+    args = (*q, *q, *q, None, True, None, False, "int8_row", torch.bfloat16)
+    assert ops.attention(*args).is_contiguous()
+    torch.library.opcheck(ops.attention, args)
