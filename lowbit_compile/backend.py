@@ -181,8 +181,11 @@ def compile_graph(
     options: BackendOptions,
     on_report: Callable[[Report], None] | None = None,
     on_stages: Callable[[dict[str, str]], None] | None = None,
+    on_stage_state: Callable[[str, Any], None] | None = None,
 ) -> Callable[..., Any]:
-    """Run the pipeline on one Dynamo graph and return what Dynamo should call instead."""
+    """Run the pipeline on one Dynamo graph and return what Dynamo should call instead.
+    `on_stage_state(stage, state)` sees the pipeline state after each stage (tests run the `qdq`
+    stage's graph there as the numerical reference)."""
     from lowbit_compile.passes.fold import released_inputs
     from lowbit_compile.passes.lower import lower_with_inductor
     from lowbit_compile.passes.pipeline import run_pipeline
@@ -201,6 +204,8 @@ def compile_graph(
                 _sensitivity(state)
         sites = state.sites if stage != "captured" else None
         recorder.record(stage, render_stage(stage, graph_text(state.gm), policy, graph_id, sites))
+        if on_stage_state is not None:
+            on_stage_state(stage, state)
 
     state = run_pipeline(gm, example_inputs, policy, observe)
     report = build_report(state.sites, policy, graph_id)
