@@ -19,7 +19,7 @@ import torch
 import torch.fx
 
 from lowbit_compile import ops  # noqa: F401  (registers torch.ops.lowbit)
-from lowbit_compile.dump import StageRecorder, graph_text, render_stage
+from lowbit_compile.dump import StageRecorder, fx_graph_text, graph_text, render_stage
 from lowbit_compile.policy import Policy, as_policy
 from lowbit_compile.report import Report, build_report, coverage_problem, measure_sensitivity, measure_site_sqnr
 
@@ -58,6 +58,7 @@ class BackendOptions:
     release_weights: bool = False
     mode: str | None = None
     sensitivity: bool = False  # explain(): per-site output SQNR (one extra graph run per site); not an option
+    caller: str = "torch.compile(backend='lowbit')"  # who compiles, for dump headers; not an option
 
     @classmethod
     def parse(cls, options: dict[str, Any] | None) -> BackendOptions:
@@ -195,7 +196,7 @@ def compile_graph(
     # folding uses their kept quantized copies, or says which one is missing.
     released = released_inputs(example_inputs)
     graph_id = _graph_id()
-    recorder = StageRecorder(options.dump_dir, graph_id)
+    recorder = StageRecorder(options.dump_dir, graph_id, caller=options.caller, policy=policy)
 
     def observe(stage: str, state: Any) -> None:
         if stage == "annotated":
@@ -225,7 +226,7 @@ def compile_graph(
         compiled = lower_with_inductor(
             state,
             on_lowered_graph=lambda graph: recorder.record(
-                "lowered", render_stage("lowered", str(graph), policy, graph_id)
+                "lowered", render_stage("lowered", fx_graph_text(graph), policy, graph_id)
             ),
             on_output_code=lambda code: recorder.record("output_code", code),
             config_patches=options.inductor_config,

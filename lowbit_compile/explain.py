@@ -25,7 +25,11 @@ def explain(
     Like `torch._dynamo.explain`, this resets Dynamo's caches first (functions compiled earlier
     recompile on their next call): a capture must never be skipped by a cache or recompile limit."""
     reports: list[Report] = []
-    options = dataclasses.replace(BackendOptions.parse({"policy": policy, "inductor": False}), sensitivity=sensitivity)
+    options = dataclasses.replace(
+        BackendOptions.parse({"policy": policy, "inductor": False}),
+        sensitivity=sensitivity,
+        caller="lowbit_compile.explain()",
+    )
 
     def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
         return compile_graph(gm, example_inputs, options, on_report=reports.append)

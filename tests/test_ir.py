@@ -108,6 +108,7 @@ class TestExactText(TestCase):
             graphs["fused"],
             """\
 # lowbit-compile stage: fused
+# made by: torch.compile(backend='lowbit')
 # graph: 0_0
 # policy: w8a16 (key e1527b8a13ff12a3)
 # sites: 1

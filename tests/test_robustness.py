@@ -297,3 +297,19 @@ def test_report_json_keeps_infinite_sqnr_and_dumps_never_overwrite(tmp_path) -> 
         torch._dynamo.reset()  # compile ids restart
         torch.compile(model, backend="lowbit", options={"dump_dir": str(tmp_path), **FAST})(x)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["graph_0_0", "graph_0_0.1"]
+    # explain() and a compile of the same graph id are told apart by their headers (issue 9 item 8)
+    torch._dynamo.reset()
+    explained = tmp_path / "explained"
+    lowbit_compile.explain(model, x, policy="w8a16")  # no dump dir: nothing written
+    with torch._dynamo.config.patch({}):
+        import os
+
+        os.environ["LOWBIT_DUMP_DIR"] = str(explained)
+        try:
+            lowbit_compile.explain(model, x, policy="w8a16", sensitivity=False)
+        finally:
+            del os.environ["LOWBIT_DUMP_DIR"]
+    (dump,) = explained.iterdir()
+    assert "# made by: lowbit_compile.explain()" in (dump / "05_fused.py").read_text()
+    assert "made by: lowbit_compile.explain()" in (dump / "00_about.txt").read_text()
+    assert "# made by: torch.compile(backend='lowbit')" in (tmp_path / "graph_0_0" / "01_captured.py").read_text()
