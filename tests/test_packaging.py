@@ -7,6 +7,7 @@ subpackage must be in the wheel too.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -40,8 +41,13 @@ def test_pyproject_installs_passes_under_the_project_namespace() -> None:
 @pytest.mark.slow
 def test_non_editable_install_beside_a_user_passes_package(tmp_path) -> None:
     site = tmp_path / "site"
+    # Build from a clean copy: a stale build/ in a developer's checkout would leak into the wheel.
+    source = tmp_path / "source"
+    shutil.copytree(
+        ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", ".*cache*")
+    )
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site), str(ROOT)],
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site), str(source)],
         capture_output=True,
         text=True,
         timeout=600,
