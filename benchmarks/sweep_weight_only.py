@@ -70,13 +70,13 @@ def _bench(fn_list) -> float:
 
 
 def _compiled_facts(path: Path) -> None:
-    """Registers and spills of every compiled kernel variant (Triton's in-memory cache), to a file."""
+    """Registers and spills of every compiled variant of the kernel (Triton's in-memory cache; the
+    key holds the constexprs and launch options), to a file."""
     lines = []
-    for (warps, stages), runner in weight_only._runner_cache.items():
-        for cache in runner.fn.device_caches.values():
-            for key, compiled in cache[0].items():
-                regs, spills = getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None)
-                lines.append(f"warps={warps} stages={stages} regs={regs} spills={spills} key={key}")
+    for cache in weight_only.weight_only_kernel.device_caches.values():
+        for key, compiled in cache[0].items():
+            regs, spills = getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None)
+            lines.append(f"regs={regs} spills={spills} key={key}")
     path.write_text("\n".join(lines))
 
 

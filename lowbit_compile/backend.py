@@ -259,19 +259,19 @@ def _measure(state: Any, compute_sqnr: bool, released: list[str]) -> None:
     if not quantized or not (compute_sqnr or gated):
         return
     if released:
-        problem: list[Any] | str = f"not measured: {len(released)} weights were released ({', '.join(released[:3])})"
+        inputs: list[Any] | str = f"not measured: {len(released)} weights were released ({', '.join(released[:3])})"
     else:
-        problem = _measurement_inputs(state.gm.graph, state.example_inputs)
-    if isinstance(problem, str):
+        inputs = _measurement_inputs(state.gm.graph, state.example_inputs)
+    if isinstance(inputs, str):  # why the graph cannot run
         for site in quantized:
-            site.sqnr_note = problem if site not in gated else f"accuracy gate not checked: {problem}"
+            site.sqnr_note = inputs if site not in gated else f"accuracy gate not checked: {inputs}"
         if gated:
-            log.warning("lowbit accuracy gate not checked on %d sites: %s", len(gated), problem)
+            log.warning("lowbit accuracy gate not checked on %d sites: %s", len(gated), inputs)
         else:
-            log.info("site SQNR %s", problem)
+            log.info("site SQNR %s", inputs)
         return
     measure_site_sqnr(
-        state.gm, problem, state.sites, state.parameters, state.quantized_weight, spec_problem=spec_problem
+        state.gm, inputs, state.sites, state.parameters, state.quantized_weight, spec_problem=spec_problem
     )
 
 

@@ -139,19 +139,13 @@ class TinyLlama(nn.Module):
         return self.lm_head(self.norm(x))
 
 
-class CachedAttention(nn.Module):
+class CachedAttention(Attention):
     """Grouped-query attention over a static KV cache held as two buffers (batch, kv_heads, max_len,
     head_dim), written in place with `index_copy_` at the given positions. The query heads that share
     a KV head are folded into the query length, so SDPA reads the cache as it is (no repeated K/V)."""
 
     def __init__(self, config: LlamaConfig) -> None:
-        super().__init__()
-        self.config = config
-        d, hd = config.hidden_size, config.head_dim
-        self.q_proj = nn.Linear(d, config.num_heads * hd, bias=False)
-        self.k_proj = nn.Linear(d, config.num_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(d, config.num_kv_heads * hd, bias=False)
-        self.o_proj = nn.Linear(config.num_heads * hd, d, bias=False)
+        super().__init__(config)  # the same projections as Attention
         self.register_buffer("k_cache", torch.zeros(0), persistent=False)
         self.register_buffer("v_cache", torch.zeros(0), persistent=False)
 

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 import lowbit_compile
 from lowbit_compile import Policy, QuantSpec, Rule
+from lowbit_compile.backend import BackendOptions, compile_graph
 from lowbit_compile.report import sqnr
 
 INT4 = "int4_g32"
@@ -35,26 +36,18 @@ def _model() -> nn.Module:
 
 
 def _compile_report(model: nn.Module, x: torch.Tensor, policy: Policy, **options):
+    """(output, report) of one call through backend="lowbit" (no Inductor unless asked)."""
+    parsed = BackendOptions.parse({"policy": policy, "inductor": False, **options})
     reports = []
+
+    def backend(gm, example_inputs):
+        return compile_graph(gm, example_inputs, parsed, on_report=reports.append)
+
     torch._dynamo.reset()
-    compiled = torch.compile(
-        model, backend="lowbit", options={"policy": policy, "inductor": False, **options}
-    )
-    from lowbit_compile import backend
-
-    original = backend.build_report
-
-    def capture(*args, **kwargs):
-        report = original(*args, **kwargs)
-        reports.append(report)
-        return report
-
-    backend.build_report = capture
     try:
         with torch.no_grad():
-            out = compiled(x)
+            out = torch.compile(model, backend=backend)(x)
     finally:
-        backend.build_report = original
         torch._dynamo.reset()
     return out, reports[0]
 

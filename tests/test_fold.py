@@ -22,6 +22,7 @@ import lowbit_compile.passes.fold
 from lowbit_compile.report import sqnr
 from lowbit_compile.passes.fold import FoldedSource, FoldedWeights
 from lowbit_compile.passes.state import quantize_weight
+from _modules import Block
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
@@ -158,15 +159,6 @@ def test_freed_sets_are_dropped_and_reused_ids_are_never_trusted(monkeypatch: py
 
 # ---------------------------------------------------------------------------------------------
 # release_weights=True
-
-
-class Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(128, 128)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.fc(x))
 
 
 def _options(inductor: bool = False, policy: str = "w8a16", release: bool = True) -> dict:

@@ -11,20 +11,12 @@ from torch._dynamo.utils import counters
 import lowbit_compile
 from lowbit_compile.models import LlamaConfig, TinyLlama
 from lowbit_compile.report import sqnr
+from _modules import Block
 
 FAST = {"inductor": False}
 
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
-
-
-class Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(128, 128)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.fc(x))
 
 
 @pytest.mark.parametrize("inductor", [False, True])

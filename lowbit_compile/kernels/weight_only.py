@@ -108,67 +108,61 @@ if triton is not None:
 
     @triton.jit
     def _load_step(
-        w_ptr, x_ptr, scale_ptr, zero_ptr, offs_m, offs_n_safe, pid_m, k0, k_end, M, K,
+        w_ptr, x_ptr, scale_ptr, zero_ptr, offs_m, offs_n_safe, pid_m, k0, M, K,
         stride_xm, stride_wn, stride_sn,
         GROUP: tl.constexpr, BITS: tl.constexpr, ZERO_POINT: tl.constexpr, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
     ):  # fmt: skip
         """Every load of the K step at k0: weight codes [BLOCK_N, BLOCK_K (/2 for int4)], activations
-        ([BLOCK_K] for the GEMV, [BLOCK_K, BLOCK_M] when SWAP_AB, else [BLOCK_M, BLOCK_K]), and for int4 the group scales and zero
-        points ([BLOCK_N] inside one group; [BLOCK_N, groups] for a GEMV tile spanning groups; one
-        per element for a larger tile spanning groups). Every load is masked off when k0 >= k_end
-        (the prefetch past the last step); the mask is a splat, so loads stay vectorized. Without zero points `z` repeats `s` (unused); 8-bit formats
-        return dummies for both (their scale is per channel, applied in the epilogue)."""
+        ([BLOCK_K] for the GEMV, [BLOCK_K, BLOCK_M] when SWAP_AB, else [BLOCK_M, BLOCK_K]), and for
+        int4 the group scales and zero points ([BLOCK_N] inside one group; [BLOCK_N, groups] for a
+        GEMV tile spanning groups; one per element for a larger tile spanning groups). Without zero
+        points `z` repeats `s` (unused); 8-bit formats return dummies for both (their scale is per
+        channel, applied in the epilogue)."""
         HALF_K: tl.constexpr = BLOCK_K // 2
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        # (a splat compared, not a scalar: Triton's interpreter rejects scalar masks)
-        live = (tl.full((BLOCK_K,), 0, tl.int32) + k0) < k_end
         if BITS == 4:
-            live_b = (tl.full((HALF_K,), 0, tl.int32) + k0) < k_end
             offs_kb = k0 // 2 + tl.arange(0, HALF_K)  # byte columns of this tile
             w_ptrs = w_ptr + offs_n_safe[:, None] * stride_wn + offs_kb[None, :]
             if EVEN_K:
-                w = tl.load(w_ptrs, mask=live_b[None, :], other=0)
+                w = tl.load(w_ptrs)
             else:
-                w = tl.load(w_ptrs, mask=(live_b & (offs_kb < K // 2))[None, :], other=0)
+                w = tl.load(w_ptrs, mask=(offs_kb < K // 2)[None, :], other=0)
         else:
             w_ptrs = w_ptr + offs_n_safe[:, None] * stride_wn + offs_k[None, :]
             if EVEN_K:
-                w = tl.load(w_ptrs, mask=live[None, :], other=0)
+                w = tl.load(w_ptrs)
             else:
-                w = tl.load(w_ptrs, mask=(live & (offs_k < K))[None, :], other=0)
+                w = tl.load(w_ptrs, mask=(offs_k < K)[None, :], other=0)
         if BLOCK_M == 1:
             x_ptrs = x_ptr + pid_m * stride_xm + offs_k
             if EVEN_K:
-                x = tl.load(x_ptrs, mask=live, other=0.0)
+                x = tl.load(x_ptrs)
             else:
-                x = tl.load(x_ptrs, mask=live & (offs_k < K), other=0.0)
+                x = tl.load(x_ptrs, mask=offs_k < K, other=0.0)
         elif SWAP_AB:  # transposed: [BLOCK_K, BLOCK_M]; rows past M read as zeros
             x_ptrs = x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None]
-            rows = live[:, None] & (offs_m < M)[None, :]
             if EVEN_K:
-                x = tl.load(x_ptrs, mask=rows, other=0.0)
+                x = tl.load(x_ptrs, mask=(offs_m < M)[None, :], other=0.0)
             else:
-                x = tl.load(x_ptrs, mask=rows & (offs_k < K)[:, None], other=0.0)
+                x = tl.load(x_ptrs, mask=(offs_m < M)[None, :] & (offs_k < K)[:, None], other=0.0)
         else:  # rows past M read as zeros
             x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
-            rows = live[None, :] & (offs_m < M)[:, None]
             if EVEN_K:
-                x = tl.load(x_ptrs, mask=rows, other=0.0)
+                x = tl.load(x_ptrs, mask=(offs_m < M)[:, None], other=0.0)
             else:
-                x = tl.load(x_ptrs, mask=rows & (offs_k < K)[None, :], other=0.0)
+                x = tl.load(x_ptrs, mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0)
         if BITS == 4:
             if BLOCK_K <= GROUP:
                 s_offs = offs_n_safe * stride_sn + k0 // GROUP
-                s_mask = (tl.full((BLOCK_N,), 0, tl.int32) + k0) < k_end
+                s_mask = offs_n_safe >= 0  # (all true; one load form for both cases)
             else:
                 if BLOCK_M == 1:
                     offs_g = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
                 else:
                     offs_g = (k0 + 2 * tl.arange(0, HALF_K)) // GROUP
                 s_offs = offs_n_safe[:, None] * stride_sn + offs_g[None, :]
-                # the K tail has no scales
-                s_mask = ((tl.zeros_like(offs_g) + k0 < k_end) & (offs_g < K // GROUP))[None, :]
+                s_mask = (offs_g < K // GROUP)[None, :]  # the K tail has no scales
             s = tl.load(scale_ptr + s_offs, mask=s_mask, other=0.0)
             if ZERO_POINT:
                 z = tl.load(zero_ptr + s_offs, mask=s_mask, other=0.0)
@@ -256,7 +250,7 @@ if triton is not None:
         for k0 in range(k_begin, k_end, BLOCK_K):
             # (Issuing step k+1's loads before step k's math was measured: no faster, more registers.)
             w_tile, x, s, z = _load_step(
-                w_ptr, x_ptr, scale_ptr, zero_ptr, offs_m, offs_n_safe, pid_m, k0, k_end, M, K,
+                w_ptr, x_ptr, scale_ptr, zero_ptr, offs_m, offs_n_safe, pid_m, k0, M, K,
                 stride_xm, stride_wn, stride_sn, GROUP, BITS, ZERO_POINT, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB,
             )  # fmt: skip
             if BITS == 4:
@@ -589,6 +583,13 @@ def plan(meta: WeightMeta, dtype: torch.dtype, has_bias: bool, device: torch.dev
 def _plan(meta: WeightMeta, dtype: torch.dtype, has_bias: bool, device: torch.device, tune: bool) -> tuple[int, ...]:
     from lowbit_compile.kernels import tuning
 
+    @functools.cache
+    def weight_copies() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Random weights like `meta` for timing candidates, in copies that together exceed L2 (in
+        a model no weight stays in L2 between calls): made once per plan, only if a bucket tunes."""
+        weight_bytes = meta.n * meta.k * meta.bits // 8
+        return [_random_weight(meta, device) for _ in range(max(1, min(8, -(-_L2_BYTES // weight_bytes))))]
+
     flat: list[int] = []
     for first, last, bucket_m in M_BUCKETS:
         if tune:
@@ -607,7 +608,7 @@ def _plan(meta: WeightMeta, dtype: torch.dtype, has_bias: bool, device: torch.de
             config = tuning.pick(
                 key,
                 _candidates(bucket_m, meta),
-                lambda config, m=bucket_m: _timed_launch(meta, dtype, has_bias, device, m, config),
+                lambda config, m=bucket_m: _timed_launch(weight_copies(), meta, dtype, has_bias, device, m, config),
                 encode=WeightOnlyConfig.as_tuple,
                 decode=WeightOnlyConfig.from_tuple,
             )
@@ -617,12 +618,10 @@ def _plan(meta: WeightMeta, dtype: torch.dtype, has_bias: bool, device: torch.de
     return tuple(flat)
 
 
-def _timed_launch(meta, dtype, has_bias, device, m, config) -> Callable[[], None]:
-    """A launch of `config` on random data, cycling through copies of the weight that together
-    exceed L2 (in a model no weight stays in L2 between calls; timing is by graph replay)."""
-    weight_bytes = meta.n * meta.k * meta.bits // 8
-    copies = max(1, min(8, -(-_L2_BYTES // weight_bytes)))
-    weights = [_random_weight(meta, device) for _ in range(copies)]
+def _timed_launch(weights, meta, dtype, has_bias, device, m, config) -> Callable[[], None]:
+    """A launch of `config` on random activations, cycling through `weights` (copies of one weight
+    that together exceed L2; timing is by graph replay)."""
+    copies = len(weights)
     x = torch.randn(m, meta.k, dtype=dtype, device=device)
     bias = torch.randn(meta.n, dtype=dtype, device=device) if has_bias else None
     out = torch.empty(m, meta.n, dtype=dtype, device=device)
