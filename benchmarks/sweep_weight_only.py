@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from lowbit_compile import ops, reference
 from lowbit_compile.formats import get_format
-from lowbit_compile.kernels import weight_only
+from lowbit_compile.kernels import common, weight_only
 from lowbit_compile.report import sqnr
 
 SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))
@@ -98,7 +98,7 @@ def main(argv=None):
             w_bf16 = [w.to(torch.bfloat16).clone() for _ in range(max(2, L2_BYTES // (n * k * 2) + 1))]
             meta = weight_only.WeightMeta.of(get_format(fmt), weights[0][0])
             for m in (int(r) for r in args.rows.split(",")):
-                bucket_m = next(b for first, last, b in weight_only.M_BUCKETS if m >= first and (last is None or m <= last))
+                bucket_m = next(b for first, last, b in common.M_BUCKETS if m >= first and (last is None or m <= last))
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 t_bf16 = _bench([lambda wb=wb: F.linear(x, wb) for wb in w_bf16])
                 configs = weight_only._candidates(bucket_m, meta)

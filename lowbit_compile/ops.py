@@ -125,6 +125,10 @@ def scaled_mm(
     out_dtype: torch.dtype,
 ) -> Tensor:
     """y[..., N] = dequantize(x)[..., K] @ dequantize(w)[N, K].T + bias (A8W8 / FP8 / block / MX)."""
+    return _scaled_mm_reference(x_data, x_scale, x_global_scale, w_data, w_scale, w_global_scale, bias, x_fmt, w_fmt, out_dtype)
+
+
+def _scaled_mm_reference(x_data, x_scale, x_global_scale, w_data, w_scale, w_global_scale, bias, x_fmt, w_fmt, out_dtype):
     empty = _absent(x_data)
     x = reference.dequantize(quantized_tensor(x_data, x_scale, empty, x_global_scale), get_format(x_fmt), torch.float32)
     weight = reference.dequantize(
@@ -256,6 +260,26 @@ def weight_only_kernel(x_dtype: torch.dtype, device: torch.device, w_fmt: str) -
     return f"triton:w{fmt.bits}a16"
 
 
+def scaled_mm_kernel(out_dtype: torch.dtype, device: torch.device, x_fmt: str, w_fmt: str) -> str | None:
+    """The name of the kernel that runs `scaled_mm` for these inputs, or None (reference)."""
+    if not HAS_TRITON or device.type != "cuda" or out_dtype not in (*_KERNEL_ACTIVATIONS, torch.float32):
+        return None
+    from lowbit_compile.kernels import scaled_mm as scaled
+
+    x_fmt_, w_fmt_ = get_format(x_fmt), get_format(w_fmt)
+    if scaled.supports(x_fmt_, w_fmt_) is not None:
+        return None
+    meta = scaled.ScaledMeta.of(x_fmt_, w_fmt_, torch.empty(0, 0))
+    return "triton:fp8_block" if meta.block_scales else "triton:int8" if meta.int8 else "triton:fp8"
+
+
+def auto_mm_kernels(x_dtype: torch.dtype, device: torch.device, w_fmt: str, x_fmt: str) -> tuple[str, str] | None:
+    """The kernels of both halves of `auto_mm` (weight-only, scaled), or None if either has none."""
+    low = weight_only_kernel(x_dtype, device, w_fmt)
+    high = scaled_mm_kernel(x_dtype, device, x_fmt, w_fmt)
+    return None if low is None or high is None else (low, high)
+
+
 def _weight_only_plan(x: Tensor, w_data: Tensor, w_fmt: str, bias: Tensor | None) -> list[int]:
     from lowbit_compile.kernels import weight_only
 
@@ -263,7 +287,16 @@ def _weight_only_plan(x: Tensor, w_data: Tensor, w_fmt: str, bias: Tensor | None
     return weight_only.plan(meta, x.dtype, bias is not None, x.device)
 
 
+def _scaled_mm_plan(out_dtype: torch.dtype, device, w_data: Tensor, x_fmt: str, w_fmt: str, bias) -> list[int]:
+    from lowbit_compile.kernels import scaled_mm as scaled
+
+    meta = scaled.ScaledMeta.of(get_format(x_fmt), get_format(w_fmt), w_data)
+    return scaled.plan(meta, out_dtype, bias is not None, device)
+
+
 if HAS_TRITON:
+    from lowbit_compile.kernels import common as _common
+    from lowbit_compile.kernels import scaled_mm as _scaled
     from lowbit_compile.kernels import weight_only as _weight_only
 
     @torch.library.triton_op("lowbit::weight_only_mm_triton", mutates_args=())
@@ -283,12 +316,70 @@ if HAS_TRITON:
             x, w_data, w_scale, w_zero_point, bias, w_fmt, out_dtype, plan, wrap=torch.library.wrap_triton
         )
 
+    @torch.library.triton_op("lowbit::scaled_mm_triton", mutates_args=())
+    def scaled_mm_triton(
+        x_data: Tensor,
+        x_scale: Tensor,
+        w_data: Tensor,
+        w_scale: Tensor,
+        bias: Tensor | None,
+        x_fmt: str,
+        w_fmt: str,
+        out_dtype: torch.dtype,
+        plan: list[int],
+    ) -> Tensor:
+        """`scaled_mm` by the Triton kernels of `kernels/scaled_mm.py` (plan: `scaled_mm.plan`)."""
+        return _scaled.run(
+            x_data, x_scale, w_data, w_scale, bias, x_fmt, w_fmt, out_dtype, plan, wrap=torch.library.wrap_triton
+        )
+
+    @torch.library.triton_op("lowbit::auto_mm_triton", mutates_args=())
+    def auto_mm_triton(
+        x: Tensor,
+        w_data: Tensor,
+        w_scale: Tensor,
+        w_zero_point: Tensor,
+        bias: Tensor | None,
+        w_fmt: str,
+        x_fmt: str,
+        weight_only_below_m: int,
+        out_dtype: torch.dtype,
+        weight_only_plan: list[int],
+        scaled_plan: list[int],
+    ) -> Tensor:
+        """`auto_mm` by both kernel families into one output: the weight-only buckets below
+        `weight_only_below_m` rows, the activation quantization and scaled GEMM at or above (their
+        grids are empty at the other M, and the quantization runs on zero rows there)."""
+        w_meta = _weight_only.WeightMeta.of(get_format(w_fmt), w_data)
+        s_meta = _scaled.ScaledMeta.of(get_format(x_fmt), get_format(w_fmt), w_data)
+        x2d = x.contiguous().reshape(-1, w_meta.k)
+        m = x2d.shape[0]
+        out = torch.empty((m, w_meta.n), dtype=out_dtype, device=x.device)
+        wrap = torch.library.wrap_triton
+        low = _common.restrict_plan(weight_only_plan, _weight_only._PLAN_FIELDS, 1, weight_only_below_m - 1)
+        _weight_only.launch_plan(x2d, w_data, w_scale, w_zero_point, bias, out, w_meta, low, wrap=wrap)
+        high = _common.restrict_plan(scaled_plan, _scaled._PLAN_FIELDS, weight_only_below_m, None)
+        rows = m * _common.bucket_indicator(m, weight_only_below_m, None)
+        x_data, x_scale, _, _ = _quantize_impl(x2d[:rows], x_fmt)
+        x_scale = x_scale.reshape(1, 1) if s_meta.x_per_tensor else x_scale
+        _scaled.launch_plan(x_data, x_scale, w_data, w_scale, bias, out, s_meta, high, wrap=wrap)
+        return out.reshape(*x.shape[:-1], w_meta.n)
+
     @weight_only_mm.register_kernel("cuda")
     def _(x, w_data, w_scale, w_zero_point, w_global_scale, bias, w_fmt, out_dtype):
         if weight_only_kernel(x.dtype, x.device, w_fmt) is None:
             return _weight_only_mm_reference(x, w_data, w_scale, w_zero_point, w_global_scale, bias, w_fmt, out_dtype)
         plan = _weight_only_plan(x, w_data, w_fmt, bias)
         return weight_only_mm_triton(x, w_data, w_scale, w_zero_point, bias, w_fmt, out_dtype, plan)
+
+    @scaled_mm.register_kernel("cuda")
+    def _(x_data, x_scale, x_global_scale, w_data, w_scale, w_global_scale, bias, x_fmt, w_fmt, out_dtype):
+        if scaled_mm_kernel(out_dtype, x_data.device, x_fmt, w_fmt) is None:
+            return _scaled_mm_reference(
+                x_data, x_scale, x_global_scale, w_data, w_scale, w_global_scale, bias, x_fmt, w_fmt, out_dtype
+            )
+        plan = _scaled_mm_plan(out_dtype, x_data.device, w_data, x_fmt, w_fmt, bias)
+        return scaled_mm_triton(x_data, x_scale, w_data, w_scale, bias, x_fmt, w_fmt, out_dtype, plan)
 
 
 def kernel_name(
@@ -297,16 +388,34 @@ def kernel_name(
     device: torch.device | None,
     w_fmt: str | None,
     weight_only_below_m: int | None = None,
+    x_fmt: str | None = None,
 ) -> str:
     """What runs a fused op, for the report: `<op> [triton:...]` or `<op> [reference]`."""
-    runs = None
-    if op in ("weight_only_mm", "auto_mm") and None not in (device, x_dtype, w_fmt):
-        runs = weight_only_kernel(x_dtype, device, w_fmt)
+    known = None not in (device, x_dtype, w_fmt)
     if op == "auto_mm":
-        # The weight-only half (M < weight_only_below_m) runs weight_only_mm's kernel; the
-        # activation-quantized half is scaled_mm (no kernel yet).
-        return f"{op} [{runs or 'reference'} below M={weight_only_below_m}, reference above]"
+        low = weight_only_kernel(x_dtype, device, w_fmt) if known else None
+        high = scaled_mm_kernel(x_dtype, device, x_fmt, w_fmt) if known and x_fmt else None
+        if low is None or high is None:  # the lowering runs both halves' kernels or neither
+            low = high = None
+        return f"{op} [{low or 'reference'} below M={weight_only_below_m}, {high or 'reference'} above]"
+    runs = None
+    if op == "weight_only_mm" and known:
+        runs = weight_only_kernel(x_dtype, device, w_fmt)
+    if op == "scaled_mm" and known and x_fmt:
+        runs = scaled_mm_kernel(x_dtype, device, x_fmt, w_fmt)
     return f"{op} [{runs or 'reference'}]"
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+
+
+def _swap(graph: torch.fx.Graph, node: torch.fx.Node, target, args: tuple) -> None:
+    with graph.inserting_before(node):
+        kernel_node = graph.call_function(target, args)
+    kernel_node.meta.update(node.meta)
+    node.replace_all_uses_with(kernel_node)
+    graph.erase_node(node)
 
 
 def use_device_kernels(graph: torch.fx.Graph) -> dict[str, int]:
@@ -314,24 +423,42 @@ def use_device_kernels(graph: torch.fx.Graph) -> dict[str, int]:
     arguments plus its compile-time tile plan). Returns how many calls each kernel took."""
     counts: dict[str, int] = {}
     for node in list(graph.nodes):
-        if node.target is not torch.ops.lowbit.weight_only_mm.default:
+        if node.target is torch.ops.lowbit.weight_only_mm.default:
+            x, w_data, w_scale, w_zero_point, _, bias, w_fmt, out_dtype = node.args
+            x_val, w_val = _val(x), _val(w_data)
+            if x_val is None or w_val is None:
+                continue
+            name = weight_only_kernel(x_val.dtype, x_val.device, w_fmt)
+            if name is None:
+                continue
+            plan = _weight_only_plan(x_val, w_val, w_fmt, _val(bias))
+            args = (x, w_data, w_scale, w_zero_point, bias, w_fmt, out_dtype, plan)
+            _swap(graph, node, torch.ops.lowbit.weight_only_mm_triton.default, args)
+        elif node.target is torch.ops.lowbit.scaled_mm.default:
+            x_data, x_scale, _, w_data, w_scale, _, bias, x_fmt, w_fmt, out_dtype = node.args
+            x_val, w_val = _val(x_data), _val(w_data)
+            if x_val is None or w_val is None:
+                continue
+            name = scaled_mm_kernel(out_dtype, x_val.device, x_fmt, w_fmt)
+            if name is None:
+                continue
+            plan = _scaled_mm_plan(out_dtype, x_val.device, w_val, x_fmt, w_fmt, _val(bias))
+            args = (x_data, x_scale, w_data, w_scale, bias, x_fmt, w_fmt, out_dtype, plan)
+            _swap(graph, node, torch.ops.lowbit.scaled_mm_triton.default, args)
+        elif node.target is torch.ops.lowbit.auto_mm.default:
+            x, w_data, w_scale, w_zero_point, _, bias, w_fmt, x_fmt, below_m, out_dtype = node.args
+            x_val, w_val = _val(x), _val(w_data)
+            if x_val is None or w_val is None:
+                continue
+            names = auto_mm_kernels(x_val.dtype, x_val.device, w_fmt, x_fmt)
+            if names is None:
+                continue
+            name = "+".join(names)
+            low_plan = _weight_only_plan(x_val, w_val, w_fmt, _val(bias))
+            high_plan = _scaled_mm_plan(out_dtype, x_val.device, w_val, x_fmt, w_fmt, _val(bias))
+            args = (x, w_data, w_scale, w_zero_point, bias, w_fmt, x_fmt, below_m, out_dtype, low_plan, high_plan)
+            _swap(graph, node, torch.ops.lowbit.auto_mm_triton.default, args)
+        else:
             continue
-        x, w_data, w_scale, w_zero_point, _, bias, w_fmt, out_dtype = node.args
-        x_val, w_val = x.meta.get("val"), w_data.meta.get("val")
-        if x_val is None or w_val is None:
-            continue
-        name = weight_only_kernel(x_val.dtype, x_val.device, w_fmt)
-        if name is None:
-            continue
-        bias_val = bias.meta.get("val") if isinstance(bias, torch.fx.Node) else None
-        plan = _weight_only_plan(x_val, w_val, w_fmt, bias_val)
-        with graph.inserting_before(node):
-            kernel_node = graph.call_function(
-                torch.ops.lowbit.weight_only_mm_triton.default,
-                (x, w_data, w_scale, w_zero_point, bias, w_fmt, out_dtype, plan),
-            )
-        kernel_node.meta.update(node.meta)
-        node.replace_all_uses_with(kernel_node)
-        graph.erase_node(node)
         counts[name] = counts.get(name, 0) + 1
     return counts

@@ -183,7 +183,9 @@ def _kernel_text(site: Any) -> str | None:
     value = operand.meta.get("val") if isinstance(operand, torch.fx.Node) else None
     dtype = getattr(value, "dtype", None)
     device = getattr(value, "device", None)
-    return kernel_name(site.kernel.value, dtype, device, site.spec.weight, site.spec.weight_only_below_m)
+    return kernel_name(
+        site.kernel.value, dtype, device, site.spec.weight, site.spec.weight_only_below_m, site.spec.activation
+    )
 
 
 def build_report(sites: list[Any], policy: Any, graph: str = "") -> Report:

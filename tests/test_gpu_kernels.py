@@ -56,7 +56,7 @@ def _default_configs(monkeypatch):
     ],
 )
 def test_every_candidate_config_matches_reference(fmt_name, dtype):
-    from lowbit_compile.kernels import weight_only
+    from lowbit_compile.kernels import common, weight_only
 
     torch.manual_seed(0)
     n, k = 200, 384  # N and K not multiples of the tiles; K a multiple of every group size
@@ -64,7 +64,7 @@ def test_every_candidate_config_matches_reference(fmt_name, dtype):
     meta = weight_only.WeightMeta.of(get_format(fmt_name), data)
     bias = torch.randn(n, device="cuda", dtype=dtype)
     too_large = []
-    for first, last, bucket_m in weight_only.M_BUCKETS:
+    for first, last, bucket_m in common.M_BUCKETS:
         rows = [m for m in ROWS if m >= first and (last is None or m <= last)]  # a config runs in its bucket only
         for index, config in enumerate(weight_only._candidates(bucket_m, meta)):
             for m in rows:

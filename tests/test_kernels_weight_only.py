@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 from lowbit_compile import ops  # noqa: E402
-from lowbit_compile.kernels import weight_only  # noqa: E402
+from lowbit_compile.kernels import common, weight_only  # noqa: E402
 
 C = weight_only.WeightOnlyConfig
 FORMATS = ("int4_g32", "int4_g64_asym", "int4_g128", "int4_g128_asym", "int8_row", "fp8_e4m3_row")
@@ -88,7 +88,7 @@ def test_every_default_config_is_valid_and_runs():
     for fmt_name in FORMATS:
         data, scale, zero = _weight(fmt_name, 24, 256)
         meta = weight_only.WeightMeta.of(get_format(fmt_name), data)
-        for _, _, bucket_m in weight_only.M_BUCKETS:
+        for _, _, bucket_m in common.M_BUCKETS:
             config = weight_only.default_config(bucket_m, meta)
             m = min(bucket_m, 20)
             x = torch.randn(m, 256).half()
@@ -142,7 +142,7 @@ def test_op_body_with_split_k_buckets(m):
 
 def test_bucket_indicator_covers_every_m_once():
     for m in range(0, 300):
-        hits = [weight_only._bucket_indicator(m, first, last) for first, last, _ in weight_only.M_BUCKETS]
+        hits = [common.bucket_indicator(m, first, last) for first, last, _ in common.M_BUCKETS]
         assert sum(hits) == (1 if m >= 1 else 0), m
 
 
@@ -195,8 +195,8 @@ def test_lowering_swaps_the_op_for_the_triton_op_on_cuda(fmt_name, kernel):
     (node,) = [n for n in graph.nodes if n.op == "call_function"]
     assert node.target is torch.ops.lowbit.weight_only_mm_triton.default
     plan = node.args[-1]
-    assert len(plan) == weight_only._PLAN_FIELDS * len(weight_only.M_BUCKETS)
-    assert [bucket[:2] for bucket in weight_only.unflatten_plan(plan)] == [b[:2] for b in weight_only.M_BUCKETS]
+    assert len(plan) == weight_only._PLAN_FIELDS * len(common.M_BUCKETS)
+    assert [bucket[:2] for bucket in weight_only.unflatten_plan(plan)] == [b[:2] for b in common.M_BUCKETS]
     assert node.meta["val"].shape == (3, 7, 64)
     graph.lint()
 

@@ -27,7 +27,7 @@ Code paths, chosen per M bucket by tile config (`WeightOnlyConfig`):
   tiles (scale before the dot, when BLOCK_K spans several groups). With SWAP_AB the tile computes
   out^T = W @ x^T, the weight tile being the MMA's A operand in natural order (faster at M <= 128).
 - SPLIT_K > 1 (any path): programs take K slices and write fp32 partials, which
-  `splitk_sum_kernel` sums into the output.
+  `common.splitk_sum_kernel` sums into the output.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ except ImportError:  # pragma: no cover - triton is an optional dependency (CPU 
     tl = None
 
 from lowbit_compile.formats import ElementType, Format, Granularity
+from lowbit_compile.kernels import common
 
 # Formats this kernel family runs, by element and granularity (formats are data: any registered
 # record that matches runs here).
@@ -350,16 +351,6 @@ if triton is not None:
             out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
-    @triton.jit
-    def splitk_sum_kernel(partial_ptr, out_ptr, numel, stride_ps, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
-        """out = sum of SPLIT_K fp32 partials (contiguous (M, N) each), cast to out's dtype."""
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < numel
-        acc = tl.load(partial_ptr + offs, mask=mask, other=0.0)
-        for s in tl.static_range(1, SPLIT_K):
-            acc += tl.load(partial_ptr + s * stride_ps + offs, mask=mask, other=0.0)
-        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
 
 # -- launch parameters ----------------------------------------------------------------------------
 
@@ -404,7 +395,7 @@ def config_is_valid(config: WeightOnlyConfig, meta: WeightMeta) -> bool:
 
 
 def kernel_arguments(meta: WeightMeta, config: WeightOnlyConfig, has_bias: bool) -> dict[str, int | bool]:
-    """The constexpr arguments of one launch (warps and stages travel with `_runner`)."""
+    """The constexpr arguments of one launch (warps and stages travel with `common.runner`)."""
     return dict(
         GROUP=meta.group,
         BITS=meta.bits,
@@ -435,13 +426,6 @@ def k_slice(meta: WeightMeta, config: WeightOnlyConfig) -> int:
 
 
 # -- M buckets and tuning -----------------------------------------------------------------------
-
-# Rows (first, last) each bucket serves (last None: no limit), and the M its configs are tuned at.
-# Inductor compiles one launch per bucket; a launch whose bucket does not hold this call's M has an
-# empty grid, which Triton skips (and a CUDA graph never records), so M stays dynamic without a
-# recompile or a guard.
-M_BUCKETS: tuple[tuple[int, int | None, int], ...] = ((1, 1, 1), (2, 16, 16), (17, 128, 128), (129, None, 4096))
-
 
 def _candidates(bucket_m: int, meta: WeightMeta) -> list[WeightOnlyConfig]:
     """Tile configs worth trying for a bucket, pruned by shape: tiles are clamped to the weight
@@ -484,19 +468,6 @@ def default_config(bucket_m: int, meta: WeightMeta) -> WeightOnlyConfig:
     return _candidates(bucket_m, meta)[0]
 
 
-_runner_cache: dict[tuple[int, int], object] = {}
-
-
-def _runner(num_warps: int, num_stages: int):
-    """The kernel with its warps and stages fixed, as a one-config autotuner: the form both Triton's
-    launcher and Inductor's user-kernel codegen take these settings from."""
-    key = (num_warps, num_stages)
-    if key not in _runner_cache:
-        config = triton.Config({}, num_warps=num_warps, num_stages=num_stages)
-        _runner_cache[key] = triton.autotune(configs=[config], key=[])(weight_only_kernel)
-    return _runner_cache[key]
-
-
 def launch(
     x2d: torch.Tensor,
     w_data: torch.Tensor,
@@ -514,11 +485,9 @@ def launch(
     SymInt) multiplies the grids: 0 launches nothing. `max_rows` bounds the rows a split-K config's
     fp32 partials hold (the bucket's last row). `wrap` is `torch.library.wrap_triton` when traced."""
     m = x2d.shape[0]
-    kernel = _runner(config.num_warps, config.num_stages)
-    summing = None
+    kernel = common.runner(weight_only_kernel, config.num_warps, config.num_stages)
     if wrap is not None:
         kernel = wrap(kernel)
-        summing = wrap(splitk_sum_kernel)
     programs = grid(m, meta.n, config)
     constexprs = kernel_arguments(meta, config, bias is not None)
     if config.SPLIT_K > 1:
@@ -546,14 +515,7 @@ def launch(
         **constexprs,
     )
     if config.SPLIT_K > 1:
-        summing = summing or splitk_sum_kernel
-        numel = m * meta.n
-        summing[(((numel + SUM_BLOCK - 1) // SUM_BLOCK) * active,)](
-            target, out, numel, split_stride, SPLIT_K=config.SPLIT_K, BLOCK=SUM_BLOCK
-        )
-
-
-SUM_BLOCK = 1024
+        common.sum_partials(target, out, config.SPLIT_K, split_stride, active=active, wrap=wrap)
 
 
 def _random_weight(meta: WeightMeta, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -588,10 +550,10 @@ def _plan(meta: WeightMeta, dtype: torch.dtype, has_bias: bool, device: torch.de
         """Random weights like `meta` for timing candidates, in copies that together exceed L2 (in
         a model no weight stays in L2 between calls): made once per plan, only if a bucket tunes."""
         weight_bytes = meta.n * meta.k * meta.bits // 8
-        return [_random_weight(meta, device) for _ in range(max(1, min(8, -(-_L2_BYTES // weight_bytes))))]
+        return [_random_weight(meta, device) for _ in range(max(1, min(8, -(-common.L2_BYTES // weight_bytes))))]
 
     flat: list[int] = []
-    for first, last, bucket_m in M_BUCKETS:
+    for first, last, bucket_m in common.M_BUCKETS:
         if tune:
             key = "|".join(
                 (
@@ -635,34 +597,13 @@ def _timed_launch(weights, meta, dtype, has_bias, device, m, config) -> Callable
     return run_once
 
 
-_L2_BYTES = 64 * 2**20
 
 
 _PLAN_FIELDS = 9
 
 
 def unflatten_plan(flat: list[int]) -> list[tuple[int, int | None, WeightOnlyConfig]]:
-    buckets = []
-    for i in range(0, len(flat), _PLAN_FIELDS):
-        first, last, *config = flat[i : i + _PLAN_FIELDS]
-        buckets.append((first, None if last < 0 else last, WeightOnlyConfig.from_tuple(config)))
-    return buckets
-
-
-def _bucket_indicator(m, first: int, last: int | None):
-    """1 if first <= m <= last else 0, as SymInt arithmetic (no guard on a dynamic m)."""
-    above = torch.sym_max(0, torch.sym_min(1, m - first + 1))
-    if last is None:
-        return above
-    return above * torch.sym_max(0, torch.sym_min(1, last - m + 1))
-
-
-def _statically_zero(value) -> bool:
-    if isinstance(value, int):
-        return value == 0
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-    return statically_known_true(value == 0)
+    return [(first, last, WeightOnlyConfig.from_tuple(c)) for first, last, c in common.unflatten_plan(flat, _PLAN_FIELDS)]
 
 
 def run(
@@ -681,11 +622,12 @@ def run(
 
     meta = WeightMeta.of(get_format(w_fmt), w_data)
     x2d = x.contiguous().reshape(-1, meta.k)
-    m = x2d.shape[0]
-    out = torch.empty((m, meta.n), dtype=out_dtype, device=x.device)
-    for first, last, config in unflatten_plan(flat_plan):
-        active = _bucket_indicator(m, first, last)
-        if _statically_zero(active):
-            continue
-        launch(x2d, w_data, w_scale, w_zero_point, bias, out, meta, config, active=active, max_rows=last, wrap=wrap)
+    out = torch.empty((x2d.shape[0], meta.n), dtype=out_dtype, device=x.device)
+    launch_plan(x2d, w_data, w_scale, w_zero_point, bias, out, meta, flat_plan, wrap=wrap)
     return out.reshape(*x.shape[:-1], meta.n)
+
+
+def launch_plan(x2d, w_data, w_scale, w_zero_point, bias, out, meta: WeightMeta, flat_plan: list[int], wrap=None) -> None:
+    """Each bucket's launch into `out` (M, N), with a grid that is empty unless M is in the bucket."""
+    for active, last, config in common.active_buckets(x2d.shape[0], unflatten_plan(flat_plan)):
+        launch(x2d, w_data, w_scale, w_zero_point, bias, out, meta, config, active=active, max_rows=last, wrap=wrap)

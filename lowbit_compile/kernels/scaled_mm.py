@@ -1,0 +1,454 @@
+"""Scaled GEMM (A8W8) in Triton: y[M, N] = (x_q[M, K] @ w_q[N, K].T) * scales + bias.
+
+Operands are 8-bit on both sides and meet on 8-bit tensor cores (fp8 e4m3 -> fp32 accumulation,
+int8 -> int32 accumulation); the scales and the bias are applied in the epilogue, so there is no
+dequantization pass and no separate scaling kernel.
+
+Shapes and layouts (the reference layouts of `lowbit_compile.reference`, shared with the CPU):
+- x_data: (M, K) fp8 e4m3 or int8, row-major (the launcher flattens leading dims). The activation
+  is quantized by the graph before this op (`lowbit::quantize` decomposes into aten ops, which
+  Inductor fuses into the kernel that produces the activation).
+- w_data: (N, K) of the same element type, row-major: K-major, as Hopper's 8-bit MMA wants.
+- scales, fp32:
+  * per token / per channel: x (M, 1), w (N, 1); per tensor: one element (read with stride 0);
+  * blocks (`fp8-block`, the DeepSeek-V3 recipe): x (M, K//128) per 1x128 group, w (ceil(N/128),
+    K//128) per 128x128 block; each 128-wide K step's partial product is scaled before it is added
+    (BLOCK_K divides 128).
+- bias: (N,) any float dtype, or absent. out: (M, N) in the op's out dtype.
+
+Code paths, chosen per M bucket by tile config (`ScaledMMConfig`):
+- SWAP_AB: the tile computes out^T = W @ x^T, so the weight fills the MMA's 64-row side and a
+  decode-sized M sits on its narrow side (M = 1..16 pads to 16 rows instead of 64).
+- SPLIT_K > 1: programs take K slices and write fp32 partials, summed by `common.splitk_sum_kernel`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is optional
+    triton = None
+    tl = None
+
+from lowbit_compile.formats import ElementType, Format, Granularity, ScaleType
+from lowbit_compile.kernels import common
+
+BLOCK_SCALE_SIZE = 128  # the fp8-block recipe: 1x128 activation groups, 128x128 weight blocks
+
+
+def supports(x_fmt: Format, w_fmt: Format) -> str | None:
+    """None if the scaled-GEMM kernel runs this pair of formats, else why not."""
+    elements = {x_fmt.element, w_fmt.element}
+    if elements not in ({ElementType.FP8_E4M3}, {ElementType.INT8}):
+        return f"scaled-GEMM kernels need fp8 e4m3 x fp8 e4m3 or int8 x int8, not {x_fmt.name} x {w_fmt.name}"
+    for fmt in (x_fmt, w_fmt):
+        if fmt.scale_type is not ScaleType.FP32 or fmt.global_scale or not fmt.symmetric:
+            return f"scaled-GEMM kernels need symmetric fp32 scales, not {fmt.name}"
+    per_row = (Granularity.ROW, Granularity.TENSOR)
+    if x_fmt.granularity in per_row and w_fmt.granularity in per_row:
+        return None
+    if (
+        x_fmt.granularity is Granularity.GROUP
+        and x_fmt.group_size == BLOCK_SCALE_SIZE
+        and w_fmt.granularity is Granularity.BLOCK
+        and w_fmt.group_size == BLOCK_SCALE_SIZE
+        and w_fmt.block_rows == BLOCK_SCALE_SIZE
+    ):
+        return None
+    return f"scaled-GEMM kernels run row/tensor scales or 1x128 x 128x128 blocks, not {x_fmt.name} x {w_fmt.name}"
+
+
+@dataclass(frozen=True)
+class ScaledMMConfig:
+    """One tile configuration."""
+
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    num_warps: int = 4
+    num_stages: int = 3
+    SPLIT_K: int = 1  # programs along K per output tile; > 1 writes fp32 partials, summed by a second kernel
+    SWAP_AB: int = 0  # 1: compute out^T = W @ x^T (the weight tile is the MMA's A operand)
+
+    def as_tuple(self) -> tuple[int, ...]:
+        return dataclasses.astuple(self)
+
+    @classmethod
+    def from_tuple(cls, values: tuple[int, ...] | list[int]) -> ScaledMMConfig:
+        return cls(*values)
+
+
+_PLAN_FIELDS = 2 + len(dataclasses.fields(ScaledMMConfig))
+
+
+if triton is not None:
+
+    @triton.jit
+    def scaled_mm_kernel(
+        x_ptr,
+        x_scale_ptr,
+        w_ptr,
+        w_scale_ptr,
+        bias_ptr,
+        out_ptr,
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_wn,
+        stride_xs,  # x scale: elements between two rows' scales (0: one per tensor)
+        stride_ws,  # w scale: elements between two channels' (or 128-row blocks') scales (0: per tensor)
+        stride_om,
+        stride_os,  # split-K: elements between the partial outputs of two K slices
+        K_SLICE,  # split-K: K elements per slice, a multiple of BLOCK_K (K when SPLIT_K == 1)
+        BLOCK_SCALES: tl.constexpr,  # 1x128 x 128x128 block scales, applied per K step (else in the epilogue)
+        INT8: tl.constexpr,  # int8 operands, int32 accumulation (else fp8 e4m3, fp32)
+        HAS_BIAS: tl.constexpr,
+        EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks along K
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,  # row tiles that share a sweep over N (L2 reuse of weight tiles)
+        SPLIT_K: tl.constexpr,
+        SWAP_AB: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        pid_k = pid % SPLIT_K  # neighbouring programs take the K slices of one output tile
+        pid = pid // SPLIT_K
+        k_begin = pid_k * K_SLICE
+        k_end = tl.minimum(k_begin + K_SLICE, K)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        num_pid_in_group = GROUP_M * num_pid_n
+        group_id = pid // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+        pid_n = (pid % num_pid_in_group) // group_size_m
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        # Rows and channels past the edge read row 0 (valid memory) instead of masking every load;
+        # their results are never stored.
+        offs_m_safe = tl.where(m_mask, offs_m, 0)
+        offs_n_safe = tl.where(n_mask, offs_n, 0)
+        offs_k = k_begin + tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + offs_m_safe[:, None] * stride_xm + offs_k[None, :]
+        w_ptrs = w_ptr + offs_n_safe[:, None] * stride_wn + offs_k[None, :]
+        if BLOCK_SCALES:
+            x_scale_ptrs = x_scale_ptr + offs_m_safe * stride_xs + k_begin // 128
+            w_scale_ptrs = w_scale_ptr + (offs_n_safe // 128) * stride_ws + k_begin // 128
+
+        ACC_DTYPE: tl.constexpr = tl.int32 if INT8 else tl.float32
+        if SWAP_AB:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32 if BLOCK_SCALES else ACC_DTYPE)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32 if BLOCK_SCALES else ACC_DTYPE)
+
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            if EVEN_K:
+                x = tl.load(x_ptrs)
+                w = tl.load(w_ptrs)
+            else:
+                k_mask = (k0 + tl.arange(0, BLOCK_K)) < K
+                x = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
+            if BLOCK_SCALES:
+                step = (k0 - k_begin) // 128
+                xs = tl.load(x_scale_ptrs + step)
+                ws = tl.load(w_scale_ptrs + step)
+                if SWAP_AB:
+                    acc += tl.dot(w, tl.trans(x)) * (ws[:, None] * xs[None, :])
+                else:
+                    acc += tl.dot(x, tl.trans(w)) * (xs[:, None] * ws[None, :])
+            elif SWAP_AB:
+                acc = tl.dot(w, tl.trans(x), acc, out_dtype=ACC_DTYPE)
+            else:
+                acc = tl.dot(x, tl.trans(w), acc, out_dtype=ACC_DTYPE)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+
+        acc = acc.to(tl.float32)
+        if not BLOCK_SCALES:
+            xs = tl.load(x_scale_ptr + offs_m_safe * stride_xs)
+            ws = tl.load(w_scale_ptr + offs_n_safe * stride_ws)
+            if SWAP_AB:
+                acc = acc * (ws[:, None] * xs[None, :])
+            else:
+                acc = acc * (xs[:, None] * ws[None, :])
+        if HAS_BIAS and pid_k == 0:  # split-K: the bias joins the first slice's partial only
+            bias = tl.load(bias_ptr + offs_n_safe).to(tl.float32)
+            if SWAP_AB:
+                acc += bias[:, None]
+            else:
+                acc += bias[None, :]
+        out_ptr += pid_k * stride_os
+        if SWAP_AB:
+            out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[None, :] & n_mask[:, None])
+        else:
+            out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+# -- launch parameters ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScaledMeta:
+    """What the kernel needs to know about a folded weight and the activation format (static)."""
+
+    n: int
+    k: int
+    int8: bool
+    block_scales: bool
+    x_per_tensor: bool  # one activation scale (read with stride 0)
+    w_per_tensor: bool
+
+    @classmethod
+    def of(cls, x_fmt: Format, w_fmt: Format, w_data: torch.Tensor) -> ScaledMeta:
+        return cls(
+            n=w_data.shape[0],
+            k=w_data.shape[-1],
+            int8=w_fmt.element is ElementType.INT8,
+            block_scales=w_fmt.granularity is Granularity.BLOCK,
+            x_per_tensor=x_fmt.granularity is Granularity.TENSOR,
+            w_per_tensor=w_fmt.granularity is Granularity.TENSOR,
+        )
+
+
+def config_is_valid(config: ScaledMMConfig, meta: ScaledMeta) -> bool:
+    if config.BLOCK_K % 32 or min(config.BLOCK_M, config.BLOCK_N) < 16:
+        return False
+    if meta.block_scales and (BLOCK_SCALE_SIZE % config.BLOCK_K or k_slice(meta, config) % BLOCK_SCALE_SIZE):
+        return False  # each K step lies inside one 128-wide scale block, each slice starts on one
+    return True
+
+
+def kernel_arguments(meta: ScaledMeta, config: ScaledMMConfig, has_bias: bool) -> dict[str, int | bool]:
+    return dict(
+        BLOCK_SCALES=meta.block_scales,
+        INT8=meta.int8,
+        HAS_BIAS=has_bias,
+        EVEN_K=meta.k % config.BLOCK_K == 0,
+        BLOCK_M=config.BLOCK_M,
+        BLOCK_N=config.BLOCK_N,
+        BLOCK_K=config.BLOCK_K,
+        GROUP_M=8,
+        SPLIT_K=config.SPLIT_K,
+        SWAP_AB=bool(config.SWAP_AB),
+    )
+
+
+def k_slice(meta: ScaledMeta, config: ScaledMMConfig) -> int:
+    """K elements per split-K slice: whole tiles (whole 128-blocks with block scales), spread evenly."""
+    unit = max(config.BLOCK_K, BLOCK_SCALE_SIZE) if meta.block_scales else config.BLOCK_K
+    units = triton.cdiv(meta.k, unit)
+    return triton.cdiv(units, config.SPLIT_K) * unit
+
+
+def _candidates(bucket_m: int, meta: ScaledMeta) -> list[ScaledMMConfig]:
+    """Tile configs worth trying for a bucket; the first is the default (tuning off, interpreter)."""
+    C = ScaledMMConfig
+    if bucket_m <= 16:
+        # Memory bound: the weight streams once; swapped tiles put M on the MMA's narrow side, and
+        # split K keeps enough tiles in flight for the N x K weight.
+        configs = [C(16, 64, 128, 4, 4, 1, 1)]
+        configs += [C(16, 64, 128, 4, 4, s, 1) for s in (2, 4)] + [C(16, 128, 128, 4, 4, s, 1) for s in (1, 2)]
+        configs += [C(16, 64, 256, 4, 3, s, 1) for s in (1, 2)] + [C(16, 128, 256, 4, 3, 1, 1)]
+        configs += [C(16, 64, 512, 4, 3, 1, 1), C(16, 64, 128, 4, 6, 1, 1)]
+    elif bucket_m <= 128:
+        configs = [C(64, 128, 128, 4, 4)]
+        configs += [C(128, 128, 128, 8, 3), C(64, 128, 128, 4, 4, 2), C(128, 128, 128, 4, 4), C(64, 64, 128, 4, 4)]
+        configs += [C(64, 64, 128, 4, 4, 2), C(64, 256, 128, 8, 3)]
+        configs += [C(bm, 128, 128, 4, 4, 1, 1) for bm in (32, 64, 128)]
+    else:
+        configs = [C(128, 128, 128, 8, 3)]
+        configs += [C(128, 256, 128, 8, 3), C(128, 128, 128, 4, 4), C(128, 256, 64, 8, 4), C(128, 128, 64, 4, 4)]
+        configs += [C(256, 128, 128, 8, 3), C(64, 256, 128, 8, 3), C(128, 128, 128, 8, 4)]
+    max_n = max(16, triton.next_power_of_2(meta.n))
+    max_k = max(32, triton.next_power_of_2(meta.k))
+    clamped = [dataclasses.replace(c, BLOCK_N=min(c.BLOCK_N, max_n), BLOCK_K=min(c.BLOCK_K, max_k)) for c in configs]
+    return [c for c in dict.fromkeys(clamped) if config_is_valid(c, meta)]
+
+
+def default_config(bucket_m: int, meta: ScaledMeta) -> ScaledMMConfig:
+    return _candidates(bucket_m, meta)[0]
+
+
+def grid(m, n: int, config: ScaledMMConfig) -> object:
+    tiles_m = (m + config.BLOCK_M - 1) // config.BLOCK_M
+    return tiles_m * triton.cdiv(n, config.BLOCK_N) * config.SPLIT_K
+
+
+def launch(
+    x2d: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_data: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    meta: ScaledMeta,
+    config: ScaledMMConfig,
+    active=1,
+    max_rows: int | None = None,
+    wrap=None,
+) -> None:
+    """The launches for all rows of `x2d` into `out` (M, N, contiguous); `x_scale` is (M, 1), (M,
+    K//128) or one element (as `meta` says). `active`, `max_rows` and `wrap` as in `weight_only.launch`."""
+    m = x2d.shape[0]
+    kernel = common.runner(scaled_mm_kernel, config.num_warps, config.num_stages)
+    if wrap is not None:
+        kernel = wrap(kernel)
+    if config.SPLIT_K > 1:
+        rows = m if max_rows is None else torch.sym_min(m, max_rows)
+        target = torch.empty((config.SPLIT_K, rows, meta.n), dtype=torch.float32, device=out.device)
+        split_stride = rows * meta.n
+    else:
+        target, split_stride = out, 0
+    kernel[(grid(m, meta.n, config) * active,)](
+        x2d,
+        x_scale,
+        w_data,
+        w_scale,
+        bias if bias is not None else w_scale,
+        target,
+        m,
+        meta.n,
+        meta.k,
+        x2d.stride(0),
+        w_data.stride(0),
+        0 if meta.x_per_tensor else x_scale.stride(0),
+        0 if meta.w_per_tensor else w_scale.stride(0),
+        meta.n,
+        split_stride,
+        k_slice(meta, config),
+        **kernel_arguments(meta, config, bias is not None),
+    )
+    if config.SPLIT_K > 1:
+        common.sum_partials(target, out, config.SPLIT_K, split_stride, active=active, wrap=wrap)
+
+
+# -- tuning -----------------------------------------------------------------------------------------
+
+
+def _random_operands(meta: ScaledMeta, m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(data, scale) of random 8-bit rows like `meta`'s weight (n rows) or activation (m rows)."""
+    k_blocks = triton.cdiv(meta.k, BLOCK_SCALE_SIZE)
+    if meta.int8:
+        data = torch.randint(-127, 128, (m, meta.k), dtype=torch.int8, device=device)
+    else:
+        data = torch.randn(m, meta.k, device=device).to(torch.float8_e4m3fn)
+    scale = torch.rand(m, k_blocks if meta.block_scales else 1, device=device) / 64
+    return data, scale
+
+
+def plan(meta: ScaledMeta, out_dtype: torch.dtype, has_bias: bool, device: torch.device) -> list[int]:
+    """Per M bucket, the tile config to launch, flattened for the op's `int[]` argument:
+    (first row, last row or -1, *ScaledMMConfig fields) per bucket."""
+    from lowbit_compile.kernels import tuning
+
+    return list(_plan(meta, out_dtype, has_bias, device, tuning.tuning_enabled() and device.type == "cuda"))
+
+
+@functools.cache
+def _plan(meta: ScaledMeta, out_dtype: torch.dtype, has_bias: bool, device: torch.device, tune: bool) -> tuple[int, ...]:
+    from lowbit_compile.kernels import tuning
+
+    @functools.cache
+    def weight_copies() -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if meta.block_scales:
+            copies = max(1, min(8, -(-common.L2_BYTES // (meta.n * meta.k))))
+            weights = []
+            for _ in range(copies):
+                data, _ = _random_operands(meta, meta.n, device)
+                blocks = torch.rand(triton.cdiv(meta.n, 128), triton.cdiv(meta.k, 128), device=device) / 64
+                weights.append((data, blocks))
+            return weights
+        return [_random_operands(meta, meta.n, device) for _ in range(max(1, min(8, -(-common.L2_BYTES // (meta.n * meta.k)))))]
+
+    buckets = []
+    for first, last, bucket_m in common.M_BUCKETS:
+        if tune:
+            key = "|".join(
+                (
+                    "scaled_mm",
+                    torch.cuda.get_device_name(device),
+                    triton.__version__,
+                    tuning.source_digest(__file__),
+                    f"n{meta.n}k{meta.k}i{int(meta.int8)}b{int(meta.block_scales)}",
+                    str(out_dtype),
+                    f"bias{int(has_bias)}",
+                    f"m{bucket_m}",
+                )
+            )
+            config = tuning.pick(
+                key,
+                _candidates(bucket_m, meta),
+                lambda config, m=bucket_m: _timed_launch(weight_copies(), meta, out_dtype, has_bias, device, m, config),
+                encode=ScaledMMConfig.as_tuple,
+                decode=ScaledMMConfig.from_tuple,
+            )
+        else:
+            config = default_config(bucket_m, meta)
+        buckets.append((first, last, config.as_tuple()))
+    return tuple(common.flatten_plan(buckets))
+
+
+def _timed_launch(weights, meta, out_dtype, has_bias, device, m, config) -> Callable[[], None]:
+    copies = len(weights)
+    x, x_scale = _random_operands(meta, m, device)
+    bias = torch.randn(meta.n, dtype=out_dtype, device=device) if has_bias else None
+    out = torch.empty(m, meta.n, dtype=out_dtype, device=device)
+    launch(x, x_scale, *weights[0], bias, out, meta, config)  # compile (and fail early) outside the timing
+    turn = [0]
+
+    def run_once() -> None:
+        turn[0] = (turn[0] + 1) % copies
+        launch(x, x_scale, *weights[turn[0]], bias, out, meta, config)
+
+    return run_once
+
+
+def unflatten_plan(flat: list[int]) -> list[tuple[int, int | None, ScaledMMConfig]]:
+    return [(first, last, ScaledMMConfig.from_tuple(c)) for first, last, c in common.unflatten_plan(flat, _PLAN_FIELDS)]
+
+
+def run(
+    x_data: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_data: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    x_fmt: str,
+    w_fmt: str,
+    out_dtype: torch.dtype,
+    flat_plan: list[int],
+    wrap=None,
+) -> torch.Tensor:
+    """The op body: one launch per M bucket (empty outside its bucket), output in x's leading shape."""
+    from lowbit_compile.formats import get_format
+
+    meta = ScaledMeta.of(get_format(x_fmt), get_format(w_fmt), w_data)
+    x2d = x_data.contiguous().reshape(-1, meta.k)
+    m = x2d.shape[0]
+    x_scale2d = x_scale.reshape(1, 1) if meta.x_per_tensor else x_scale.contiguous().reshape(-1, x_scale.shape[-1])
+    out = torch.empty((m, meta.n), dtype=out_dtype, device=x_data.device)
+    launch_plan(x2d, x_scale2d, w_data, w_scale, bias, out, meta, flat_plan, wrap=wrap)
+    return out.reshape(*x_data.shape[:-1], meta.n)
+
+
+def launch_plan(x2d, x_scale2d, w_data, w_scale, bias, out, meta: ScaledMeta, flat_plan: list[int], wrap=None) -> None:
+    """Each bucket's launch into `out` (M, N), with a grid that is empty unless M is in the bucket."""
+    for active, last, config in common.active_buckets(x2d.shape[0], unflatten_plan(flat_plan)):
+        launch(x2d, x_scale2d, w_data, w_scale, bias, out, meta, config, active=active, max_rows=last, wrap=wrap)
