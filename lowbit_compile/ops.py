@@ -68,6 +68,17 @@ def _dequantize_impl(
 _library.impl("quantize", _quantize_impl, "CompositeImplicitAutograd")
 _library.impl("dequantize", _dequantize_impl, "CompositeImplicitAutograd")
 
+# A static (calibrated) activation scale: the scale is an input, not reduced from x per call.
+_library.define("quantize_static(Tensor x, Tensor scale, str fmt) -> (Tensor, Tensor, Tensor, Tensor)")
+
+
+def _quantize_static_impl(x: Tensor, scale: Tensor, fmt: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    q = reference.quantize_with_scale(x, scale, get_format(fmt))
+    return q.data, q.scale, _absent(x), _absent(x)
+
+
+_library.impl("quantize_static", _quantize_static_impl, "CompositeImplicitAutograd")
+
 
 # -- fused ops (opaque) ---------------------------------------------------------------------------
 

@@ -43,6 +43,7 @@ __all__ = [
     "fake_quantize",
     "pack_4bit",
     "quantize",
+    "quantize_with_scale",
     "scale_to_float",
     "unpack_4bit",
 ]
@@ -323,6 +324,23 @@ def quantize(x: Tensor, fmt: Format | str) -> QuantizedTensor:
     zero_point_full = None if zero_point is None else expand_scale(zero_point, fmt, x.shape)
     data = _encode_elements(scaled, fmt, zero_point_full)
     return QuantizedTensor(data, stored, zero_point, global_scale)
+
+
+def quantize_with_scale(x: Tensor, scale: Tensor, fmt: Format | str) -> QuantizedTensor:
+    """Quantize `x` with a given scale (a static, calibrated one) instead of one computed from `x`.
+
+    `scale` is float, in the layout `quantize` gives for `fmt` or broadcastable to it (TENSOR:
+    (1, ..., 1)). Values beyond the scale's range saturate at the format's largest code. Only
+    symmetric formats with fp32/bf16 scales: the others derive more than one number from `x`."""
+    fmt = get_format(fmt)
+    if not fmt.symmetric or fmt.global_scale or fmt.scale_type not in (ScaleType.FP32, ScaleType.BF16):
+        raise ValueError(f"a given scale needs a symmetric format with fp32/bf16 scales, not {fmt.name}")
+    reason = check_quantizable(x.shape, x.dtype, fmt)
+    if reason is not None:
+        raise ValueError(f"cannot quantize a {tuple(x.shape)} {x.dtype} tensor as {fmt.name}: {reason}")
+    stored, decoded = _store_scale(scale.float(), fmt)
+    data = _encode_elements(_divide(x.float(), expand_scale(decoded, fmt, x.shape)), fmt, None)
+    return QuantizedTensor(data, stored, None, None)
 
 
 def dequantize(q: QuantizedTensor, fmt: Format | str, dtype: torch.dtype = torch.float32) -> Tensor:

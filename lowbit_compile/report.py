@@ -260,6 +260,10 @@ def _site_outputs(
         q, k, v, mask = value("q"), value("k"), value("v"), value("mask")
         attrs = site.attrs
         kwargs = {"is_causal": attrs["is_causal"], "scale": attrs["scale"], "enable_gqa": attrs["enable_gqa"]}
+        if attrs.get("k_transposed"):  # as the qdq stage: q @ kt with kt stored (..., D, S)
+            k = k.transpose(-2, -1)
+        if attrs.get("mask_fill") is not None:  # scores.masked_fill(mask, fill) as an additive mask
+            mask = torch.zeros_like(mask, dtype=torch.float32).masked_fill(mask, attrs["mask_fill"])
         if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool:
             mask = mask.float()
         reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, **kwargs)
@@ -303,7 +307,9 @@ def measure_site_sqnr(
     The accuracy gate runs in the same pass: a site whose spec has a `min_sqnr` floor and measures
     below it takes the first fallback that `spec_problem(site, spec)` accepts, measured on the same
     operands (no further run of the graph); with none left it is left unquantized. The site records
-    what it fell back from and why.
+    what it fell back from and why. Attention sites are gated the same way: their SQNR compares the
+    output with unquantized SDPA on the same q, k, v and mask, and with no fallback left the
+    model's own attention (SDPA, or its matmul-softmax-matmul) runs in the model's dtype.
 
     If the graph cannot be run eagerly here, SQNR stays unknown (`site.sqnr_note` says why) and
     compiling goes on."""
@@ -406,6 +412,8 @@ def _accuracy_gate(site, env, parameters, quantized_weight, spec_problem) -> Non
             candidate = candidate.fallback
         if candidate is None:
             site.skip_reason = "accuracy gate: " + "; ".join(site.fell_back_from) + "; no fallback left"
+            if site.kind.value == "attention":  # the site is left as the model wrote it
+                site.skip_reason += ": the model's own attention runs unquantized"
             site.sqnr_db = None
             log.info("site %s (%s) left unquantized by the accuracy gate", site.fqn, site.kind.value)
             return

@@ -1,4 +1,4 @@
-"""Calibration-free scale / zero-point search for int4 weights (fold time only).
+"""Scale / zero-point search for int4 weights (fold time only; calibration-free unless calibrated).
 
 `reference.quantize` rounds to nearest with the scale set by each group's range (RTN). For 4-bit
 weights that wastes most of the 16 levels on a group's one or two outliers. `search_quantize`
@@ -19,6 +19,12 @@ A group keeps the round-to-nearest result unless the search found a strictly sma
 error is never larger than RTN's, and groups RTN treats specially (all zero: scale 0; NaN/Inf: a
 non-finite scale) are RTN's exactly. Zero points of searched asymmetric groups are finite floats,
 not necessarily integers (dequantize computes (code - zero_point) * scale in fp32 either way).
+
+With calibration (`lowbit_compile.calibrate`), the error is weighted per input channel:
+sum_k importance_k * (dequantize(q) - w)_k^2, importance_k being the mean square of the activation
+that channel k multiplies (activation-aware, a diagonal approximation of the layer's output error;
+GPTQ's Hessian diagonal). Both steps then solve the weighted problem; the comparison with RTN uses
+the same weighted error.
 
 Only weights go through this, once, at compile time (`passes.state.quantize_weight`); activation
 quantization is `reference.quantize` unchanged. Everything is vectorised over groups; rows are
@@ -71,14 +77,20 @@ def _encode(w: Tensor, scale: Tensor, zero: Tensor | None, fmt: Format) -> Tenso
     return torch.round(scaled).clamp(fmt.qmin, fmt.qmax)
 
 
-def _error(w: Tensor, codes: Tensor, scale: Tensor, zero: Tensor | None) -> Tensor:
+def _error(w: Tensor, codes: Tensor, scale: Tensor, zero: Tensor | None, weight: Tensor | None = None) -> Tensor:
     values = codes - zero if zero is not None else codes
-    return (values * scale - w).square().sum(-1, keepdim=True)
+    squares = (values * scale - w).square()
+    return (squares if weight is None else squares * weight).sum(-1, keepdim=True)
 
 
-def _least_squares(w: Tensor, codes: Tensor, scale: Tensor, zero: Tensor | None) -> tuple[Tensor, Tensor | None]:
+def _least_squares(
+    w: Tensor, codes: Tensor, scale: Tensor, zero: Tensor | None, weight: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
     """The (scale, zero) minimising ||(codes - zero) * scale - w||^2 for fixed codes, per group; the
-    old values where the regression is degenerate (all codes equal, or a non-positive slope)."""
+    old values where the regression is degenerate (all codes equal, or a non-positive slope).
+    `weight` (broadcastable to w): per-element weights of the squares (weighted regression)."""
+    if weight is not None:
+        return _weighted_least_squares(w, codes, scale, zero, weight)
     if zero is None:
         denom = codes.square().sum(-1, keepdim=True)
         new_scale = (codes * w).sum(-1, keepdim=True) / denom
@@ -96,8 +108,33 @@ def _least_squares(w: Tensor, codes: Tensor, scale: Tensor, zero: Tensor | None)
     return slope, new_zero
 
 
-def _search_rows(w: Tensor, fmt: Format, grid: Tensor, steps: int) -> tuple[Tensor, Tensor | None, Tensor]:
-    """Best (scale, zero, error) per group of `w` (R, G, g), each (R, G, 1)."""
+def _weighted_least_squares(
+    w: Tensor, codes: Tensor, scale: Tensor, zero: Tensor | None, weight: Tensor
+) -> tuple[Tensor, Tensor | None]:
+    """`_least_squares` with weighted squares; a group whose weights are all zero keeps its values."""
+    weight = weight.expand_as(w)
+    if zero is None:
+        denom = (weight * codes.square()).sum(-1, keepdim=True)
+        new_scale = (weight * codes * w).sum(-1, keepdim=True) / denom
+        ok = (denom > 0) & (new_scale > 0) & torch.isfinite(new_scale)
+        return torch.where(ok, new_scale, scale), None
+    total = weight.sum(-1, keepdim=True)
+    c_mean = (weight * codes).sum(-1, keepdim=True) / total
+    w_mean = (weight * w).sum(-1, keepdim=True) / total
+    dc = codes - c_mean
+    var = (weight * dc.square()).sum(-1, keepdim=True)
+    slope = (weight * dc * (w - w_mean)).sum(-1, keepdim=True) / var
+    ok = (total > 0) & (var > 0) & (slope > 0) & torch.isfinite(slope)
+    slope = torch.where(ok, slope, scale)
+    new_zero = torch.where(ok, c_mean - w_mean / slope, zero)
+    return slope, new_zero
+
+
+def _search_rows(
+    w: Tensor, fmt: Format, grid: Tensor, steps: int, weight: Tensor | None = None
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Best (scale, zero, error) per group of `w` (R, G, g), each (R, G, 1); `weight` (1, G, g)
+    weights the squared errors (None: plain)."""
     asym = not fmt.symmetric
     if asym:
         high = w.amax(-1, keepdim=True).clamp(min=0)
@@ -114,7 +151,7 @@ def _search_rows(w: Tensor, fmt: Format, grid: Tensor, steps: int) -> tuple[Tens
         scale = amax * f / fmt.qmax
         zero = None
     codes = _encode(wg, scale, zero, fmt)
-    err = _error(wg, codes, scale, zero)
+    err = _error(wg, codes, scale, zero, weight)
     best = err.argmin(0, keepdim=True)
     scale = scale.expand_as(err).gather(0, best)[0]
     zero = None if zero is None else zero.expand_as(err).gather(0, best)[0]
@@ -122,8 +159,8 @@ def _search_rows(w: Tensor, fmt: Format, grid: Tensor, steps: int) -> tuple[Tens
     # Step 2: alternate the least-squares (scale, zero) and nearest codes, keeping improvements.
     for _ in range(steps):
         codes = _encode(w, scale, zero, fmt)
-        new_scale, new_zero = _least_squares(w, codes, scale, zero)
-        new_err = _error(w, _encode(w, new_scale, new_zero, fmt), new_scale, new_zero)
+        new_scale, new_zero = _least_squares(w, codes, scale, zero, weight)
+        new_err = _error(w, _encode(w, new_scale, new_zero, fmt), new_scale, new_zero, weight)
         better = new_err < best_err
         scale = torch.where(better, new_scale, scale)
         if zero is not None:
@@ -133,14 +170,27 @@ def _search_rows(w: Tensor, fmt: Format, grid: Tensor, steps: int) -> tuple[Tens
 
 
 def search_quantize(
-    x: Tensor, fmt: Format | str, grid: tuple[float, ...] = SHRINK_GRID, steps: int = REFINE_STEPS
+    x: Tensor,
+    fmt: Format | str,
+    grid: tuple[float, ...] = SHRINK_GRID,
+    steps: int = REFINE_STEPS,
+    importance: Tensor | None = None,
 ) -> reference.QuantizedTensor:
     """Quantize a weight `x` (..., K) as `fmt` (a `searchable` format) in the reference layout, with
     each group's scale (and zero point) searched to minimise its reconstruction error; never a larger
-    error than `reference.quantize` gives, group by group."""
+    error than `reference.quantize` gives, group by group.
+
+    importance: optional non-negative (K,) weights of each input channel's squared error (from
+    calibration: the mean square of the activation each column multiplies); None weights all equally."""
     fmt = get_format(fmt)
     if not searchable(fmt):
         raise ValueError(f"search_quantize supports int4 formats with fp32 group/row scales, not {fmt.name}")
+    if importance is not None:
+        if importance.shape != (x.shape[-1],) or not bool(torch.isfinite(importance).all()) or bool((importance < 0).any()):
+            raise ValueError(
+                f"importance must be {x.shape[-1]} finite non-negative numbers (one per input channel), got a "
+                f"{tuple(importance.shape)} tensor"
+            )
     rtn = reference.quantize(x, fmt)  # also checks that x can be quantized as fmt
     shape = x.shape
     w_all = _groups(x.detach().float().reshape(-1, shape[-1]), fmt)  # (R, G, g)
@@ -150,6 +200,7 @@ def search_quantize(
     rtn_codes = _groups(reference.unpack_4bit(rtn.data).reshape(rows, -1), fmt)
     rtn_values = rtn_codes.float() - (8 if rtn_zero is None else rtn_zero)
     grid_t = torch.tensor(grid, dtype=torch.float32, device=x.device)
+    weight = None if importance is None else _groups(importance.float().to(x.device).reshape(1, -1), fmt)
     budget = _CHUNK_ELEMENTS.get(x.device.type, _CHUNK_ELEMENTS_DEFAULT)
     chunk = max(1, budget // max(1, len(grid) * shape[-1]))
     scales, zeros, codes = [], [], []
@@ -157,8 +208,9 @@ def search_quantize(
         part = slice(start, start + chunk)
         w, s0 = w_all[part], rtn_scale[part]
         z0 = None if rtn_zero is None else rtn_zero[part]
-        rtn_err = (rtn_values[part] * s0 - w).square().sum(-1, keepdim=True)
-        scale, zero, err = _search_rows(w, fmt, grid_t, steps)
+        rtn_squares = (rtn_values[part] * s0 - w).square()
+        rtn_err = (rtn_squares if weight is None else rtn_squares * weight).sum(-1, keepdim=True)
+        scale, zero, err = _search_rows(w, fmt, grid_t, steps, weight)
         # Keep RTN unless strictly better (NaN errors compare False), and wherever RTN's scale is
         # 0 or non-finite (all-zero or NaN/Inf groups keep their defined results).
         use = (err < rtn_err) & (s0 > 0) & torch.isfinite(s0) & torch.isfinite(scale)

@@ -3,18 +3,24 @@
 Recognised, on Dynamo's torch-level graph:
   linear     F.linear / nn.Linear (with or without bias), `x @ W.t()`, torch.matmul, mm, addmm,
              linear-shaped einsum, where one operand is a 2-D parameter (possibly transposed);
-  attention  F.scaled_dot_product_attention (causal, mask, GQA), and the explicit form
-             matmul(q, k^T) -> [scale] -> [+ mask] -> softmax(-1) -> matmul(., v);
+  attention  F.scaled_dot_product_attention (causal, mask, GQA), and the explicit form as model
+             code writes it (Hugging Face's eager attention among others):
+             matmul([q * c], k^T or a pre-transposed K) -> [scale] -> [+ mask | masked_fill]
+             -> softmax(-1, [dtype]) -> [cast] -> [dropout in eval()] -> matmul(., v),
+             with K and V whose heads are repeated for GQA taken unrepeated (enable_gqa);
   matmul     every other matmul/bmm of two activations, and linear/addmm forms not recognised above
-             (found and reported; not quantized yet).
+             (found and reported; not quantized yet). Where a softmax between matmuls is not
+             matched as attention, their report rows say which part of the pattern failed.
 The graph itself is not changed here; the sites go to `state.sites`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import operator
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,6 +46,12 @@ SOFTMAX_FUNCTIONS = {torch.softmax, F.softmax, torch.nn.functional.softmax}
 CAST_METHODS = {"to", "float", "type_as", "half", "bfloat16", "type"}
 SCALE_FUNCTIONS = {operator.mul: False, torch.mul: False, operator.truediv: True, torch.div: True}
 ADD_FUNCTIONS = {operator.add, torch.add}
+DROPOUT_FUNCTIONS = {F.dropout, torch.dropout}
+MASKED_FILL_FUNCTIONS = {torch.masked_fill}
+# A masked_fill value at or below this (or -inf) is a mask: exp() of it is 0 in every float dtype, so
+# the masked scores take no part, as with SDPA's -inf (a row masked entirely is the one difference).
+MASK_FILL_LIMIT = -1e4
+_NEAR_NODES = 4  # how far from a softmax a matmul makes a failed attention match worth reporting
 
 
 def value_of(node: Any) -> Any:
@@ -199,79 +211,340 @@ def _same_shape(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
     return len(a) == len(b) and all(_same_dim(x, y) for x, y in zip(a, b))
 
 
-def _scores_and_mask(add: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
+def _fits_into(mask_shape: tuple[Any, ...], out_shape: tuple[Any, ...]) -> bool:
+    """Whether a mask of `mask_shape` broadcasts to `out_shape` without enlarging it."""
+    if len(mask_shape) > len(out_shape):
+        return False
+    return all(_same_dim(m, 1) or _same_dim(m, d) for m, d in zip(reversed(mask_shape), reversed(out_shape)))
+
+
+def _scores_and_mask(add: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | str:
     """(scores, mask) of `scores + mask` or `mask + scores`, if SDPA's attn_mask means the same:
     a floating mask (a bool mask added as 0/1 is not SDPA's keep/-inf) that broadcasts to the scores
-    without enlarging them."""
+    without enlarging them. Otherwise why not."""
     first, second = add.args
     if not (isinstance(first, torch.fx.Node) and isinstance(second, torch.fx.Node)):
-        return None
+        return f"`{_op_name(add)}` adds a number, not a mask"
     out_shape = shape_of(add)
     scores, mask = (first, second) if _same_shape(shape_of(first), out_shape) else (second, first)
     mask_value = value_of(mask)
     if not _same_shape(shape_of(scores), out_shape) or not isinstance(mask_value, torch.Tensor):
-        return None
-    mask_shape = tuple(mask_value.shape)
-    if not mask_value.dtype.is_floating_point or len(mask_shape) > len(out_shape):
-        return None
-    aligned = zip(reversed(mask_shape), reversed(out_shape))
-    if not all(_same_dim(m, 1) or _same_dim(m, d) for m, d in aligned):
-        return None
+        return f"`{_op_name(add)}`: neither operand has the scores' shape {_shape(out_shape)}"
+    if not mask_value.dtype.is_floating_point:
+        return f"the mask added is {mask_value.dtype} (added as 0/1, it is not SDPA's keep / -inf mask)"
+    if not _fits_into(tuple(mask_value.shape), out_shape):
+        return f"the mask {_shape(mask_value.shape)} would enlarge the scores {_shape(out_shape)}"
     return scores, mask
 
 
-def _explicit_attention(softmax: torch.fx.Node) -> dict[str, Any] | None:
-    """matmul(q, k^T) -> [* or / scalar] -> [+ mask] -> softmax(-1) -> [cast] -> matmul(., v).
+class _NotAttention(Exception):
+    """Raised by the explicit-attention matcher with the part of the pattern that failed."""
 
-    Refused (left as plain matmuls) where SDPA would compute something else: a mask added before
-    the scaling (SDPA adds it after), a non-floating mask, a mask that enlarges the scores,
-    `add(..., alpha=)`, or the probabilities as the right operand."""
+
+@dataclass
+class _AttentionMatch:
+    """The explicit-attention matcher's answer for one softmax: the site fields, or why not. `matmuls`
+    are the matmuls next to the softmax, which carry the failure into their own report rows."""
+
+    fields: dict[str, Any] | None
+    failure: str | None
+    matmuls: tuple[torch.fx.Node, ...]
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    if node.op == "call_method":
+        return str(node.target)
+    return str(getattr(node.target, "__name__", node.target))
+
+
+def _shape(shape: Any) -> str:
+    return "(" + ",".join(str(d) for d in shape) + ")"
+
+
+def _is_matmul(node: Any) -> bool:
+    return _is_call(node, MATMUL_FUNCTIONS, MATMUL_METHODS)
+
+
+def _unscaled(node: Any) -> tuple[Any, float]:
+    """`x * c` or `x / c` (c a number; chains too) whose only user is the next step -> (x, product)."""
+    scale = 1.0
+    while isinstance(node, torch.fx.Node) and _single_user(node) is not None:
+        scalar = _scalar_operand(node) if _is_call(node, set(SCALE_FUNCTIONS), {"mul", "div"}) else None
+        if scalar is None:
+            break
+        divide = node.target in (operator.truediv, torch.div, "div")
+        if divide and scalar[0] is not node.args[0]:
+            break
+        scale = scale / scalar[1] if divide else scale * scalar[1]
+        node = scalar[0]
+    return node, scale
+
+
+def _dropout_problem(node: torch.fx.Node) -> str | None:
+    """None if this dropout is the identity (eval mode or p=0), else why it is not."""
+    if node.target is torch.dropout:
+        p, training, inplace = _arg(node, 1, "p"), _arg(node, 2, "train"), False
+    else:
+        p, training, inplace = _arg(node, 1, "p", 0.5), _arg(node, 2, "training", True), _arg(node, 3, "inplace", False)
+    if inplace is not False:
+        return "dropout is in place"
+    if training is False or (isinstance(p, (int, float)) and p == 0):
+        return None
+    return f"dropout with p={p} in training mode (compile the model in eval())"
+
+
+def _fill_mask(node: torch.fx.Node, scores: torch.fx.Node, scale_after: float) -> tuple[torch.fx.Node, float]:
+    """(bool mask, value added to the scaled scores) of `scores.masked_fill(mask, value)`, which
+    SDPA computes as the additive mask where(mask, value * scale_after, 0): the same wherever the
+    value is a mask value (-inf, or so negative that exp() of it is 0)."""
+    mask, value = _arg(node, 1, "mask"), _arg(node, 2, "value")
+    mask_value = value_of(mask)
+    if not isinstance(mask_value, torch.Tensor) or mask_value.dtype != torch.bool:
+        raise _NotAttention(f"`{_op_name(node)}` has no bool mask")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _NotAttention(f"`{_op_name(node)}` fills with a tensor, not a number")
+    fill = value * scale_after
+    if not fill <= MASK_FILL_LIMIT:  # NaN and +inf too
+        raise _NotAttention(
+            f"`{_op_name(node)}` fills with {value!r} (scaled by {scale_after:g} after it): not a mask value "
+            f"(-inf, or at most {MASK_FILL_LIMIT:g})"
+        )
+    if not _fits_into(tuple(mask_value.shape), shape_of(scores)):
+        raise _NotAttention(f"the masked_fill mask {_shape(mask_value.shape)} would enlarge the scores {_shape(shape_of(scores))}")
+    return mask, float(fill)
+
+
+def _inplace_fill(node: torch.fx.Node, next_step: torch.fx.Node) -> torch.fx.Node | None:
+    """The `node.masked_fill_(mask, value)` applied to `node` before `next_step` reads it, if `node`
+    has exactly that extra user (Dynamo keeps reading `node` after an in-place op)."""
+    others = [user for user in node.users if user is not next_step]
+    if len(others) != 1:
+        return None
+    fill = others[0]
+    if not (fill.op == "call_method" and fill.target == "masked_fill_" and fill.args[0] is node and not fill.users):
+        return None
+    order = {n: i for i, n in enumerate((fill, next_step))}
+    for candidate in node.graph.nodes:  # the fill must run before the next step reads the scores
+        if candidate in order:
+            return fill if candidate is fill else None
+    return None
+
+
+def _near_matmul(softmax: torch.fx.Node, backward: bool) -> torch.fx.Node | None:
+    """A matmul within a few nodes of the softmax: producing scores of its input's shape (backward),
+    or reading its output (forward). Only decides whether a failed match is worth reporting."""
+    frontier, seen = [softmax], set()
+    scores_shape = shape_of(_arg(softmax, 0, "input"))
+    for _ in range(_NEAR_NODES):
+        following = []
+        for node in frontier:
+            neighbours = [a for a in node.all_input_nodes] if backward else list(node.users)
+            for neighbour in neighbours:
+                if neighbour in seen:
+                    continue
+                seen.add(neighbour)
+                if _is_matmul(neighbour) and (not backward or _same_shape(shape_of(neighbour), scores_shape)):
+                    return neighbour
+                following.append(neighbour)
+        frontier = following
+    return None
+
+
+def _repeated_heads(node: Any) -> torch.fx.Node | None:
+    """`kv` if `node` is kv (B, Hkv, S, D) with every head repeated n times in place, as SDPA's
+    enable_gqa repeats it: Hugging Face's repeat_kv (kv[:, :, None].expand(B, Hkv, n, S, D)
+    .reshape(B, Hkv * n, S, D)) or kv.repeat_interleave(n, dim=1)."""
+    if not isinstance(node, torch.fx.Node) or len(shape_of(node)) != 4:
+        return None
+    out = shape_of(node)
+    if _is_call(node, {torch.repeat_interleave}, {"repeat_interleave"}):
+        source, repeats, dim = _arg(node, 0, "input"), _arg(node, 1, "repeats"), _arg(node, 2, "dim")
+        if isinstance(repeats, int) and dim in (1, -3) and isinstance(source, torch.fx.Node):
+            kv = shape_of(source)
+            if len(kv) == 4 and _same_shape((kv[0], kv[1] * repeats, *kv[2:]), out):
+                return source
+        return None
+    if not _is_call(node, {torch.reshape}, {"reshape", "view"}):
+        return None
+    expand = node.args[0]
+    if not (isinstance(expand, torch.fx.Node) and _is_call(expand, set(), {"expand"})):
+        return None
+    unsqueezed = expand.args[0]
+    if not isinstance(unsqueezed, torch.fx.Node) or not (
+        _is_call(unsqueezed, {torch.unsqueeze}, {"unsqueeze"}) and _arg(unsqueezed, 1, "dim") in (2, -3)
+        or _is_call(unsqueezed, {operator.getitem}) and _is_head_unsqueeze(unsqueezed.args[1])
+    ):
+        return None
+    source = unsqueezed.args[0]
+    kv, expanded = shape_of(source), shape_of(expand)
+    if len(kv) != 4 or len(expanded) != 5 or not _same_shape(shape_of(unsqueezed), (kv[0], kv[1], 1, *kv[2:])):
+        return None
+    n = expanded[2]
+    if not _same_shape(expanded, (kv[0], kv[1], n, *kv[2:])) or not _same_shape(out, (kv[0], kv[1] * n, *kv[2:])):
+        return None
+    return source
+
+
+def _is_head_unsqueeze(index: Any) -> bool:
+    """x[:, :, None] (or x[:, :, None, :, :]): a new dim before the sequence dim of (B, H, S, D)."""
+    full = slice(None, None, None)
+    return isinstance(index, tuple) and index[:3] == (full, full, None) and all(i == full for i in index[3:5]) and len(index) <= 5
+
+
+def _explicit_attention(softmax: torch.fx.Node) -> _AttentionMatch | None:
+    """matmul(q, k^T) -> [scale] -> [+ mask | masked_fill] -> softmax(-1) -> [cast, eval dropout]
+    -> matmul(., v), or why a softmax between matmuls is not that; None when no matmul is near it."""
+    before, after = _near_matmul(softmax, backward=True), _near_matmul(softmax, backward=False)
+    near = tuple(m for m in (before, after) if m is not None)
+    if not near:
+        return None
+    if before is None:
+        return _AttentionMatch(None, "the scores do not come from a matmul", near)
+    try:
+        return _AttentionMatch(_attention_fields(softmax), None, near)
+    except _NotAttention as failure:
+        return _AttentionMatch(None, str(failure), near)
+
+
+def _attention_fields(softmax: torch.fx.Node) -> dict[str, Any]:
+    """The site fields of an explicit attention ending in `softmax`; raises `_NotAttention` naming
+    the part that does not fit. Refused where SDPA would compute something else: a mask added
+    before the scaling (SDPA adds it after), a non-floating added mask, a mask that enlarges the
+    scores, `add(..., alpha=)`, anything else between the matmuls, or the probabilities as the
+    right operand."""
     dim = _arg(softmax, 1, "dim")
     rank = len(shape_of(softmax))
     if not isinstance(dim, int) or rank == 0 or dim % rank != rank - 1:
-        return None
-    probabilities, after = softmax, _single_user(softmax)
-    while after is not None and _is_call(after, set(), CAST_METHODS):
-        probabilities, after = after, _single_user(after)
-    if after is None or not _is_call(after, MATMUL_FUNCTIONS, MATMUL_METHODS):
-        return None
+        raise _NotAttention(f"softmax is over dim {dim}, not the last dim")
+
+    # Forward: softmax -> [casts, dropout that is the identity] -> PV matmul.
+    probabilities = softmax
+    while True:
+        users = list(probabilities.users)
+        if len(users) != 1:
+            raise _NotAttention(
+                f"the probabilities (`{probabilities.name}`) have {len(users)} users: they are used elsewhere "
+                "too (returned as attention weights?)"
+            )
+        after = users[0]
+        if _is_call(after, set(), CAST_METHODS) and after.args[0] is probabilities:
+            probabilities = after
+        elif _is_call(after, DROPOUT_FUNCTIONS):
+            problem = _dropout_problem(after)
+            if problem is not None:
+                raise _NotAttention(f"between softmax and the PV matmul: {problem}")
+            probabilities = after
+        else:
+            break
+    if not _is_matmul(after):
+        raise _NotAttention(
+            f"between softmax and the PV matmul: `{_op_name(after)}` (only casts and dropout in eval() may be there)"
+        )
     pv = after
     left, v = _matmul_operands(pv)
-    if left is not probabilities or not isinstance(v, torch.fx.Node):
-        return None
-    scale, mask, scaled, node = 1.0, None, False, _arg(softmax, 0, "input")
-    while isinstance(node, torch.fx.Node) and not _is_call(node, MATMUL_FUNCTIONS, MATMUL_METHODS):
-        if _single_user(node) is None:
-            return None
+    if left is not probabilities:
+        raise _NotAttention("the probabilities are the right operand of the second matmul (x @ softmax(...)): not attention over values")
+    if not isinstance(v, torch.fx.Node):
+        raise _NotAttention("the values are not a tensor")
+
+    # Backward: softmax's input -> [casts, scalings, one mask] -> QK^T matmul. `scale` is the product
+    # of the scalings passed so far, i.e. those applied after the current node.
+    scale, mask, fill, scaled, erase = 1.0, None, None, False, []
+    node, next_step = _arg(softmax, 0, "input"), softmax
+    while isinstance(node, torch.fx.Node):
+        inplace = _inplace_fill(node, next_step)
+        if inplace is not None:
+            if mask is not None:
+                raise _NotAttention("between the QK^T matmul and softmax: more than one mask")
+            mask, fill = _fill_mask(inplace, node, scale)
+            erase.append(inplace)
+        elif _single_user(node) is None:
+            raise _NotAttention(f"between the QK^T matmul and softmax: `{node.name}` is used elsewhere too")
+        if _is_matmul(node):
+            break
         scalar = _scalar_operand(node) if _is_call(node, set(SCALE_FUNCTIONS), {"mul", "div"}) else None
+        next_step = node
         if _is_call(node, set(), CAST_METHODS):
             node = node.args[0]
         elif scalar is not None:
             divide = node.target in (operator.truediv, torch.div, "div")
             if divide and scalar[0] is not node.args[0]:
-                return None  # scalar / scores is not a scaling
+                raise _NotAttention(f"between the QK^T matmul and softmax: `{_op_name(node)}` divides a number by the scores")
             scale = scale / scalar[1] if divide else scale * scalar[1]
             node, scaled = scalar[0], True
-        elif (
-            _is_call(node, ADD_FUNCTIONS, {"add"})
-            and mask is None
-            and not scaled
-            and not node.kwargs
-            and len(node.args) == 2
-            and (split := _scores_and_mask(node)) is not None
-        ):
-            # Walking backwards, the mask must come before any scaling: softmax(s * qk + mask).
+        elif _is_call(node, ADD_FUNCTIONS, {"add"}):
+            if mask is not None:
+                raise _NotAttention("between the QK^T matmul and softmax: more than one mask")
+            if node.kwargs or len(node.args) != 2:
+                raise _NotAttention(f"between the QK^T matmul and softmax: `{_op_name(node)}` with {node.kwargs} is not a mask")
+            if scaled:  # walking backwards, the mask must come before any scaling: softmax(s * qk + mask)
+                raise _NotAttention("the mask is added before the scaling (SDPA adds it after)")
+            split = _scores_and_mask(node)
+            if isinstance(split, str):
+                raise _NotAttention(f"between the QK^T matmul and softmax: {split}")
             node, mask = split
+        elif _is_call(node, MASKED_FILL_FUNCTIONS, {"masked_fill"}):
+            if mask is not None:
+                raise _NotAttention("between the QK^T matmul and softmax: more than one mask")
+            mask, fill = _fill_mask(node, node.args[0], scale)
+            node = node.args[0]
         else:
-            return None
-    if not isinstance(node, torch.fx.Node) or _single_user(node) is None:
-        return None
+            raise _NotAttention(
+                f"between the QK^T matmul and softmax: `{_op_name(node)}` (only scaling by a number, one mask "
+                "(+ or masked_fill) and casts may be there)"
+            )
+    if not _is_matmul(node):
+        raise _NotAttention("the scores do not come from a matmul")
     qk = node
     q, k_transposed = _matmul_operands(qk)
-    k = _transposed_input(k_transposed) if isinstance(k_transposed, torch.fx.Node) else None
-    if k is None:
-        return None
-    return {"q": q, "k": k, "v": v, "mask": mask, "scale": scale, "qk": qk, "pv": pv}
+    if not (isinstance(q, torch.fx.Node) and isinstance(k_transposed, torch.fx.Node)):
+        raise _NotAttention("the QK^T matmul has an operand that is not a tensor")
+    if len(shape_of(q)) < 2 or len(shape_of(k_transposed)) < 2:
+        raise _NotAttention("the QK^T matmul has a 1-D operand")
+    q, q_scale = _unscaled(q)
+    k_transposed, k_scale = _unscaled(k_transposed)
+    k = _transposed_input(k_transposed)
+    pre_transposed = k is None  # q @ kt with kt (..., D, S) as it is: SDPA's k is kt^T
+    if pre_transposed:
+        k = k_transposed
+    else:
+        k, more = _unscaled(k)
+        k_scale *= more
+    # K and V with their heads repeated for grouped-query attention: SDPA's enable_gqa does the same
+    # on the unrepeated ones (quantized once per KV head, and a kernel need not read the copies).
+    gqa = False
+    k_source = None if pre_transposed else _repeated_heads(k)
+    v_source = _repeated_heads(v)
+    if (
+        k_source is not None
+        and v_source is not None
+        and len(shape_of(q)) == 4
+        and _same_dim(shape_of(q)[1], shape_of(k)[1])
+        and _same_dim(shape_of(k)[1], shape_of(v)[1])
+        and _same_shape(shape_of(k_source)[:-1], shape_of(v_source)[:-1])
+    ):
+        k, v, gqa = k_source, v_source, True
+    # The additive mask of a masked_fill: in the query's dtype, as SDPA takes it, unless the fill
+    # value does not fit there (fp32 finfo.min with bf16 q and fp32 scores); any value below the
+    # dtype's range masks as well as its min does.
+    mask_dtype = _dtype(q) if _dtype(q) in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+    if fill is not None and math.isfinite(fill) and fill < torch.finfo(mask_dtype).min:
+        mask_dtype = torch.float32
+        fill = max(fill, torch.finfo(torch.float32).min)
+    return {
+        "q": q,
+        "k": k,
+        "v": v,
+        "mask": mask,
+        "scale": scale * q_scale * k_scale,
+        "mask_fill": fill,
+        "mask_dtype": mask_dtype,
+        "k_transposed": pre_transposed,
+        "enable_gqa": gqa,
+        "inplace_mask": erase,
+        "qk": qk,
+        "pv": pv,
+    }
 
 
 def _check_formats(
@@ -295,6 +568,7 @@ def annotate_sites(state: PipelineState) -> None:
     """Append one `Site` per matmul to `state.sites`, each with its spec or skip reason."""
     claimed: set[torch.fx.Node] = set()
     found: list[Site] = []
+    not_attention: dict[torch.fx.Node, str] = {}  # matmuls of a failed explicit-attention match: why
     for node in state.gm.graph.nodes:
         if node.op not in ("call_function", "call_method") or node in claimed:
             continue
@@ -340,23 +614,43 @@ def annotate_sites(state: PipelineState) -> None:
             found.append(site)
             continue
         if _is_call(node, SOFTMAX_FUNCTIONS, {"softmax"}):
-            pattern = _explicit_attention(node)
+            match = _explicit_attention(node)
+            if match is None:
+                continue
+            pattern = match.fields
             # A q or k that is a parameter makes the first matmul a linear site already: keep that.
-            if pattern is not None and not any(s.node is pattern["qk"] for s in found):
-                q, k, v = pattern["q"], pattern["k"], pattern["v"]
-                claimed.update((pattern["qk"], pattern["pv"]))
-                site = Site(
-                    index=len(found),
-                    kind=OpKind.ATTENTION,
-                    fqn=_site_fqn(pattern["pv"], None),
-                    source_op="matmul-softmax-matmul",
-                    node=pattern["pv"],
-                    inputs={"q": q, "k": k, "v": v, "mask": pattern["mask"]},
-                    shapes={"q": shape_of(q), "k": shape_of(k), "v": shape_of(v), "out": shape_of(pattern["pv"])},
-                    attrs={"dropout_p": 0.0, "is_causal": False, "scale": pattern["scale"], "enable_gqa": False},
-                    k=shape_of(q)[-1] if shape_of(q) else None,
-                )
-                found.append(site)
+            if pattern is not None and any(s.node is pattern["qk"] for s in found):
+                pattern, match.failure = None, "the QK^T matmul is a linear site (q or k is a parameter)"
+            if pattern is None:
+                for matmul in match.matmuls:
+                    not_attention.setdefault(matmul, match.failure)
+                continue
+            q, k, v = pattern["q"], pattern["k"], pattern["v"]
+            k_shape = shape_of(k)
+            if pattern["k_transposed"]:
+                k_shape = (*k_shape[:-2], k_shape[-1], k_shape[-2])
+            claimed.update((pattern["qk"], pattern["pv"]))
+            site = Site(
+                index=len(found),
+                kind=OpKind.ATTENTION,
+                fqn=_site_fqn(pattern["pv"], None),
+                source_op="matmul-softmax-matmul",
+                node=pattern["pv"],
+                inputs={"q": q, "k": k, "v": v, "mask": pattern["mask"]},
+                shapes={"q": shape_of(q), "k": k_shape, "v": shape_of(v), "out": shape_of(pattern["pv"])},
+                attrs={
+                    "dropout_p": 0.0,
+                    "is_causal": False,
+                    "scale": pattern["scale"],
+                    "enable_gqa": pattern["enable_gqa"],
+                    "k_transposed": pattern["k_transposed"],
+                    "mask_fill": pattern["mask_fill"],
+                    "mask_dtype": pattern["mask_dtype"],
+                    "inplace_mask": pattern["inplace_mask"],
+                },
+                k=shape_of(q)[-1] if shape_of(q) else None,
+            )
+            found.append(site)
             continue
     # Every other matmul (of two activations, or a linear/addmm not of the recognised shape) is
     # reported too, so that nothing left in high precision is missing from the report.
@@ -376,6 +670,7 @@ def annotate_sites(state: PipelineState) -> None:
                 node=node,
                 inputs={f"operand{i}": a for i, a in enumerate(operands)},
                 shapes={**{f"operand{i}": shape_of(a) for i, a in enumerate(operands)}, "out": shape_of(node)},
+                attrs={"not_attention": not_attention[node]} if node in not_attention else {},
             )
         )
     order = {node: i for i, node in enumerate(state.gm.graph.nodes)}
@@ -393,8 +688,10 @@ def _decide(site: Site, state: PipelineState) -> None:
     site.spec, site.decided_by = state.policy.decide(site.fqn, site.kind, site.n, site.k)
     if site.spec is None:
         site.skip_reason = f"policy: {state.policy.describe_decision(site.decided_by)} leaves it unquantized"
-        return
-    site.skip_reason = spec_problem(site, site.spec)
+    else:
+        site.skip_reason = spec_problem(site, site.spec)
+    if site.attrs.get("not_attention"):
+        site.skip_reason += f"; not matched as attention: {site.attrs['not_attention']}"
     if site.skip_reason is not None:
         log.debug("site %s (%s) skipped: %s", site.fqn, site.kind.value, site.skip_reason)
 

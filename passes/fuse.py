@@ -34,7 +34,7 @@ def _fused_args(site: Site) -> tuple:
             k_s,
             v,
             v_s,
-            inputs["mask"],
+            qdq["mask"],
             bool(attrs["is_causal"]),
             attrs["scale"],
             bool(attrs["enable_gqa"]),

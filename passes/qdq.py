@@ -55,14 +55,21 @@ def _qdq_linear(graph: torch.fx.Graph, site: Site) -> torch.fx.Node:
 
 def _qdq_attention(graph: torch.fx.Graph, site: Site) -> torch.fx.Node:
     fmt = site.spec.activation
+    attrs = site.attrs
+    operands = {name: site.inputs[name] for name in ("q", "k", "v")}
+    if attrs.get("k_transposed"):  # q @ kt with kt stored (..., D, S): SDPA's k is kt^T
+        operands["k"] = graph.call_function(torch.transpose, (operands["k"], -2, -1))
     dequantized = []
-    for name in ("q", "k", "v"):
-        operand = site.inputs[name]
+    for name, operand in operands.items():
         _, parts = _quantize(graph, operand, fmt)
         site.qdq[f"{name}_parts"] = parts
-        dequantized.append(_dequantize(graph, parts, fmt, value_of(operand).dtype))
-    attrs = site.attrs
-    kwargs = {"attn_mask": site.inputs["mask"], "is_causal": attrs["is_causal"], "scale": attrs["scale"]}
+        dequantized.append(_dequantize(graph, parts, fmt, value_of(site.inputs[name]).dtype))
+    mask = site.inputs["mask"]
+    if attrs.get("mask_fill") is not None:  # scores.masked_fill(mask, fill) as SDPA's additive mask
+        zeros = graph.call_function(torch.zeros_like, (mask,), {"dtype": attrs["mask_dtype"]})
+        mask = graph.call_function(torch.masked_fill, (zeros, mask, attrs["mask_fill"]))
+    site.qdq["mask"] = mask
+    kwargs = {"attn_mask": mask, "is_causal": attrs["is_causal"], "scale": attrs["scale"]}
     if attrs["enable_gqa"]:
         kwargs["enable_gqa"] = True
     return graph.call_function(F.scaled_dot_product_attention, tuple(dequantized), kwargs)
@@ -82,4 +89,6 @@ def insert_qdq(state: PipelineState) -> None:
         state.replace_node(site.node, replacement)
         site.node = replacement
         site.qdq["op"] = replacement
+        for inplace in site.attrs.get("inplace_mask", ()):  # scores.masked_fill_(...): the scores are gone
+            graph.erase_node(inplace)
     remove_dead_code(graph)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from lowbit_compile.policy import Kernel, OpKind, Policy, QuantSpec
 from lowbit_compile.weight_search import search_quantize, searchable
+
+log = logging.getLogger(__name__)  # lowbit_compile.passes.*: under TORCH_LOGS="+lowbit_compile"
 
 _INPLACE_OPERATORS = {
     operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
@@ -61,47 +64,59 @@ def remove_dead_code(graph: torch.fx.Graph) -> None:
     graph.eliminate_dead_code(is_impure_node=lambda node: node.is_impure() or mutates(node))
 
 
-# Searched weights, per parameter (weakly keyed, dropped with it): (transposed, fmt) -> (storage
-# pointer, version, parts). The scale search costs far more than round-to-nearest, so a recompile
+# Searched weights, per parameter (weakly keyed, dropped with it): (transposed, fmt, calibration
+# key) -> (storage pointer, version, parts). The scale search costs far more than round-to-nearest, so a recompile
 # (a new shape, `explain` then `torch.compile`, layers sharing code) reuses it while the parameter's
 # values are unchanged. Only searched results are kept (round-to-nearest is cheap to redo).
 _SEARCHED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def _searched_weight(parameter: torch.Tensor, transposed: bool, fmt: str) -> list[torch.Tensor]:
+def _weight_source(parameter: torch.Tensor, transposed: bool, calibration: Any) -> torch.Tensor:
+    """The weight as (N, K) as it is quantized: divided by the calibration's smoothing factors."""
+    source = parameter.detach()
+    source = source.t() if transposed else source
+    if calibration is not None:
+        source = calibration.weight(source)
+    return source.contiguous()
+
+
+def _searched_weight(parameter: torch.Tensor, transposed: bool, fmt: str, calibration: Any = None) -> list[torch.Tensor]:
+    key = (transposed, fmt, None if calibration is None else calibration.key)
     try:
         stamp = (parameter.data_ptr(), parameter._version)
     except RuntimeError:  # an inference tensor has no version counter: nothing to key a cache on
         stamp = None
     entries = _SEARCHED.get(parameter) if stamp is not None else None
-    hit = None if entries is None else entries.get((transposed, fmt))
+    hit = None if entries is None else entries.get(key)
     if hit is not None and hit[0] == stamp:
         return hit[1]
     with torch.no_grad():
-        source = parameter.detach()
-        source = (source.t() if transposed else source).contiguous()
-        q = search_quantize(source, fmt)
+        source = _weight_source(parameter, transposed, calibration)
+        q = search_quantize(source, fmt, importance=None if calibration is None else calibration.importance)
     absent = torch.empty(0, dtype=torch.float32, device=source.device)  # as lowbit.quantize gives it
     parts = [q.data, q.scale, absent if q.zero_point is None else q.zero_point, absent.clone()]
     parts = [t.contiguous() for t in parts]
     if stamp is not None:
         if entries is None:
             entries = _SEARCHED[parameter] = {}
-        entries[(transposed, fmt)] = (stamp, parts)
+        entries[key] = (stamp, parts)
     return parts
 
 
-def quantize_weight(parameter: torch.Tensor, transposed: bool, fmt: str, search: bool = True) -> list[torch.Tensor]:
+def quantize_weight(
+    parameter: torch.Tensor, transposed: bool, fmt: str, search: bool = True, calibration: Any = None
+) -> list[torch.Tensor]:
     """(data, scale, zero_point, global_scale) of a weight as (N, K); `transposed` for one stored (K, N).
 
     `search` (QuantSpec.weight_search, on by default): int4 weights get each group's scale and zero
     point searched for the smallest reconstruction error (`lowbit_compile.weight_search`), in the
-    same layout; other formats, and `search=False`, round to nearest (`lowbit.quantize`)."""
+    same layout; other formats, and `search=False`, round to nearest (`lowbit.quantize`).
+    `calibration` (a `calibration.SiteCalibration`): the weight is divided by its smoothing factors
+    first, and the search weights each input channel's error by its importance."""
     if search and searchable(fmt):
-        return _searched_weight(parameter, transposed, fmt)
+        return _searched_weight(parameter, transposed, fmt, calibration)
     with torch.no_grad():
-        source = parameter.detach()
-        source = (source.t() if transposed else source).contiguous()
+        source = _weight_source(parameter, transposed, calibration)
         return [t.contiguous() for t in torch.ops.lowbit.quantize(source, fmt)]
 
 
@@ -144,6 +159,7 @@ class Site:
     sqnr_note: str | None = None  # why sqnr_db is missing (or the accuracy gate was not checked)
     fell_back_from: list[str] = field(default_factory=list)  # specs the accuracy gate rejected, and why
     output_sqnr_db: float | None = None  # sensitivity: the graph output's SQNR with only this site quantized
+    calibration: Any = None  # calibration.SiteCalibration: smoothing / static activation scale (linear sites)
 
     @property
     def quantized(self) -> bool:
@@ -162,20 +178,54 @@ class PipelineState:
     parameters: dict[str, Parameter] = field(default_factory=dict)  # placeholder name -> parameter
     sites: list[Site] = field(default_factory=list)
     folded: Any = None  # fold.FoldedWeights: the quantized weights appended to every call
-    _quantized_weights: dict[tuple[str, bool, str, bool], list[torch.Tensor]] = field(default_factory=dict)
+    calibration: Any = None  # calibration.Calibration from the `calibration` option, or None
+    _quantized_weights: dict[tuple[Any, ...], list[torch.Tensor]] = field(default_factory=dict)
 
     def quantized_weight(self, site: Site) -> list[torch.Tensor]:
         """The (data, scale, zero_point, global_scale) of a linear site's weight as (N, K), computed
         once per compile however many sites or stages ask (tied weights, the SQNR report, folding)."""
         weight = site.inputs["weight"]
         transposed = site.weight_layout == "kn"
-        key = (weight.name, transposed, site.spec.weight, site.spec.weight_search)
+        calibration = site.calibration
+        key = (weight.name, transposed, site.spec.weight, site.spec.weight_search, calibration and calibration.key)
         if key not in self._quantized_weights:
             parameter = self.parameters[weight.name].tensor
             self._quantized_weights[key] = quantize_weight(
-                parameter, transposed, site.spec.weight, site.spec.weight_search
+                parameter, transposed, site.spec.weight, site.spec.weight_search, calibration
             )
         return self._quantized_weights[key]
+
+    def attach_calibration(self) -> None:
+        """Give each quantized linear site its weight's calibration (`calibration.SiteCalibration`);
+        a site that gets a static activation scale takes the per-tensor activation format."""
+        if self.calibration is None:
+            return
+        from lowbit_compile.calibration import replace_activation
+
+        calibrated = 0
+        for site in self.sites:
+            if site.kind is not OpKind.LINEAR or not site.quantized:
+                continue
+            x = site.inputs["x"].meta.get("val")
+            parameter = self.parameters[site.inputs["weight"].name].tensor
+            found = self.calibration.for_site(site.weight_path, site.spec, site.k, x.dtype, x.dim(), parameter.device)
+            if found is None:
+                continue
+            self.calibration.remember(parameter, site.weight_path)
+            site.calibration = found
+            if found.static_format is not None:
+                site.spec = replace_activation(site.spec, found.static_format)
+            calibrated += 1
+        linear = sum(site.kind is OpKind.LINEAR and site.quantized for site in self.sites)
+        if linear and not calibrated:
+            log.warning("calibration (policy %s) has no entry for any of this graph's %d quantized linear sites", self.policy.name, linear)
+        else:
+            log.info("calibration applied to %d of %d quantized linear sites", calibrated, linear)
+
+    def constants(self) -> list[torch.Tensor]:
+        """The compile-time constants the graph takes as inputs after Dynamo's (calibration factors
+        and static scales, added by the qdq stage), in placeholder order."""
+        return [node.meta["lowbit_constant"] for node in self.placeholders() if "lowbit_constant" in node.meta]
 
     def replace_node(self, old: torch.fx.Node, new: torch.fx.Node) -> None:
         """Replace `old` by `new` in the graph and in every site that reads it (sites can feed

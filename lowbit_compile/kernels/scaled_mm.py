@@ -260,22 +260,30 @@ def k_slice(meta: ScaledMeta, config: ScaledMMConfig) -> int:
 def _candidates(bucket_m: int, meta: ScaledMeta) -> list[ScaledMMConfig]:
     """Tile configs worth trying for a bucket; the first is the default (tuning off, interpreter)."""
     C = ScaledMMConfig
-    if bucket_m <= 16:
-        # Memory bound: the weight streams once; swapped tiles put M on the MMA's narrow side, and
-        # split K keeps enough tiles in flight for the N x K weight.
-        configs = [C(16, 64, 128, 4, 4, 1, 1)]
-        configs += [C(16, 64, 128, 4, 4, s, 1) for s in (2, 4)] + [C(16, 128, 128, 4, 4, s, 1) for s in (1, 2)]
-        configs += [C(16, 64, 256, 4, 3, s, 1) for s in (1, 2)] + [C(16, 128, 256, 4, 3, 1, 1)]
-        configs += [C(16, 64, 512, 4, 3, 1, 1), C(16, 64, 128, 4, 6, 1, 1)]
+    # Measured on H100 (benchmarks/sweep_scaled_mm.py, RESULTS.md 2026-11-24). Decode sizes are
+    # memory bound: swapped tiles put M on the MMA's narrow side; wide K steps or split K keep the
+    # weight streaming. Block scales rescale each 128-wide K step's product before adding it, which
+    # holds a second accumulator: their tiles are smaller (128x128 on 4 warps spills).
+    if meta.block_scales:
+        if bucket_m <= 16:
+            configs = [C(16, 64, 128, 4, 4, s, 1) for s in (4, 2, 8)] + [C(16, 128, 128, 4, 4, 2, 1), C(16, 64, 128, 4, 6, 1, 1)]
+        elif bucket_m <= 128:
+            configs = [C(64, 128, 128, 4, 4, 2), C(64, 64, 128, 4, 4, 2), C(64, 64, 128, 4, 4), C(64, 128, 128, 4, 4)]
+            configs += [C(32, 128, 128, 4, 4, 1, 1), C(64, 128, 128, 8, 4, 2)]
+        else:
+            configs = [C(128, 128, 128, 8, 3), C(64, 256, 128, 8, 3), C(128, 128, 128, 8, 4), C(64, 256, 128, 8, 4)]
+            configs += [C(64, 128, 128, 4, 4), C(64, 128, 128, 4, 3)]
+    elif bucket_m <= 16:
+        configs = [C(16, 64, 128, 4, 4, 4, 1), C(16, 64, 512, 4, 3, 1, 1), C(16, 64, 128, 4, 6, 1, 1)]
+        configs += [C(16, 64, 256, 4, 3, 2, 1), C(16, 128, 128, 4, 4, 2, 1), C(16, 64, 128, 4, 4, 2, 1)]
+        configs += [C(16, 64, 256, 4, 4, 4, 1), C(16, 64, 512, 4, 3, 2, 1)]
     elif bucket_m <= 128:
-        configs = [C(64, 128, 128, 4, 4)]
-        configs += [C(128, 128, 128, 8, 3), C(64, 128, 128, 4, 4, 2), C(128, 128, 128, 4, 4), C(64, 64, 128, 4, 4)]
-        configs += [C(64, 64, 128, 4, 4, 2), C(64, 256, 128, 8, 3)]
-        configs += [C(bm, 128, 128, 4, 4, 1, 1) for bm in (32, 64, 128)]
+        configs = [C(64, 128, 128, 4, 4), C(64, 64, 128, 4, 4), C(64, 128, 128, 4, 4, 1, 1), C(64, 64, 128, 4, 4, 2)]
+        configs += [C(64, 128, 128, 4, 4, 2), C(32, 128, 128, 4, 4, 1, 1), C(64, 64, 128, 4, 6)]
+        configs += [C(64, 128, 128, 4, 6, 1, 1), C(32, 128, 256, 4, 3, 1, 1)]
     else:
-        configs = [C(128, 128, 128, 8, 3)]
-        configs += [C(128, 256, 128, 8, 3), C(128, 128, 128, 4, 4), C(128, 256, 64, 8, 4), C(128, 128, 64, 4, 4)]
-        configs += [C(256, 128, 128, 8, 3), C(64, 256, 128, 8, 3), C(128, 128, 128, 8, 4)]
+        configs = [C(128, 128, 128, 8, 3), C(128, 256, 128, 8, 3), C(256, 128, 128, 8, 3), C(128, 256, 64, 8, 4)]
+        configs += [C(128, 128, 128, 4, 4), C(128, 256, 128, 8, 4), C(256, 128, 128, 8, 4)]
     max_n = max(16, triton.next_power_of_2(meta.n))
     max_k = max(32, triton.next_power_of_2(meta.k))
     clamped = [dataclasses.replace(c, BLOCK_N=min(c.BLOCK_N, max_n), BLOCK_K=min(c.BLOCK_K, max_k)) for c in configs]
