@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lowbit_compile import reference
-from lowbit_compile.formats import get_format
+from lowbit_compile.formats import Granularity, get_format
 from lowbit_compile.kernels import HAS_TRITON
 
 NAMESPACE = "lowbit"
@@ -288,6 +288,8 @@ def auto_mm_kernels(x_dtype: torch.dtype, device: torch.device, w_fmt: str, x_fm
     """The kernels of both halves of `auto_mm` (weight-only, scaled), or None if either has none."""
     low = weight_only_kernel(x_dtype, device, w_fmt)
     high = scaled_mm_kernel(x_dtype, device, x_fmt, w_fmt)
+    if get_format(x_fmt).granularity is not Granularity.ROW:  # the op quantizes x itself, by rows
+        return None
     return None if low is None or high is None else (low, high)
 
 
@@ -359,8 +361,8 @@ if HAS_TRITON:
         scaled_plan: list[int],
     ) -> Tensor:
         """`auto_mm` by both kernel families into one output: the weight-only buckets below
-        `weight_only_below_m` rows, the activation quantization and scaled GEMM at or above (their
-        grids are empty at the other M, and the quantization runs on zero rows there)."""
+        `weight_only_below_m` rows, the activation's row quantization and the scaled GEMM at or
+        above (every grid is empty outside its rows, so no guard is put on M)."""
         w_meta = _weight_only.WeightMeta.of(get_format(w_fmt), w_data)
         s_meta = _scaled.ScaledMeta.of(get_format(x_fmt), get_format(w_fmt), w_data)
         x2d = x.contiguous().reshape(-1, w_meta.k)
@@ -370,9 +372,8 @@ if HAS_TRITON:
         low = _common.restrict_plan(weight_only_plan, _weight_only._PLAN_FIELDS, 1, weight_only_below_m - 1)
         _weight_only.launch_plan(x2d, w_data, w_scale, w_zero_point, bias, out, w_meta, low, wrap=wrap)
         high = _common.restrict_plan(scaled_plan, _scaled._PLAN_FIELDS, weight_only_below_m, None)
-        rows = m * _common.bucket_indicator(m, weight_only_below_m, None)
-        x_data, x_scale, _, _ = _quantize_impl(x2d[:rows], x_fmt)
-        x_scale = x_scale.reshape(1, 1) if s_meta.x_per_tensor else x_scale
+        above = _common.bucket_indicator(m, weight_only_below_m, None)
+        x_data, x_scale = _scaled.quantize_rows(x2d, get_format(x_fmt), active=above, wrap=wrap)
         _scaled.launch_plan(x_data, x_scale, w_data, w_scale, bias, out, s_meta, high, wrap=wrap)
         return out.reshape(*x.shape[:-1], w_meta.n)
 
@@ -404,10 +405,8 @@ def kernel_name(
     """What runs a fused op, for the report: `<op> [triton:...]` or `<op> [reference]`."""
     known = None not in (device, x_dtype, w_fmt)
     if op == "auto_mm":
-        low = weight_only_kernel(x_dtype, device, w_fmt) if known else None
-        high = scaled_mm_kernel(x_dtype, device, x_fmt, w_fmt) if known and x_fmt else None
-        if low is None or high is None:  # the lowering runs both halves' kernels or neither
-            low = high = None
+        both = auto_mm_kernels(x_dtype, device, w_fmt, x_fmt) if known and x_fmt else None
+        low, high = both or (None, None)  # the lowering runs both halves' kernels or neither
         return f"{op} [{low or 'reference'} below M={weight_only_below_m}, {high or 'reference'} above]"
     runs = None
     if op == "weight_only_mm" and known:

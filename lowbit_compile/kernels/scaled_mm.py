@@ -201,6 +201,40 @@ if triton is not None:
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
+    @triton.jit
+    def quantize_rows_kernel(
+        x_ptr, data_ptr, scale_ptr, K, stride_xm, QMIN: tl.constexpr, QMAX: tl.constexpr,
+        INT8: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        """One row per program: scale = amax(|x|) / QMAX, data = x / scale rounded (int8: half to
+        even, NaN to 0) or cast (fp8), clamped to the format's range; as `reference.quantize`. A NaN
+        in the row makes its scale NaN, which carries it through the GEMM."""
+        row = tl.program_id(0)
+        x_ptr += row * stride_xm
+        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        nans = tl.zeros((BLOCK,), dtype=tl.int32)  # tl.maximum drops NaN: count them apart
+        for k0 in range(0, K, BLOCK):
+            offs = k0 + tl.arange(0, BLOCK)
+            v = tl.abs(tl.load(x_ptr + offs, mask=offs < K, other=0.0).to(tl.float32))
+            amax = tl.maximum(amax, v)
+            nans += (v != v).to(tl.int32)
+        row_max = tl.max(amax, axis=0)
+        scale = tl.where(tl.sum(nans, axis=0) > 0, float("nan"), row_max / QMAX)
+        tl.store(scale_ptr + row, scale)
+        for k0 in range(0, K, BLOCK):
+            offs = k0 + tl.arange(0, BLOCK)
+            v = tl.load(x_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
+            v = tl.where(scale == 0, 0.0, v / scale)
+            if INT8:
+                v = (v + 12582912.0) - 12582912.0  # round half to even (1.5 * 2**23), exact for |v| < 2**22
+                v = tl.minimum(tl.maximum(v, QMIN), QMAX)
+                v = tl.where(v != v, 0.0, v)
+                tl.store(data_ptr + row * K + offs, v.to(tl.int8), mask=offs < K)
+            else:
+                v = tl.minimum(tl.maximum(v, QMIN), QMAX)
+                tl.store(data_ptr + row * K + offs, v.to(tl.float8e4nv), mask=offs < K)
+
+
 # -- launch parameters ----------------------------------------------------------------------------
 
 
@@ -426,6 +460,23 @@ def _timed_launch(weights, meta, out_dtype, has_bias, device, m, config) -> Call
         launch(x, x_scale, *weights[turn[0]], bias, out, meta, config)
 
     return run_once
+
+
+QUANTIZE_BLOCK = 1024
+
+
+def quantize_rows(x2d: torch.Tensor, fmt: Format, active=1, wrap=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(data (M, K), scale (M, 1)) of `x2d` quantized per row as `fmt` (int8 or fp8 e4m3 rows), by
+    one kernel whose grid is multiplied by `active` (0: nothing runs, as for a bucket's launch)."""
+    m, k = x2d.shape
+    data = torch.empty((m, k), dtype=fmt.storage_dtype, device=x2d.device)
+    scale = torch.empty((m, 1), dtype=torch.float32, device=x2d.device)
+    kernel = wrap(quantize_rows_kernel) if wrap is not None else quantize_rows_kernel
+    kernel[(m * active,)](
+        x2d, data, scale, k, x2d.stride(0), QMIN=float(fmt.qmin), QMAX=float(fmt.qmax),
+        INT8=fmt.element is ElementType.INT8, BLOCK=QUANTIZE_BLOCK,
+    )  # fmt: skip
+    return data, scale
 
 
 def unflatten_plan(flat: list[int]) -> list[tuple[int, int | None, ScaledMMConfig]]:
