@@ -259,6 +259,8 @@ def _site_outputs(
     if site.kind.value == "attention":
         q, k, v, mask = value("q"), value("k"), value("v"), value("mask")
         attrs = site.attrs
+        for name, divide in attrs.get("scale_factors", ()):  # as the qdq stage: computed scales multiply q
+            q = q / value(name) if divide else q * value(name)
         kwargs = {"is_causal": attrs["is_causal"], "scale": attrs["scale"], "enable_gqa": attrs["enable_gqa"]}
         if attrs.get("k_transposed"):  # as the qdq stage: q @ kt with kt stored (..., D, S)
             k = k.transpose(-2, -1)

@@ -20,7 +20,7 @@ import logging
 import math
 import operator
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -190,16 +190,54 @@ def _single_user(node: torch.fx.Node) -> torch.fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
-def _scalar_operand(node: torch.fx.Node) -> tuple[Any, float] | None:
-    """(tensor operand, python scalar) of a binary op with one number operand, either side."""
-    if len(node.args) != 2 or node.kwargs:
+def _is_number(value: Any) -> bool:
+    """A Python number, or a scalar computed in the graph (a module's float attribute is a SymFloat
+    `.item()` node under dynamic=True)."""
+    if isinstance(value, torch.fx.Node):
+        value = value_of(value)
+        return isinstance(value, (torch.SymFloat, torch.SymInt)) or _is_number(value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _scaling(node: torch.fx.Node) -> tuple[torch.fx.Node, Any, bool] | None:
+    """(tensor, factor, divide) of `tensor * factor`, `factor * tensor` or `tensor / factor`, where
+    the factor is a number (`_is_number`); None for anything else (`factor / tensor` included)."""
+    if not _is_call(node, set(SCALE_FUNCTIONS), {"mul", "div"}) or len(node.args) != 2 or node.kwargs:
         return None
     left, right = node.args
-    if isinstance(right, (int, float)) and isinstance(left, torch.fx.Node):
-        return left, right
-    if isinstance(left, (int, float)) and isinstance(right, torch.fx.Node):
-        return right, left
+    divide = node.target in (operator.truediv, torch.div, "div")
+    tensor = lambda a: isinstance(a, torch.fx.Node) and isinstance(value_of(a), torch.Tensor)  # noqa: E731
+    if tensor(left) and _is_number(right):
+        return left, right, divide
+    if not divide and _is_number(left) and tensor(right):
+        return right, left, False
     return None
+
+
+def _scale_fields(scale: _Scale) -> tuple[dict[str, Any], dict[str, torch.fx.Node]]:
+    """Site attrs and inputs for a scale: `attrs["scale"]` is the constant part (None: SDPA's
+    default), and each number computed in the graph is an input `scale_factor<i>`, listed with
+    whether it divides in `attrs["scale_factors"]` (the qdq stage multiplies q by them)."""
+    names = [f"scale_factor{i}" for i in range(len(scale.computed))]
+    attrs = {"scale": scale.constant, "scale_factors": [(n, d) for n, (_, d) in zip(names, scale.computed)]}
+    return attrs, {n: node for n, (node, _) in zip(names, scale.computed)}
+
+
+@dataclass
+class _Scale:
+    """A product of scalings: a Python constant times numbers computed in the graph (nodes), each
+    multiplied or divided by."""
+
+    constant: float = 1.0
+    computed: list[tuple[torch.fx.Node, bool]] = field(default_factory=list)
+
+    def apply(self, factor: Any, divide: bool) -> None:
+        if isinstance(factor, torch.fx.Node):
+            self.computed.append((factor, divide))
+        elif divide and factor == 0:
+            raise _NotAttention("the scores are divided by 0")
+        else:
+            self.constant = self.constant / factor if divide else self.constant * factor
 
 
 def _same_dim(a: Any, b: Any) -> bool:
@@ -218,22 +256,25 @@ def _fits_into(mask_shape: tuple[Any, ...], out_shape: tuple[Any, ...]) -> bool:
     return all(_same_dim(m, 1) or _same_dim(m, d) for m, d in zip(reversed(mask_shape), reversed(out_shape)))
 
 
-def _scores_and_mask(add: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | str:
+def _scores_and_mask(add: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node]:
     """(scores, mask) of `scores + mask` or `mask + scores`, if SDPA's attn_mask means the same:
     a floating mask (a bool mask added as 0/1 is not SDPA's keep/-inf) that broadcasts to the scores
-    without enlarging them. Otherwise why not."""
+    without enlarging them. Otherwise `_NotAttention` says why not."""
+    where = "between the QK^T matmul and softmax:"
+    if add.kwargs or len(add.args) != 2:
+        raise _NotAttention(f"{where} `{_op_name(add)}` with {add.kwargs} is not a mask")
     first, second = add.args
     if not (isinstance(first, torch.fx.Node) and isinstance(second, torch.fx.Node)):
-        return f"`{_op_name(add)}` adds a number, not a mask"
+        raise _NotAttention(f"{where} `{_op_name(add)}` adds a number, not a mask")
     out_shape = shape_of(add)
     scores, mask = (first, second) if _same_shape(shape_of(first), out_shape) else (second, first)
     mask_value = value_of(mask)
     if not _same_shape(shape_of(scores), out_shape) or not isinstance(mask_value, torch.Tensor):
-        return f"`{_op_name(add)}`: neither operand has the scores' shape {_shape(out_shape)}"
+        raise _NotAttention(f"{where} `{_op_name(add)}`: neither operand has the scores' shape {_shape(out_shape)}")
     if not mask_value.dtype.is_floating_point:
-        return f"the mask added is {mask_value.dtype} (added as 0/1, it is not SDPA's keep / -inf mask)"
+        raise _NotAttention(f"{where} the mask added is {mask_value.dtype} (as 0/1, not SDPA's keep / -inf mask)")
     if not _fits_into(tuple(mask_value.shape), out_shape):
-        return f"the mask {_shape(mask_value.shape)} would enlarge the scores {_shape(out_shape)}"
+        raise _NotAttention(f"{where} the mask {_shape(mask_value.shape)} would enlarge the scores {_shape(out_shape)}")
     return scores, mask
 
 
@@ -265,19 +306,15 @@ def _is_matmul(node: Any) -> bool:
     return _is_call(node, MATMUL_FUNCTIONS, MATMUL_METHODS)
 
 
-def _unscaled(node: Any) -> tuple[Any, float]:
-    """`x * c` or `x / c` (c a number; chains too) whose only user is the next step -> (x, product)."""
-    scale = 1.0
+def _unscaled(node: Any, scale: _Scale) -> Any:
+    """Strip scalings (`x * c`, `x / c`; chains too) whose only user is the next step into `scale`."""
     while isinstance(node, torch.fx.Node) and _single_user(node) is not None:
-        scalar = _scalar_operand(node) if _is_call(node, set(SCALE_FUNCTIONS), {"mul", "div"}) else None
-        if scalar is None:
+        scaling = _scaling(node)
+        if scaling is None:
             break
-        divide = node.target in (operator.truediv, torch.div, "div")
-        if divide and scalar[0] is not node.args[0]:
-            break
-        scale = scale / scalar[1] if divide else scale * scalar[1]
-        node = scalar[0]
-    return node, scale
+        node, factor, divide = scaling
+        scale.apply(factor, divide)
+    return node
 
 
 def _dropout_problem(node: torch.fx.Node) -> str | None:
@@ -293,7 +330,7 @@ def _dropout_problem(node: torch.fx.Node) -> str | None:
     return f"dropout with p={p} in training mode (compile the model in eval())"
 
 
-def _fill_mask(node: torch.fx.Node, scores: torch.fx.Node, scale_after: float) -> tuple[torch.fx.Node, float]:
+def _fill_mask(node: torch.fx.Node, scores: torch.fx.Node, scale_after: _Scale) -> tuple[torch.fx.Node, float]:
     """(bool mask, value added to the scaled scores) of `scores.masked_fill(mask, value)`, which
     SDPA computes as the additive mask where(mask, value * scale_after, 0): the same wherever the
     value is a mask value (-inf, or so negative that exp() of it is 0)."""
@@ -302,15 +339,19 @@ def _fill_mask(node: torch.fx.Node, scores: torch.fx.Node, scale_after: float) -
     if not isinstance(mask_value, torch.Tensor) or mask_value.dtype != torch.bool:
         raise _NotAttention(f"`{_op_name(node)}` has no bool mask")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _NotAttention(f"`{_op_name(node)}` fills with a tensor, not a number")
-    fill = value * scale_after
+        raise _NotAttention(f"`{_op_name(node)}` fills with a tensor or a computed value, not a number")
+    if scale_after.computed:
+        raise _NotAttention(f"`{_op_name(node)}` is followed by a scaling by a value computed in the graph")
+    fill = value * scale_after.constant
     if not fill <= MASK_FILL_LIMIT:  # NaN and +inf too
         raise _NotAttention(
-            f"`{_op_name(node)}` fills with {value!r} (scaled by {scale_after:g} after it): not a mask value "
-            f"(-inf, or at most {MASK_FILL_LIMIT:g})"
+            f"`{_op_name(node)}` fills with {value!r} (scaled by {scale_after.constant:g} after it): not a mask "
+            f"value (-inf, or at most {MASK_FILL_LIMIT:g})"
         )
     if not _fits_into(tuple(mask_value.shape), shape_of(scores)):
-        raise _NotAttention(f"the masked_fill mask {_shape(mask_value.shape)} would enlarge the scores {_shape(shape_of(scores))}")
+        raise _NotAttention(
+            f"the masked_fill mask {_shape(mask_value.shape)} would enlarge the scores {_shape(shape_of(scores))}"
+        )
     return mask, float(fill)
 
 
@@ -321,13 +362,8 @@ def _inplace_fill(node: torch.fx.Node, next_step: torch.fx.Node) -> torch.fx.Nod
     if len(others) != 1:
         return None
     fill = others[0]
-    if not (fill.op == "call_method" and fill.target == "masked_fill_" and fill.args[0] is node and not fill.users):
-        return None
-    order = {n: i for i, n in enumerate((fill, next_step))}
-    for candidate in node.graph.nodes:  # the fill must run before the next step reads the scores
-        if candidate in order:
-            return fill if candidate is fill else None
-    return None
+    is_fill = fill.op == "call_method" and fill.target == "masked_fill_" and fill.args[0] is node
+    return fill if is_fill and not fill.users and fill < next_step else None
 
 
 def _near_matmul(softmax: torch.fx.Node, backward: bool) -> torch.fx.Node | None:
@@ -388,7 +424,9 @@ def _repeated_heads(node: Any) -> torch.fx.Node | None:
 def _is_head_unsqueeze(index: Any) -> bool:
     """x[:, :, None] (or x[:, :, None, :, :]): a new dim before the sequence dim of (B, H, S, D)."""
     full = slice(None, None, None)
-    return isinstance(index, tuple) and index[:3] == (full, full, None) and all(i == full for i in index[3:5]) and len(index) <= 5
+    if not isinstance(index, tuple) or len(index) > 5:
+        return False
+    return index[:3] == (full, full, None) and all(i == full for i in index[3:])
 
 
 def _explicit_attention(softmax: torch.fx.Node) -> _AttentionMatch | None:
@@ -443,13 +481,15 @@ def _attention_fields(softmax: torch.fx.Node) -> dict[str, Any]:
     pv = after
     left, v = _matmul_operands(pv)
     if left is not probabilities:
-        raise _NotAttention("the probabilities are the right operand of the second matmul (x @ softmax(...)): not attention over values")
+        raise _NotAttention(
+            "the probabilities are the right operand of the second matmul (x @ softmax(...)): not attention over values"
+        )
     if not isinstance(v, torch.fx.Node):
         raise _NotAttention("the values are not a tensor")
 
     # Backward: softmax's input -> [casts, scalings, one mask] -> QK^T matmul. `scale` is the product
     # of the scalings passed so far, i.e. those applied after the current node.
-    scale, mask, fill, scaled, erase = 1.0, None, None, False, []
+    scale, mask, fill, scaled, erase = _Scale(), None, None, False, []
     node, next_step = _arg(softmax, 0, "input"), softmax
     while isinstance(node, torch.fx.Node):
         inplace = _inplace_fill(node, next_step)
@@ -462,32 +502,30 @@ def _attention_fields(softmax: torch.fx.Node) -> dict[str, Any]:
             raise _NotAttention(f"between the QK^T matmul and softmax: `{node.name}` is used elsewhere too")
         if _is_matmul(node):
             break
-        scalar = _scalar_operand(node) if _is_call(node, set(SCALE_FUNCTIONS), {"mul", "div"}) else None
+        scaling = _scaling(node)
         next_step = node
         if _is_call(node, set(), CAST_METHODS):
             node = node.args[0]
-        elif scalar is not None:
-            divide = node.target in (operator.truediv, torch.div, "div")
-            if divide and scalar[0] is not node.args[0]:
-                raise _NotAttention(f"between the QK^T matmul and softmax: `{_op_name(node)}` divides a number by the scores")
-            scale = scale / scalar[1] if divide else scale * scalar[1]
-            node, scaled = scalar[0], True
+        elif scaling is not None:
+            node, factor, divide = scaling
+            scale.apply(factor, divide)
+            scaled = True
         elif _is_call(node, ADD_FUNCTIONS, {"add"}):
             if mask is not None:
                 raise _NotAttention("between the QK^T matmul and softmax: more than one mask")
-            if node.kwargs or len(node.args) != 2:
-                raise _NotAttention(f"between the QK^T matmul and softmax: `{_op_name(node)}` with {node.kwargs} is not a mask")
+            node, mask = _scores_and_mask(node)
             if scaled:  # walking backwards, the mask must come before any scaling: softmax(s * qk + mask)
                 raise _NotAttention("the mask is added before the scaling (SDPA adds it after)")
-            split = _scores_and_mask(node)
-            if isinstance(split, str):
-                raise _NotAttention(f"between the QK^T matmul and softmax: {split}")
-            node, mask = split
         elif _is_call(node, MASKED_FILL_FUNCTIONS, {"masked_fill"}):
             if mask is not None:
                 raise _NotAttention("between the QK^T matmul and softmax: more than one mask")
             mask, fill = _fill_mask(node, node.args[0], scale)
             node = node.args[0]
+        elif _is_call(node, set(SCALE_FUNCTIONS), {"mul", "div"}):
+            raise _NotAttention(
+                f"between the QK^T matmul and softmax: `{_op_name(node)}` is not a scaling by a number (a tensor "
+                "factor, or a number divided by the scores)"
+            )
         else:
             raise _NotAttention(
                 f"between the QK^T matmul and softmax: `{_op_name(node)}` (only scaling by a number, one mask "
@@ -501,15 +539,13 @@ def _attention_fields(softmax: torch.fx.Node) -> dict[str, Any]:
         raise _NotAttention("the QK^T matmul has an operand that is not a tensor")
     if len(shape_of(q)) < 2 or len(shape_of(k_transposed)) < 2:
         raise _NotAttention("the QK^T matmul has a 1-D operand")
-    q, q_scale = _unscaled(q)
-    k_transposed, k_scale = _unscaled(k_transposed)
+    # Scalings of q or k before the matmul (q * d**-0.5) join the scale, when the matmul is their
+    # only user: quantizing q and k per token does not depend on them.
+    q = _unscaled(q, scale)
+    k_transposed = _unscaled(k_transposed, scale)
     k = _transposed_input(k_transposed)
     pre_transposed = k is None  # q @ kt with kt (..., D, S) as it is: SDPA's k is kt^T
-    if pre_transposed:
-        k = k_transposed
-    else:
-        k, more = _unscaled(k)
-        k_scale *= more
+    k = k_transposed if pre_transposed else _unscaled(k, scale)
     # K and V with their heads repeated for grouped-query attention: SDPA's enable_gqa does the same
     # on the unrepeated ones (quantized once per KV head, and a kernel need not read the copies).
     gqa = False
@@ -536,7 +572,7 @@ def _attention_fields(softmax: torch.fx.Node) -> dict[str, Any]:
         "k": k,
         "v": v,
         "mask": mask,
-        "scale": scale * q_scale * k_scale,
+        "scale": scale,
         "mask_fill": fill,
         "mask_dtype": mask_dtype,
         "k_transposed": pre_transposed,
@@ -595,19 +631,23 @@ def annotate_sites(state: PipelineState) -> None:
             continue
         if _is_call(node, SDPA_FUNCTIONS):
             q, k, v = (_arg(node, i, name) for i, name in enumerate(("query", "key", "value")))
+            scale = _arg(node, 6, "scale", None)
+            scale_attrs, scale_inputs = {"scale": scale}, {}
+            if isinstance(scale, torch.fx.Node):  # a SymFloat (a module's float under dynamic=True)
+                scale_attrs, scale_inputs = _scale_fields(_Scale(1.0, [(scale, False)]))
             site = Site(
                 index=len(found),
                 kind=OpKind.ATTENTION,
                 fqn=_site_fqn(node, None),
                 source_op="sdpa",
                 node=node,
-                inputs={"q": q, "k": k, "v": v, "mask": _arg(node, 3, "attn_mask")},
+                inputs={"q": q, "k": k, "v": v, "mask": _arg(node, 3, "attn_mask"), **scale_inputs},
                 shapes={"q": shape_of(q), "k": shape_of(k), "v": shape_of(v), "out": shape_of(node)},
                 attrs={
                     "dropout_p": _arg(node, 4, "dropout_p", 0.0),
                     "is_causal": _arg(node, 5, "is_causal", False),
-                    "scale": _arg(node, 6, "scale", None),
                     "enable_gqa": _arg(node, 7, "enable_gqa", False),
+                    **scale_attrs,
                 },
                 k=shape_of(q)[-1] if shape_of(q) else None,
             )
@@ -630,18 +670,19 @@ def annotate_sites(state: PipelineState) -> None:
             if pattern["k_transposed"]:
                 k_shape = (*k_shape[:-2], k_shape[-1], k_shape[-2])
             claimed.update((pattern["qk"], pattern["pv"]))
+            scale_attrs, scale_inputs = _scale_fields(pattern["scale"])
             site = Site(
                 index=len(found),
                 kind=OpKind.ATTENTION,
                 fqn=_site_fqn(pattern["pv"], None),
                 source_op="matmul-softmax-matmul",
                 node=pattern["pv"],
-                inputs={"q": q, "k": k, "v": v, "mask": pattern["mask"]},
+                inputs={"q": q, "k": k, "v": v, "mask": pattern["mask"], **scale_inputs},
                 shapes={"q": shape_of(q), "k": k_shape, "v": shape_of(v), "out": shape_of(pattern["pv"])},
                 attrs={
                     "dropout_p": 0.0,
                     "is_causal": False,
-                    "scale": pattern["scale"],
+                    **scale_attrs,
                     "enable_gqa": pattern["enable_gqa"],
                     "k_transposed": pattern["k_transposed"],
                     "mask_fill": pattern["mask_fill"],

@@ -59,6 +59,12 @@ def _qdq_attention(graph: torch.fx.Graph, site: Site) -> torch.fx.Node:
     operands = {name: site.inputs[name] for name in ("q", "k", "v")}
     if attrs.get("k_transposed"):  # q @ kt with kt stored (..., D, S): SDPA's k is kt^T
         operands["k"] = graph.call_function(torch.transpose, (operands["k"], -2, -1))
+    # A scale computed in the graph (a SymFloat) multiplies q: SDPA's `scale` is a float, and a
+    # SymFloat passed there would be specialised (Dynamo then compiles the graph again). Inductor
+    # fuses the multiply into q's quantization.
+    for name, divide in attrs.get("scale_factors", ()):
+        operation = operator.truediv if divide else operator.mul
+        operands["q"] = graph.call_function(operation, (operands["q"], site.inputs[name]))
     dequantized = []
     for name, operand in operands.items():
         _, parts = _quantize(graph, operand, fmt)
