@@ -12,11 +12,17 @@ encoder on the same corpus and queries:
   * cosine similarity of each quantized document embedding with its fp32 embedding (mean and min);
   * ranking agreement for the queries: is the top-1 document the same as with fp32, and how many of
     the fp32 top-3 documents are in the quantized top-3;
+  * the same cosine and top-1 agreement on a second, held-out collection (other topics);
   * the bytes of the quantized weights before and after.
 
+A recipe name followed by `+calibration` is first calibrated (`lowbit_compile.calibrate`) on 32
+other sentences (CALIBRATION, 4 batches of 8; neither the corpus nor the held-out collection):
+per-channel smoothing and the activation-weighted int4 weight search. `+static` also fixes the
+activation scales of an 8-bit activation recipe (per tensor, from the calibration range).
+
     pip install -e '.[examples]'
-    python examples/semantic_search.py                      # w8a16, w8a8, w4a16
-    python examples/semantic_search.py --recipes w8a8,fp8,nvfp4
+    python examples/semantic_search.py          # w8a16, w8a8, w4a16, w4a16+calibration, w8a8+calibration
+    python examples/semantic_search.py --recipes w8a8,fp8,nvfp4,w8a8+static
 
 CPU is fine; `--device cuda` runs the encoder on a GPU.
 """
@@ -38,7 +44,10 @@ import torch.nn.functional as F  # noqa: E402
 
 import lowbit_compile  # noqa: E402
 
-DEFAULT_RECIPES = ("w8a16", "w8a8", "w4a16")
+DEFAULT_RECIPES = ("w8a16", "w8a8", "w4a16", "w4a16+calibration", "w8a8+calibration")
+CALIBRATED = "+calibration"  # recipe suffix: calibrate first (smoothing, activation-weighted weight search)
+STATIC = "+static"  # recipe suffix: calibrate, with static activation scales
+CALIBRATION_BATCH = 8
 MAX_LENGTH = 64
 TOP_K = 3
 
@@ -79,6 +88,74 @@ QUERIES: list[tuple[str, str]] = [
     ("bicycle", "my bike won't shift gears properly"),
     ("computer", "my internet connection keeps cutting out"),
     ("astronomy", "which planet has rings"),
+]
+
+
+# A second collection on other topics, never used to calibrate or tune anything: the held-out check.
+HELD_OUT_CORPUS: list[tuple[str, str]] = [
+    ("travel", "Pack light for the hostel: a small backpack, a travel towel and a padlock for the locker."),
+    ("travel", "The ferry to the island runs twice a day in summer; book the car space early."),
+    ("travel", "Exchange a little cash before landing; card machines at the bus station often fail."),
+    ("travel", "Our hotel in Lisbon had a rooftop terrace with a view over the river."),
+    ("health", "Stretch your hamstrings after running to avoid stiffness the next morning."),
+    ("health", "The doctor said to take the antibiotics for the full seven days, even if I feel better."),
+    ("health", "Aim for seven to nine hours of sleep and keep screens out of the bedroom."),
+    ("health", "A sprained ankle needs rest, ice, compression and keeping the foot raised."),
+    ("music", "Tune the guitar's low E string first, then tune the others relative to it."),
+    ("music", "The jazz trio plays at the bar on the corner every Friday night."),
+    ("music", "Practise scales slowly with a metronome before speeding up."),
+    ("music", "The vinyl record player needs a new needle; the sound has become scratchy."),
+    ("pets", "The puppy chews everything: give it rubber toys and put the shoes away."),
+    ("pets", "Cats need their litter box cleaned daily and fresh water every morning."),
+    ("pets", "The goldfish tank needs a partial water change every week."),
+    ("pets", "Book the dog's yearly vaccination and ask the vet about tick prevention."),
+]
+
+HELD_OUT_QUERIES: list[tuple[str, str]] = [
+    ("travel", "what should I bring when staying in a hostel"),
+    ("travel", "how do I get to the island by boat"),
+    ("health", "how to recover from a twisted ankle"),
+    ("health", "tips for sleeping better"),
+    ("music", "how do I get my guitar in tune"),
+    ("music", "where can I hear live jazz"),
+    ("pets", "my young dog keeps biting my shoes"),
+    ("pets", "how do I look after a cat"),
+]
+
+# Calibration text: everyday sentences on neither collection's topics, as a user would sample them.
+CALIBRATION: list[str] = [
+    "The train to the airport leaves every twenty minutes from platform four.",
+    "Please find attached the signed contract; let me know if anything is missing.",
+    "The museum is closed on Mondays, but the garden café stays open until six.",
+    "Our team meeting moves to Thursday at ten because of the public holiday.",
+    "Add two eggs, a cup of flour and a pinch of salt, then whisk until smooth.",
+    "The striker scored twice in the second half and the home side won three to one.",
+    "Heavy rain is expected overnight with strong winds along the coast.",
+    "The printer on the second floor is out of toner again.",
+    "She practised the piano sonata every evening for a month before the recital.",
+    "Remember to renew your passport at least six months before the trip.",
+    "The new library opened downtown with a children's reading room and free Wi-Fi.",
+    "Drink plenty of water and rest; the fever should pass in a couple of days.",
+    "The quarterly report shows sales up eight percent compared with last year.",
+    "He adopted a shy grey cat from the shelter and named it Pepper.",
+    "The software update fixes the login bug and improves battery life.",
+    "Volunteers cleaned up the beach on Saturday morning and collected forty bags of litter.",
+    "The castle was built in the twelfth century and rebuilt after a fire in 1650.",
+    "Traffic on the ring road is slow because of roadworks near the bridge.",
+    "Our landlord will fix the leaking kitchen tap next week.",
+    "The conference keynote was about renewable energy and battery storage.",
+    "Dinner reservations are confirmed for eight people at half past seven.",
+    "The hiking trail climbs steeply through pine forest to a lake at the top.",
+    "My phone screen cracked when it fell out of my pocket on the stairs.",
+    "The orchestra will perform Beethoven's ninth symphony in the spring season.",
+    "Kids, don't forget your swimming kit for tomorrow's lesson.",
+    "The bakery on the corner sells the best croissants in the neighbourhood.",
+    "Interest rates were left unchanged at the central bank's last meeting.",
+    "Please water the plants on the balcony while I'm away.",
+    "The documentary follows a family of elephants across the savannah.",
+    "Return the borrowed books by Friday to avoid a late fee.",
+    "The vaccine appointment is at the clinic on Elm Street at 9:15.",
+    "We painted the living room a pale green and bought a new sofa.",
 ]
 
 
@@ -132,10 +209,31 @@ def ranking_metrics(ref_top: torch.Tensor, test_top: torch.Tensor) -> tuple[floa
     return top1, sum(overlap) / len(overlap)
 
 
-def topic_accuracy(top: torch.Tensor) -> float:
+def topic_accuracy(top: torch.Tensor, corpus: list[tuple[str, str]] = CORPUS, queries: list[tuple[str, str]] = QUERIES) -> float:
     """Fraction of queries whose top-1 document is on the query's topic (a sanity check of the model)."""
-    hits = [CORPUS[int(doc)][0] == topic for doc, (topic, _) in zip(top[:, 0], QUERIES)]
+    hits = [corpus[int(doc)][0] == topic for doc, (topic, _) in zip(top[:, 0], queries)]
     return sum(hits) / len(hits)
+
+
+def base_recipe(name: str) -> str:
+    """`w4a16+calibration` -> `w4a16`."""
+    for suffix in (CALIBRATED, STATIC):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def encode_inputs(tokenizer: Any, texts: list[str], device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
+def calibration_batches(tokenizer: Any, device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """CALIBRATION as 4 padded batches of 8 sentences (the encoder's positional arguments)."""
+    return [
+        encode_inputs(tokenizer, CALIBRATION[i : i + CALIBRATION_BATCH], device)
+        for i in range(0, len(CALIBRATION), CALIBRATION_BATCH)
+    ]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -150,9 +248,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quiet", action="store_true", help="print only the summary table, not the per-site reports")
     args = parser.parse_args(argv)
     args.recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
-    unknown = [r for r in args.recipes if r not in lowbit_compile.RECIPES]
+    unknown = [r for r in args.recipes if base_recipe(r) not in lowbit_compile.RECIPES]
     if unknown or not args.recipes:
-        parser.error(f"unknown recipe(s) {unknown}; valid recipes: {', '.join(lowbit_compile.RECIPES)}")
+        parser.error(
+            f"unknown recipe(s) {unknown}; valid recipes: {', '.join(lowbit_compile.RECIPES)}, "
+            f"each optionally followed by {CALIBRATED} or {STATIC}"
+        )
     return args
 
 
@@ -164,39 +265,60 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     # recipe compiles exactly one graph. Padding tokens are excluded by the attention mask (in the
     # attention and in the pooling).
     texts = [text for _, text in CORPUS] + [text for _, text in QUERIES]
-    batch = tokenizer(texts, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
-    inputs = (batch["input_ids"].to(args.device), batch["attention_mask"].to(args.device))
-    n_docs = len(CORPUS)
+    inputs = encode_inputs(tokenizer, texts, args.device)
+    held_out = encode_inputs(tokenizer, [t for _, t in HELD_OUT_CORPUS] + [t for _, t in HELD_OUT_QUERIES], args.device)
+    n_docs, n_held_out_docs = len(CORPUS), len(HELD_OUT_CORPUS)
     print(f"encoder: all-MiniLM-L6-v2 from {model_dir()}")
     print(f"batch: {len(CORPUS)} documents + {len(QUERIES)} queries, padded to {tuple(inputs[0].shape)} tokens")
+    print(f"held out: {n_held_out_docs} documents + {len(HELD_OUT_QUERIES)} queries on other topics")
 
     with torch.no_grad():
         start = time.perf_counter()
         reference = encoder(*inputs)
         eager_ms = (time.perf_counter() - start) * 1e3
+        held_out_reference = encoder(*held_out)
     ref_docs, ref_queries = reference[:n_docs], reference[n_docs:]
     ref_top = top_k(ref_queries, ref_docs, TOP_K)
+    held_out_ref_top = top_k(held_out_reference[n_held_out_docs:], held_out_reference[:n_held_out_docs], 1)
     on_topic = topic_accuracy(ref_top)
     print(f"fp32 eager ({eager_ms:.0f} ms): top-1 document on the query's topic for {on_topic:.0%} of queries")
-    for (_, query), top in zip(QUERIES, ref_top):
-        print(f"  {query!r} -> {CORPUS[int(top[0])][1][:70]!r}")
+    # How far the best document is ahead of the second: a near tie can flip under any perturbation.
+    margins = (ref_queries.double() @ ref_docs.double().T).topk(2, dim=-1).values
+    for (_, query), top, margin in zip(QUERIES, ref_top, margins[:, 0] - margins[:, 1]):
+        print(f"  {query!r} -> {CORPUS[int(top[0])][1][:70]!r} (ahead of the next by {margin:.4f})")
 
     results: dict[str, dict[str, Any]] = {}
     for name in args.recipes:
         print(f"\n=== recipe {name} ===")
         torch._dynamo.reset()  # a fresh Dynamo cache per recipe: no stale entries, no recompile limit
-        report = lowbit_compile.explain(encoder, *inputs, policy=name)
+        options: dict[str, Any] = {"policy": base_recipe(name), "compute_sqnr": False}
+        calibrate_s = 0.0
+        if name != base_recipe(name):
+            start = time.perf_counter()
+            calibration = lowbit_compile.calibrate(
+                encoder,
+                calibration_batches(tokenizer, args.device),
+                policy=base_recipe(name),
+                static_activations=name.endswith(STATIC),
+            )
+            calibrate_s = time.perf_counter() - start
+            options["calibration"] = calibration
+            print(f"calibrated on {len(CALIBRATION)} other sentences in {calibrate_s:.1f} s")
+            if not args.quiet:
+                print(calibration)
+        report = lowbit_compile.explain(
+            encoder, *inputs, policy=options["policy"], calibration=options.get("calibration")
+        )
         if not args.quiet:
             print(report)
 
         # The report above already measured per-site SQNR; skip doing it again in the real compile.
-        compiled = torch.compile(
-            encoder, backend="lowbit", options={"policy": name, "compute_sqnr": False}, dynamic=False
-        )
+        compiled = torch.compile(encoder, backend="lowbit", options=options, dynamic=False)
         with torch.no_grad():
             start = time.perf_counter()
             embeddings = compiled(*inputs)
             compile_s = time.perf_counter() - start
+            held_out_embeddings = compiled(*held_out)  # another shape: a second graph
 
         finite = bool(torch.isfinite(embeddings).all())
         if not finite:
@@ -206,6 +328,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
         top1, overlap = ranking_metrics(ref_top, test_top)
         before, after = report.weight_bytes()
         linear = [s for s in report.sites if s.op == "linear"]
+        held_out_cos = cosine_rows(held_out_embeddings, held_out_reference)
+        held_out_top = top_k(held_out_embeddings[n_held_out_docs:], held_out_embeddings[:n_held_out_docs], 1)
         results[name] = {
             "mean_cos": cos.mean().item(),
             "min_cos": cos.min().item(),
@@ -221,6 +345,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
             "linear_sites": len(linear),
             "quantized_linear_sites": sum(s.format is not None for s in linear),
             "compile_s": compile_s,
+            "calibrate_s": calibrate_s,
+            "calibrated_sites": sum(s.calibration is not None for s in linear),
+            "held_out_mean_cos": held_out_cos.mean().item(),
+            "held_out_min_cos": held_out_cos.min().item(),
+            "held_out_top1_agreement": (held_out_top[:, 0] == held_out_ref_top[:, 0]).double().mean().item(),
+            "held_out_all_finite": bool(torch.isfinite(held_out_embeddings).all()),
         }
         r = results[name]
         print(
@@ -228,6 +358,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
             f"rankings vs fp32 over {len(QUERIES)} queries: "
             f"top-1 agreement {top1:.0%}, top-{TOP_K} overlap {overlap:.0%}"
             f" (top-1 on topic {r['topic_accuracy']:.0%})\n"
+            f"held out ({len(HELD_OUT_CORPUS) + len(HELD_OUT_QUERIES)} texts): mean cos {r['held_out_mean_cos']:.6f}, "
+            f"min cos {r['held_out_min_cos']:.6f}, top-1 agreement {r['held_out_top1_agreement']:.0%}\n"
             f"quantized weights: {before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB"
             f" ({r['quantized_sites']}/{r['sites']} sites quantized)\n"
             f"compile + first call {compile_s:.1f} s"
@@ -237,13 +369,17 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
                 before_doc, after_doc = CORPUS[int(ref[0])][1][:50], CORPUS[int(test[0])][1][:50]
                 print(f"  top-1 changed for {query!r}: {before_doc!r} -> {after_doc!r}")
 
-    print("\nsummary (quantized encoder vs fp32 eager)")
-    header = f"{'recipe':<14}{'mean cos':>10}{'min cos':>10}{'top-1':>8}{'top-3':>8}   weights MiB"
+    print("\nsummary (quantized encoder vs fp32 eager; held out: the second collection)")
+    header = (
+        f"{'recipe':<20}{'mean cos':>10}{'min cos':>10}{'top-1':>8}{'top-3':>8}"
+        f"{'held-out mean':>15}{'min':>9}{'top-1':>7}   weights MiB"
+    )
     print(header)
     print("-" * len(header))
     for name, r in results.items():
         print(
-            f"{name:<14}{r['mean_cos']:>10.5f}{r['min_cos']:>10.5f}{r['top1_agreement']:>8.0%}{r['top3_overlap']:>8.0%}"
+            f"{name:<20}{r['mean_cos']:>10.5f}{r['min_cos']:>10.5f}{r['top1_agreement']:>8.0%}{r['top3_overlap']:>8.0%}"
+            f"{r['held_out_mean_cos']:>15.5f}{r['held_out_min_cos']:>9.5f}{r['held_out_top1_agreement']:>7.0%}"
             f"   {r['weight_bytes_before'] / 2**20:.2f} -> {r['weight_bytes_after'] / 2**20:.2f}"
         )
     return results

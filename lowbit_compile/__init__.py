@@ -33,6 +33,7 @@ from lowbit_compile.backend import (  # noqa: E402
     check_options,
     lowbit_backend,
 )
+from lowbit_compile.calibration import Calibration, calibrate  # noqa: E402
 from lowbit_compile.explain import explain  # noqa: E402
 from lowbit_compile.formats import FORMATS, Format, get_format, register_format  # noqa: E402
 from lowbit_compile.policy_search import search  # noqa: E402
@@ -57,6 +58,8 @@ __all__ = [
     "check_options",
     "lowbit_backend",
     "explain",
+    "calibrate",
+    "Calibration",
     "search",
     "Report",
     "SiteReport",

@@ -43,6 +43,10 @@ OPTION_DOCS = {
         "True frees the original weights of the quantized (folded) sites once quantized, so the model holds only "
         "their packed copies; using them afterwards (the eager module, another format) raises an error; default False"
     ),
+    "calibration": (
+        "what lowbit_compile.calibrate(model, batches, policy=...) returned: per-channel smoothing, activation-weighted "
+        "int4 weight search and static activation scales from real inputs; the policy defaults to the calibration's"
+    ),
 }
 VALID_OPTIONS = tuple(OPTION_DOCS)
 _graph_counter = itertools.count()
@@ -57,6 +61,7 @@ class BackendOptions:
     inductor_config: dict[str, Any] = field(default_factory=dict)
     release_weights: bool = False
     mode: str | None = None
+    calibration: Any = None  # lowbit_compile.Calibration
     sensitivity: bool = False  # explain(): per-site output SQNR (one extra graph run per site); not an option
     caller: str = "torch.compile(backend='lowbit')"  # who compiles, for dump headers; not an option
 
@@ -89,6 +94,23 @@ class BackendOptions:
             policy = as_policy(options.get("policy"))
         except ValueError as error:
             raise OptionError(f"option policy: {error}") from None
+        calibration = options.get("calibration")
+        if calibration is not None:
+            from lowbit_compile.calibration import Calibration
+
+            if not isinstance(calibration, Calibration):
+                raise OptionError(
+                    "option calibration must be what lowbit_compile.calibrate(model, batches, policy=...) returns, "
+                    f"got {type(calibration).__name__}"
+                )
+            if options.get("policy") is None:
+                policy = calibration.policy
+            elif policy.cache_key() != calibration.policy.cache_key():
+                raise OptionError(
+                    f"option calibration was made for policy {calibration.policy.name!r} (key "
+                    f"{calibration.policy.cache_key()}), not for option policy {policy.name!r} (key {policy.cache_key()}); "
+                    "leave policy out to use the calibration's, or calibrate with this policy"
+                )
         return cls(
             policy=policy,
             dump_dir=options.get("dump_dir"),
@@ -97,6 +119,7 @@ class BackendOptions:
             inductor_config=dict(inductor_config),
             release_weights=bool(options.get("release_weights", False)),
             mode=mode,
+            calibration=calibration,
         )
 
 
@@ -208,7 +231,7 @@ def compile_graph(
         if on_stage_state is not None:
             on_stage_state(stage, state)
 
-    state = run_pipeline(gm, example_inputs, policy, observe)
+    state = run_pipeline(gm, example_inputs, policy, observe, calibration=options.calibration)
     report = build_report(state.sites, policy, graph_id)
     log.info("%s", report.table())
     problem = coverage_problem(state.sites)

@@ -13,7 +13,12 @@ from lowbit_compile.report import Report
 
 
 def explain(
-    model: Any, *args: Any, policy: Policy | str | None = None, sensitivity: bool = True, **kwargs: Any
+    model: Any,
+    *args: Any,
+    policy: Policy | str | None = None,
+    sensitivity: bool = True,
+    calibration: Any = None,
+    **kwargs: Any,
 ) -> Report:
     """Capture `model(*args, **kwargs)` with Dynamo, run the pass pipeline up to the fused stage and
     return the report: one row per matmul site (all graphs of the model, in order).
@@ -22,11 +27,14 @@ def explain(
     quantized (`SiteReport.output_sqnr_db`; `report.sensitivity()` ranks them worst first). It runs
     the graph once more per site; `sensitivity=False` skips it.
 
+    calibration: what `lowbit_compile.calibrate` returned, applied as the `calibration` option of
+    the backend does (the policy defaults to the calibration's).
+
     Like `torch._dynamo.explain`, this resets Dynamo's caches first (functions compiled earlier
     recompile on their next call): a capture must never be skipped by a cache or recompile limit."""
     reports: list[Report] = []
     options = dataclasses.replace(
-        BackendOptions.parse({"policy": policy, "inductor": False}),
+        BackendOptions.parse({"policy": policy, "inductor": False, "calibration": calibration}),
         sensitivity=sensitivity,
         caller="lowbit_compile.explain()",
     )

@@ -18,6 +18,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
+from lowbit_compile.calibration import fake_quantize_activation
 from lowbit_compile.ops import kernel_name, quantized_tensor
 from lowbit_compile.reference import dequantize, fake_quantize
 
@@ -55,6 +56,7 @@ class SiteReport:
     sqnr_note: str | None = None  # why the SQNR is missing, or why the accuracy gate was not checked
     fell_back_from: list[str] = field(default_factory=list)  # specs the accuracy gate rejected, and why
     output_sqnr_db: float | None = None  # sensitivity (explain): graph output SQNR, only this site quantized
+    calibration: str | None = None  # what calibration changed at this site (smoothing, static scale), if any
 
 
 @dataclass
@@ -129,6 +131,8 @@ class Report:
         for s in self.sites:
             shapes = " ".join(f"{k}={v}" for k, v in s.shapes.items() if k != "out")
             decision = s.format if s.format is not None else f"skip: {s.skip_reason}"
+            if s.format is not None and s.calibration:
+                decision += f" [calibrated: {s.calibration}]"
             if s.format is not None and s.fell_back_from:
                 decision += f" (fell back from {'; '.join(s.fell_back_from)})"
             weight = f"{s.weight_bytes_before}->{s.weight_bytes_after}" if s.weight_bytes_before else "-"
@@ -208,6 +212,7 @@ def build_report(sites: list[Any], policy: Any, graph: str = "") -> Report:
                 sqnr_note=site.sqnr_note,
                 fell_back_from=list(site.fell_back_from),
                 output_sqnr_db=site.output_sqnr_db,
+                calibration=site.calibration.describe() if site.quantized and site.calibration is not None else None,
             )
         )
     return report
@@ -282,7 +287,8 @@ def _site_outputs(
         activation_fmt = None
     quantized = quantized_tensor(*quantized_weight(site))
     reference = F.linear(x.float(), weight.float(), bias)
-    test = F.linear(_fake(x, activation_fmt), dequantize(quantized, spec.weight), bias)
+    # A calibrated site multiplies x by its smoothing factors (its weight was divided by them).
+    test = F.linear(fake_quantize_activation(x, activation_fmt, site.calibration), dequantize(quantized, spec.weight), bias)
     return reference, test
 
 

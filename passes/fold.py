@@ -3,6 +3,8 @@
 Each weight `quantize` node (whose input is a parameter, possibly transposed) is evaluated here on
 the real parameter, and its outputs become new graph inputs that the backend appends to every
 call. A weight shared by several sites (tied embeddings, repeated calls) is quantized once.
+Calibration constants (smoothing factors, static activation scales: `PipelineState.constants`) are
+appended after the quantized weights.
 """
 
 from __future__ import annotations
@@ -38,6 +40,12 @@ class FoldedSource:
     fmt: str
     path: str = ""  # the parameter's module path, for messages
     search: bool = True  # QuantSpec.weight_search: int4 scales searched (see passes.state.quantize_weight)
+    calibration: Any = None  # calibration.SiteCalibration of the site(s) reading it, or None
+
+    @property
+    def key(self) -> tuple[bool, str, bool, str | None]:
+        """How this weight is quantized: its released copies are kept under this key."""
+        return (self.transposed, self.fmt, self.search, None if self.calibration is None else self.calibration.key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,7 +62,7 @@ class FoldedSource:
 class _Released:
     path: str
     nbytes: int  # the storage size before release (restored for load_state_dict)
-    copies: dict[tuple[bool, str, bool], list[torch.Tensor]] = field(default_factory=dict)  # (transposed, fmt, search)
+    copies: dict[tuple[bool, str, bool, str | None], list[torch.Tensor]] = field(default_factory=dict)  # FoldedSource.key
 
 
 _RELEASED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> _Released
@@ -84,22 +92,25 @@ def released_inputs(values: Sequence[Any]) -> list[str]:
     return [record.path for record in map(released_record, values) if record is not None]
 
 
-def _kept_copy(parameter: torch.Tensor, transposed: bool, fmt: str, search: bool = True) -> list[torch.Tensor] | None:
+def _kept_copy(
+    parameter: torch.Tensor, transposed: bool, fmt: str, search: bool = True, calibration_key: str | None = None
+) -> list[torch.Tensor] | None:
     """The quantized copy kept for a released parameter (None if it is not released); raises if the
     copy needed was not kept."""
     record = released_record(parameter)
     if record is None:
         return None
-    copy = record.copies.get((transposed, fmt, search))
+    copy = record.copies.get((transposed, fmt, search, calibration_key))
     if copy is None:
-        kept = ", ".join(f"{f}{' transposed' if t else ''}" for t, f, _ in record.copies) or "none"
+        kept = ", ".join(f"{f}{' transposed' if t else ''}{' calibrated' if c else ''}" for t, f, _, c in record.copies)
+        kept = kept or "none"
         layout = " transposed" if transposed else ""
         raise released_error(record.path, f"this compile needs it quantized as {fmt}{layout}, and only {kept} was kept")
     return copy
 
 
 def _release_parameter(
-    parameter: torch.Tensor, path: str, key: tuple[bool, str, bool], parts: list[torch.Tensor]
+    parameter: torch.Tensor, path: str, key: tuple[bool, str, bool, str | None], parts: list[torch.Tensor]
 ) -> bool:
     """Free a parameter's storage, keeping `parts` (its quantized copy) for other graphs."""
     storage = parameter.untyped_storage()
@@ -277,10 +288,21 @@ class FoldedWeights:
     2-core EPYC VM (benchmarks/bench_host_overhead.py).
     """
 
-    def __init__(self, sources: list[FoldedSource], parameters: Sequence[torch.Tensor], tensors: list[torch.Tensor]):
+    def __init__(
+        self,
+        sources: list[FoldedSource],
+        parameters: Sequence[torch.Tensor],
+        tensors: list[torch.Tensor],
+        constants: Sequence[tuple[int, str]] = (),
+    ):
         self.sources = sources
+        # Calibration constants after the weights: (source index, "smooth" or "static_scale") each,
+        # read from that source's SiteCalibration (another parameter set brings its own).
+        self.constants = list(constants)
+        tensors = tensors + self._constants([source.calibration for source in sources])
         # The quantized weights of the latest call's set (first: the compile-time set), flat: 4 per
-        # source; empty once that set's parameters are freed. The graph's inputs are for_call's.
+        # source, then the constants; empty once that set's parameters are freed. The graph's
+        # inputs are for_call's.
         self.tensors = tensors
         self._gather = _gather([source.input_index for source in sources]) if sources else None
         self._sets: dict[tuple[int, ...], _QuantizedSet] = {}  # id(parameters) -> their quantized set
@@ -317,11 +339,19 @@ class FoldedWeights:
                 return entry.tensors
         log.info("parameters differ from the compiled ones: quantizing %d weights for them", len(parameters))
         tensors: list[torch.Tensor] = []
-        for source, parameter in zip(self.sources, parameters):
-            kept = _kept_copy(parameter, source.transposed, source.fmt, source.search)
+        calibrations = [
+            None if source.calibration is None else source.calibration.for_parameter(parameter)
+            for source, parameter in zip(self.sources, parameters)
+        ]
+        for source, parameter, calibration in zip(self.sources, parameters, calibrations):
+            kept = _kept_copy(
+                parameter, source.transposed, source.fmt, source.search, calibration and calibration.key
+            )
             if kept is None:
-                kept = quantize_weight(parameter, source.transposed, source.fmt, source.search)
+                extra = {} if calibration is None else {"calibration": calibration}
+                kept = quantize_weight(parameter, source.transposed, source.fmt, source.search, **extra)
             tensors.extend(kept)
+        tensors.extend(self._constants(calibrations))
         for tensor in tensors:
             if tensor.is_cuda:
                 torch._dynamo.mark_static_address(tensor)
@@ -330,6 +360,9 @@ class FoldedWeights:
         if self._releasable is not None:
             self._release(entry, parameters)
         return tensors
+
+    def _constants(self, calibrations: Sequence[Any]) -> list[torch.Tensor]:
+        return [getattr(calibrations[index], kind) for index, kind in self.constants]
 
     def _remember(self, parameters: Sequence[torch.Tensor], tensors: list[torch.Tensor]) -> _QuantizedSet:
         entry = _QuantizedSet(self, parameters, tensors)
@@ -354,9 +387,7 @@ class FoldedWeights:
         released = []
         for i, (source, parameter, releasable) in enumerate(zip(self.sources, parameters, self._releasable or ())):
             parts = entry.tensors[i * _PARTS : (i + 1) * _PARTS]
-            if releasable and _release_parameter(
-                parameter, source.path, (source.transposed, source.fmt, source.search), parts
-            ):
+            if releasable and _release_parameter(parameter, source.path, source.key, parts):
                 released.append(parameter)
         if released:
             entry.snapshot(parameters)  # their storage changed: this is how the set looks from now on
@@ -365,7 +396,8 @@ class FoldedWeights:
 
 
 def _compile_time_copy(state: PipelineState, site: Site, parameter: torch.Tensor) -> list[torch.Tensor]:
-    kept = _kept_copy(parameter, site.weight_layout == "kn", site.spec.weight, site.spec.weight_search)
+    calibration_key = None if site.calibration is None else site.calibration.key
+    kept = _kept_copy(parameter, site.weight_layout == "kn", site.spec.weight, site.spec.weight_search, calibration_key)
     return kept if kept is not None else state.quantized_weight(site)
 
 
@@ -377,7 +409,13 @@ def fold_weight_quantization(state: PipelineState) -> None:
     graph = state.gm.graph
     fake_mode = state.fake_mode()
     last_placeholder = state.placeholders()[-1]
-    folded: dict[tuple[str, bool, str, bool], list[torch.fx.Node]] = {}
+    # Calibration constants (qdq stage) stay the last inputs: the weights go before them.
+    constant_nodes = [node for node in state.placeholders() if "lowbit_constant" in node.meta]
+    folded: dict[tuple[str, bool, str, bool, str | None], list[torch.fx.Node]] = {}
+    source_index: dict[tuple[str, bool, str, bool, str | None], int] = {}
+    # Each calibration constant is read from the SiteCalibration of the weight its site folds, so
+    # that another parameter set (for_call) brings its own factors and scales.
+    constant_source: dict[torch.fx.Node, tuple[int, str]] = {}
     input_index = {node: i for i, node in enumerate(state.placeholders())}
     sources: list[FoldedSource] = []
     source_parameters: list[torch.Tensor] = []
@@ -391,14 +429,15 @@ def fold_weight_quantization(state: PipelineState) -> None:
         fmt = site.spec.weight
         transposed = site.weight_layout == "kn"
         search = site.spec.weight_search
-        key = (weight.name, transposed, fmt, search)
+        key = (weight.name, transposed, fmt, search, None if site.calibration is None else site.calibration.key)
         parameter = state.parameters[weight.name].tensor
         if key not in folded:
             tensors = _compile_time_copy(state, site, parameter)
             nodes = []
             prefix = re.sub(r"\W", "_", f"folded_{site.weight_path}{'_t' if transposed else ''}_{fmt}")
             for part, tensor in zip(QUANTIZED_PARTS, tensors):
-                with graph.inserting_after(last_placeholder):
+                place = graph.inserting_before(constant_nodes[0]) if constant_nodes else graph.inserting_after(last_placeholder)
+                with place:
                     node = graph.placeholder(f"{prefix}_{part}")
                 node.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True) if fake_mode else tensor
                 node.meta["lowbit_folded"] = f"{site.weight_path} as {fmt} {part}"
@@ -406,7 +445,10 @@ def fold_weight_quantization(state: PipelineState) -> None:
                 nodes.append(node)
                 tensors_in_order.append(tensor)
             folded[key] = nodes
-            sources.append(FoldedSource(input_index[weight], transposed, fmt, site.weight_path or weight.name, search))
+            source_index[key] = len(sources)
+            sources.append(
+                FoldedSource(input_index[weight], transposed, fmt, site.weight_path or weight.name, search, site.calibration)
+            )
             source_parameters.append(parameter)
             total_before += parameter.numel() * parameter.element_size()
             total_after += _bytes(tensors)
@@ -417,6 +459,9 @@ def fold_weight_quantization(state: PipelineState) -> None:
             part_node.replace_all_uses_with(new_input)
         site.qdq["weight_parts"] = folded[key]
         del site.qdq["weight_quantize"]
+        for name, attribute in (("smooth", "smooth"), ("activation_scale", "static_scale")):
+            if name in site.qdq:
+                constant_source[site.qdq[name]] = (source_index[key], attribute)
     remove_dead_code(graph)
     for node in state.placeholders():  # a released weight this graph would read unquantized
         record = released_record(state.parameters[node.name].tensor) if node.name in state.parameters else None
@@ -424,7 +469,9 @@ def fold_weight_quantization(state: PipelineState) -> None:
             raise released_error(
                 record.path, f"this compiled graph reads it unquantized ({next(iter(node.users)).name})"
             )
-    state.folded = FoldedWeights(sources, source_parameters, tensors_in_order)
+    state.folded = FoldedWeights(
+        sources, source_parameters, tensors_in_order, [constant_source[node] for node in constant_nodes]
+    )
     if folded:
         log.info(
             "quantized %d weights once at compile time: %.2f MiB -> %.2f MiB",

@@ -22,9 +22,17 @@ from lowbit_compile.passes.state import PipelineState
 
 Observer = Callable[[str, PipelineState], None]
 
+
+def annotate_and_calibrate(state: PipelineState) -> None:
+    """annotated: the sites and their specs, then each linear site's calibration (when the
+    `calibration` option gives one: `PipelineState.attach_calibration`)."""
+    annotate_sites(state)
+    state.attach_calibration()
+
+
 STAGES: tuple[tuple[str, Callable[[PipelineState], None]], ...] = (
     ("captured", capture_graph),
-    ("annotated", annotate_sites),
+    ("annotated", annotate_and_calibrate),
     ("qdq", insert_qdq),
     ("folded", fold_weight_quantization),
     ("fused", fuse_quantized_ops),
@@ -66,9 +74,13 @@ def run_stage(name: str, stage: Callable[[PipelineState], None], state: Pipeline
 
 
 def run_pipeline(
-    gm: torch.fx.GraphModule, example_inputs: list[Any], policy: Policy, observer: Observer = lambda *_: None
+    gm: torch.fx.GraphModule,
+    example_inputs: list[Any],
+    policy: Policy,
+    observer: Observer = lambda *_: None,
+    calibration: Any = None,
 ) -> PipelineState:
-    state = PipelineState(gm=gm, example_inputs=list(example_inputs), policy=policy)
+    state = PipelineState(gm=gm, example_inputs=list(example_inputs), policy=policy, calibration=calibration)
     for name, stage in STAGES:
         run_stage(name, stage, state, observer)
     return state

@@ -4,11 +4,18 @@ This graph runs anywhere and is the numerical reference ("fake quant") of every 
 Linear sites of every source form become `F.linear(dequantize(x), dequantize(W), bias)` and
 attention sites of both forms become SDPA over dequantized q, k, v. The nodes created are recorded
 in `site.qdq` for the folding and fusion stages.
+
+A calibrated linear site (`site.calibration`) multiplies its activation by the smoothing factors
+(`x * smooth`, pointwise: Inductor fuses it into the producer) and divides the weight by them
+before it is quantized (`quantize(W / smooth)`, folded at compile time); a static activation scale
+quantizes with `lowbit.quantize_static`. The factors and scales are compile-time constants, graph
+inputs after Dynamo's (`PipelineState.constants`).
 """
 
 from __future__ import annotations
 
 import operator
+import re
 
 import torch
 import torch.fx
@@ -21,6 +28,7 @@ from lowbit_compile.passes.state import PipelineState, Site, remove_dead_code
 QUANTIZE = torch.ops.lowbit.quantize.default
 DEQUANTIZE = torch.ops.lowbit.dequantize.default
 FAKE_QUANTIZE_FROM_ROWS = torch.ops.lowbit.fake_quantize_from_rows.default
+QUANTIZE_STATIC = torch.ops.lowbit.quantize_static.default
 QUANTIZED_PARTS = ("data", "scale", "zero_point", "global_scale")
 
 
@@ -34,11 +42,28 @@ def _dequantize(graph: torch.fx.Graph, parts: list[torch.fx.Node], fmt: str, dty
     return graph.call_function(DEQUANTIZE, (*parts, fmt, dtype))
 
 
+def _constant(graph: torch.fx.Graph, name: str, tensor: torch.Tensor) -> torch.fx.Node:
+    """A compile-time tensor as a new graph input after the others (`meta["lowbit_constant"]`)."""
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    fake_mode = next((v.fake_mode for n in placeholders if (v := n.meta.get("val")) is not None and hasattr(v, "fake_mode")), None)
+    with graph.inserting_after(placeholders[-1]):
+        node = graph.placeholder(re.sub(r"\W", "_", name))
+    node.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True) if fake_mode is not None else tensor
+    node.meta["lowbit_constant"] = tensor
+    return node
+
+
 def _qdq_linear(graph: torch.fx.Graph, site: Site) -> torch.fx.Node:
-    spec = site.spec
+    spec, calibration = site.spec, site.calibration
     x, weight, bias = site.inputs["x"], site.inputs["weight"], site.inputs["bias"]
     dtype = value_of(x).dtype
     weight_nk = weight if site.weight_layout == "nk" else graph.call_function(torch.t, (weight,))
+    if calibration is not None and calibration.smooth is not None:
+        smooth = _constant(graph, f"calibration_{site.weight_path}_smooth", calibration.smooth)
+        x = graph.call_function(torch.mul, (x, smooth))
+        weight_nk = graph.call_function(torch.div, (weight_nk, smooth))
+        site.inputs["x"] = x  # the op's activation operand is now the smoothed one (the fused ops read it)
+        site.qdq["smooth"] = smooth
     w_quantize, w_parts = _quantize(graph, weight_nk, spec.weight)
     site.qdq.update(weight_quantize=w_quantize, weight_parts=w_parts)
     w_dequantized = _dequantize(graph, w_parts, spec.weight, dtype)
@@ -46,6 +71,13 @@ def _qdq_linear(graph: torch.fx.Graph, site: Site) -> torch.fx.Node:
         x_dequantized = x
     elif spec.weight_only_below_m is not None:
         x_dequantized = graph.call_function(FAKE_QUANTIZE_FROM_ROWS, (x, spec.activation, spec.weight_only_below_m))
+    elif calibration is not None and calibration.static_format == spec.activation:
+        scale = _constant(graph, f"calibration_{site.weight_path}_activation_scale", calibration.static_scale)
+        site.qdq["activation_scale"] = scale
+        x_quantize = graph.call_function(QUANTIZE_STATIC, (x, scale, spec.activation))
+        x_parts = [graph.call_function(operator.getitem, (x_quantize, i)) for i in range(len(QUANTIZED_PARTS))]
+        site.qdq.update(x_quantize=x_quantize, x_parts=x_parts)
+        x_dequantized = _dequantize(graph, x_parts, spec.activation, dtype)
     else:
         x_quantize, x_parts = _quantize(graph, x, spec.activation)
         site.qdq.update(x_quantize=x_quantize, x_parts=x_parts)

@@ -202,25 +202,32 @@ class PipelineState:
             return
         from lowbit_compile.calibration import replace_activation
 
-        calibrated = 0
-        for site in self.sites:
-            if site.kind is not OpKind.LINEAR or not site.quantized:
-                continue
+        missing = []
+        linear = [site for site in self.sites if site.kind is OpKind.LINEAR and site.quantized]
+        for site in linear:
             x = site.inputs["x"].meta.get("val")
             parameter = self.parameters[site.inputs["weight"].name].tensor
-            found = self.calibration.for_site(site.weight_path, site.spec, site.k, x.dtype, x.dim(), parameter.device)
+            found = self.calibration.for_site(
+                parameter, site.weight_path, site.spec, site.k, x.dtype, x.dim(), parameter.device
+            )
             if found is None:
+                missing.append(site.weight_path)
                 continue
-            self.calibration.remember(parameter, site.weight_path)
+            self.calibration.remember(parameter, found.entry.path)
             site.calibration = found
             if found.static_format is not None:
                 site.spec = replace_activation(site.spec, found.static_format)
-            calibrated += 1
-        linear = sum(site.kind is OpKind.LINEAR and site.quantized for site in self.sites)
-        if linear and not calibrated:
-            log.warning("calibration (policy %s) has no entry for any of this graph's %d quantized linear sites", self.policy.name, linear)
+        if missing:
+            log.warning(
+                "calibration (policy %s) has no entry for %d of this graph's %d quantized linear sites (%s): they are "
+                "quantized without calibration",
+                self.policy.name,
+                len(missing),
+                len(linear),
+                ", ".join(map(str, missing[:3])),
+            )
         else:
-            log.info("calibration applied to %d of %d quantized linear sites", calibrated, linear)
+            log.info("calibration applied to all %d quantized linear sites", len(linear))
 
     def constants(self) -> list[torch.Tensor]:
         """The compile-time constants the graph takes as inputs after Dynamo's (calibration factors

@@ -219,12 +219,13 @@ if triton is not None:
             amax = tl.maximum(amax, v)
             nans += (v != v).to(tl.int32)
         row_max = tl.max(amax, axis=0)
-        scale = tl.where(tl.sum(nans, axis=0) > 0, float("nan"), row_max / QMAX)
+        # IEEE division (Triton's `/` is approximate on the GPU), so codes match the reference bit for bit
+        scale = tl.where(tl.sum(nans, axis=0) > 0, float("nan"), tl.math.div_rn(row_max, QMAX))
         tl.store(scale_ptr + row, scale)
         for k0 in range(0, K, BLOCK):
             offs = k0 + tl.arange(0, BLOCK)
             v = tl.load(x_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
-            v = tl.where(scale == 0, 0.0, v / scale)
+            v = tl.where(scale == 0, 0.0, tl.math.div_rn(v, scale))
             if INT8:
                 v = (v + 12582912.0) - 12582912.0  # round half to even (1.5 * 2**23), exact for |v| < 2**22
                 v = tl.minimum(tl.maximum(v, QMIN), QMAX)
