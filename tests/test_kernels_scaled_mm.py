@@ -289,10 +289,12 @@ def test_row_quantization_kernel_matches_reference(fmt_name):
     data, scale = scaled.quantize_rows(x, fmt)
     expected = reference.quantize(x, fmt)
     rows = [0, 1, 3, 4]
-    assert torch.equal(scale[rows], expected.scale[rows])
+    # amax * (1 / qmax), as PyTorch computes amax / qmax on CUDA; on the CPU it divides (1 ulp apart)
+    torch.testing.assert_close(scale[rows], expected.scale[rows], rtol=1.2e-7, atol=0)
     assert scale[2].isnan().all() and expected.scale[2].isnan().all()
     if fmt_name == "int8_row":
-        assert torch.equal(data[rows], expected.data[rows])
+        codes = (x[rows].float() / scale[rows]).round().clamp(-127, 127).to(torch.int8)
+        assert torch.equal(data[rows], codes)
     else:  # the interpreter's fp32 -> fp8 cast rounds wrongly in places (exact on the GPU: test_gpu_scaled_mm)
         assert sqnr(expected.data[rows].float(), data[rows].float()) > 25
     empty, _ = scaled.quantize_rows(x, fmt, active=0)

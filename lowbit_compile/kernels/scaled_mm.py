@@ -219,8 +219,9 @@ if triton is not None:
             amax = tl.maximum(amax, v)
             nans += (v != v).to(tl.int32)
         row_max = tl.max(amax, axis=0)
-        # IEEE division (Triton's `/` is approximate on the GPU), so codes match the reference bit for bit
-        scale = tl.where(tl.sum(nans, axis=0) > 0, float("nan"), tl.math.div_rn(row_max, QMAX))
+        # As PyTorch on CUDA computes amax / qmax (times the fp32 reciprocal of a scalar divisor) and
+        # x / scale (IEEE division; Triton's `/` is approximate on the GPU): codes match bit for bit.
+        scale = tl.where(tl.sum(nans, axis=0) > 0, float("nan"), row_max * (1.0 / QMAX))
         tl.store(scale_ptr + row, scale)
         for k0 in range(0, K, BLOCK):
             offs = k0 + tl.arange(0, BLOCK)
