@@ -209,7 +209,9 @@ def ranking_metrics(ref_top: torch.Tensor, test_top: torch.Tensor) -> tuple[floa
     return top1, sum(overlap) / len(overlap)
 
 
-def topic_accuracy(top: torch.Tensor, corpus: list[tuple[str, str]] = CORPUS, queries: list[tuple[str, str]] = QUERIES) -> float:
+def topic_accuracy(
+    top: torch.Tensor, corpus: list[tuple[str, str]] = CORPUS, queries: list[tuple[str, str]] = QUERIES
+) -> float:
     """Fraction of queries whose top-1 document is on the query's topic (a sanity check of the model)."""
     hits = [corpus[int(doc)][0] == topic for doc, (topic, _) in zip(top[:, 0], queries)]
     return sum(hits) / len(hits)

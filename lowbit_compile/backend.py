@@ -44,8 +44,9 @@ OPTION_DOCS = {
         "their packed copies; using them afterwards (the eager module, another format) raises an error; default False"
     ),
     "calibration": (
-        "what lowbit_compile.calibrate(model, batches, policy=...) returned: per-channel smoothing, activation-weighted "
-        "int4 weight search and static activation scales from real inputs; the policy defaults to the calibration's"
+        "what lowbit_compile.calibrate(model, batches, policy=...) returned: per-channel smoothing, "
+        "activation-weighted int4 weight search and static activation scales from real inputs; the policy "
+        "defaults to the calibration's"
     ),
 }
 VALID_OPTIONS = tuple(OPTION_DOCS)
@@ -108,8 +109,8 @@ class BackendOptions:
             elif policy.cache_key() != calibration.policy.cache_key():
                 raise OptionError(
                     f"option calibration was made for policy {calibration.policy.name!r} (key "
-                    f"{calibration.policy.cache_key()}), not for option policy {policy.name!r} (key {policy.cache_key()}); "
-                    "leave policy out to use the calibration's, or calibrate with this policy"
+                    f"{calibration.policy.cache_key()}), not for option policy {policy.name!r} (key "
+                    f"{policy.cache_key()}); leave policy out to use the calibration's, or calibrate with this policy"
                 )
         return cls(
             policy=policy,

@@ -174,7 +174,9 @@ class SiteCalibration:
             parameter, path, self.spec, self.entry.k, self.activation_dtype, self.rank, self.device
         )
         if site is None or site.static_format != self.static_format:
-            raise CalibrationError(f"{path} has no calibration matching the compiled graph's (made for {self.entry.path})")
+            raise CalibrationError(
+                f"{path} has no calibration matching the compiled graph's (made for {self.entry.path})"
+            )
         return site
 
     def activation(self, x: Tensor) -> Tensor:
@@ -335,7 +337,7 @@ class _WeightStats:
         if free > 0:
             self.sample = torch.cat((self.sample, rows[:free]))
         rest = rows[max(free, 0) :]
-        if rest.shape[0]:  # reservoir sampling: row t (0-based, overall) replaces a kept row with p = max_rows / (t + 1)
+        if rest.shape[0]:  # reservoir sampling: row t (0-based, overall) replaces a kept row, p = max_rows / (t + 1)
             seen = self.rows + max(free, 0)
             index = torch.arange(seen, seen + rest.shape[0], dtype=torch.float64) + 1
             slot = (torch.rand(rest.shape[0], generator=self.generator, dtype=torch.float64) * index).long()
@@ -548,7 +550,10 @@ def _calibrate_weight(
     # Reported: the site as the spec says without calibration (per-call activation scales) -> with it.
     full = _fits(stats, False)
     before = _score(full, weight_nk, spec, "none", 0.0, None, False, final=True)
-    after = final[best] if static_format is not None else _score(full, weight_nk, spec, method, alpha, None, weighted, True)
+    if static_format is not None:
+        after = final[best]
+    else:
+        after = _score(full, weight_nk, spec, method, alpha, None, weighted, final=True)
     fit = full[0]
     smooth = _smooth(fit, weight_nk, method, alpha)
     importance = _importance(fit.mean_square, smooth) if weighted else None
@@ -599,7 +604,9 @@ def calibrate(
     if any(not (isinstance(a, (int, float)) and 0 <= a <= 1) for a in alphas):
         raise ValueError(f"alphas must be numbers in [0, 1], got {alphas}")
     if isinstance(batches, (Tensor, Mapping)):
-        raise ValueError("batches must be an iterable of batches (e.g. a list of input tuples), not one batch: wrap it in a list")
+        raise ValueError(
+            "batches must be an iterable of batches (e.g. a list of input tuples), not one batch: wrap it in a list"
+        )
     collector = _Collector(policy, max_rows, seed)
     count = 0
     torch._dynamo.reset()

@@ -186,7 +186,8 @@ def search_quantize(
     if not searchable(fmt):
         raise ValueError(f"search_quantize supports int4 formats with fp32 group/row scales, not {fmt.name}")
     if importance is not None:
-        if importance.shape != (x.shape[-1],) or not bool(torch.isfinite(importance).all()) or bool((importance < 0).any()):
+        finite = bool(torch.isfinite(importance).all())
+        if importance.shape != (x.shape[-1],) or not finite or bool((importance < 0).any()):
             raise ValueError(
                 f"importance must be {x.shape[-1]} finite non-negative numbers (one per input channel), got a "
                 f"{tuple(importance.shape)} tensor"

@@ -62,7 +62,7 @@ class FoldedSource:
 class _Released:
     path: str
     nbytes: int  # the storage size before release (restored for load_state_dict)
-    copies: dict[tuple[bool, str, bool, str | None], list[torch.Tensor]] = field(default_factory=dict)  # FoldedSource.key
+    copies: dict[tuple[bool, str, bool, str | None], list[torch.Tensor]] = field(default_factory=dict)  # by .key
 
 
 _RELEASED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> _Released
@@ -436,7 +436,10 @@ def fold_weight_quantization(state: PipelineState) -> None:
             nodes = []
             prefix = re.sub(r"\W", "_", f"folded_{site.weight_path}{'_t' if transposed else ''}_{fmt}")
             for part, tensor in zip(QUANTIZED_PARTS, tensors):
-                place = graph.inserting_before(constant_nodes[0]) if constant_nodes else graph.inserting_after(last_placeholder)
+                if constant_nodes:
+                    place = graph.inserting_before(constant_nodes[0])
+                else:
+                    place = graph.inserting_after(last_placeholder)
                 with place:
                     node = graph.placeholder(f"{prefix}_{part}")
                 node.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True) if fake_mode else tensor
@@ -447,7 +450,9 @@ def fold_weight_quantization(state: PipelineState) -> None:
             folded[key] = nodes
             source_index[key] = len(sources)
             sources.append(
-                FoldedSource(input_index[weight], transposed, fmt, site.weight_path or weight.name, search, site.calibration)
+                FoldedSource(
+                    input_index[weight], transposed, fmt, site.weight_path or weight.name, search, site.calibration
+                )
             )
             source_parameters.append(parameter)
             total_before += parameter.numel() * parameter.element_size()

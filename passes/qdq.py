@@ -45,7 +45,8 @@ def _dequantize(graph: torch.fx.Graph, parts: list[torch.fx.Node], fmt: str, dty
 def _constant(graph: torch.fx.Graph, name: str, tensor: torch.Tensor) -> torch.fx.Node:
     """A compile-time tensor as a new graph input after the others (`meta["lowbit_constant"]`)."""
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
-    fake_mode = next((v.fake_mode for n in placeholders if (v := n.meta.get("val")) is not None and hasattr(v, "fake_mode")), None)
+    values = [node.meta.get("val") for node in placeholders]
+    fake_mode = next((v.fake_mode for v in values if hasattr(v, "fake_mode")), None)
     with graph.inserting_after(placeholders[-1]):
         node = graph.placeholder(re.sub(r"\W", "_", name))
     node.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True) if fake_mode is not None else tensor

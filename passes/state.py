@@ -80,7 +80,9 @@ def _weight_source(parameter: torch.Tensor, transposed: bool, calibration: Any) 
     return source.contiguous()
 
 
-def _searched_weight(parameter: torch.Tensor, transposed: bool, fmt: str, calibration: Any = None) -> list[torch.Tensor]:
+def _searched_weight(
+    parameter: torch.Tensor, transposed: bool, fmt: str, calibration: Any = None
+) -> list[torch.Tensor]:
     key = (transposed, fmt, None if calibration is None else calibration.key)
     try:
         stamp = (parameter.data_ptr(), parameter._version)

@@ -117,7 +117,8 @@ def test_calibration_improves_w8a8_and_static_scales_keep_up() -> None:
     with torch.no_grad():
         expected = model(x)
     plain = sqnr(expected, _compiled(model, x, policy="w8a8"))
-    smoothed = sqnr(expected, _compiled(model, x, calibration=lowbit_compile.calibrate(model, _batches(), policy="w8a8")))
+    smoothing = lowbit_compile.calibrate(model, _batches(), policy="w8a8")
+    smoothed = sqnr(expected, _compiled(model, x, calibration=smoothing))
     static = lowbit_compile.calibrate(model, _batches(), policy="w8a8", static_activations=True)
     with_static = sqnr(expected, _compiled(model, x, calibration=static))
     # Measured: 33.5 dB per-token dynamic; 41.0 smoothed; 36.6 smoothed with per-tensor static scales.
@@ -133,9 +134,11 @@ def test_smoothing_is_a_pointwise_multiply_that_inductor_fuses_into_the_producer
     calibration = lowbit_compile.calibrate(model, _batches(), policy="w4a16")
     result, graphs = run_and_get_graphs(model, x, options={"calibration": calibration})
     # qdq: x * smooth on the activation, W / smooth into the weight's quantize
-    FileCheck().check("torch.nn.functional.layer_norm").check("torch.mul(layer_norm, calibration_up_weight_smooth)").check(
-        "torch.div(l_self_modules_up_parameters_weight_, calibration_up_weight_smooth)"
-    ).check("lowbit.quantize.default(div").run(graphs["qdq"])
+    FileCheck().check("torch.nn.functional.layer_norm").check(
+        "torch.mul(layer_norm, calibration_up_weight_smooth)"
+    ).check("torch.div(l_self_modules_up_parameters_weight_, calibration_up_weight_smooth)").check(
+        "lowbit.quantize.default(div"
+    ).run(graphs["qdq"])
     # folded: the division went into the folded weight; the multiply stays on the activation
     FileCheck().check_not("torch.div(").check("torch.mul(layer_norm, calibration_up_weight_smooth)").run(
         graphs["folded"]
@@ -240,7 +243,8 @@ def test_calibration_option_errors_say_what_to_change() -> None:
     # The same model's weights with another K: refused at compile time, naming the weight.
     other = nn.Sequential()
     other.up = nn.Linear(2 * WIDTH, HIDDEN)
-    with pytest.raises(Exception, match=r"calibration of up.weight is for K=128 input channels, the compiled site has K=256"):
+    message = r"calibration of up.weight is for K=128 input channels, the compiled site has K=256"
+    with pytest.raises(Exception, match=message):
         lowbit_compile.explain(other, torch.randn(2, 2 * WIDTH), calibration=calibration)
 
 
