@@ -413,7 +413,16 @@ def kernel_name(
         runs = weight_only_kernel(x_dtype, device, w_fmt)
     if op == "scaled_mm" and known and x_fmt:
         runs = scaled_mm_kernel(x_dtype, device, x_fmt, w_fmt)
+    if runs in SLOWER_THAN_BF16:
+        return f"{op} [{runs}; {SLOWER_THAN_BF16[runs]}]"
     return f"{op} [{runs or 'reference'}]"
+
+
+# Kernels measured slower than bf16 somewhere, with no faster path for the same stored weight: the
+# report says so rather than the dispatch hiding it (issue 6 item 5; benchmarks/RESULTS.md).
+SLOWER_THAN_BF16 = {
+    "triton:fp8_block": "slower than bf16 at M > 128 on H100 (0.6-0.9x); no other kernel runs 128x128 blocks",
+}
 
 
 def _val(node):

@@ -190,7 +190,7 @@ def test_llama_output_code_holds_the_kernel_and_fused_quantization(name, kernel,
         (Path(os.environ["LOWBIT_TEST_OUT"]) / f"output_code_{name}.py").write_text(code)
     FileCheck().check("@triton.jit").check("def scaled_mm_kernel(").run(code)
     assert "torch.ops.lowbit.scaled_mm.default(" not in code
-    assert f"scaled_mm [{kernel}]" in graphs["report"]
+    assert f"scaled_mm [{kernel}" in graphs["report"]
     assert sqnr(expected, logits) > 20
     quantize_only = _quantize_only_kernels(code)
     print(name, "quantize-only kernels:", quantize_only)

@@ -190,7 +190,7 @@ def test_report_names_what_runs():
     assert name("scaled_mm", torch.bfloat16, cuda, "fp8_e4m3_row", x_fmt="fp8_e4m3_row") == "scaled_mm [triton:fp8]"
     assert name("scaled_mm", torch.bfloat16, cuda, "int8_row", x_fmt="int8_row") == "scaled_mm [triton:int8]"
     block = name("scaled_mm", torch.float16, cuda, "fp8_e4m3_128x128", x_fmt="fp8_e4m3_1x128")
-    assert block == "scaled_mm [triton:fp8_block]"
+    assert block.startswith("scaled_mm [triton:fp8_block; slower than bf16 at M > 128")
     assert name("scaled_mm", torch.bfloat16, cpu, "int8_row", x_fmt="int8_row") == "scaled_mm [reference]"
     assert name("scaled_mm", torch.bfloat16, cuda, "mxfp8", x_fmt="mxfp8") == "scaled_mm [reference]"
     auto = name("auto_mm", torch.bfloat16, cuda, "int8_row", 128, "int8_row")
