@@ -109,6 +109,7 @@ class WeightCalibration:
     method:      how smooth was chosen, e.g. "awq a=0.4", "smoothquant a=0.6", "none".
     sqnr_before_db / sqnr_after_db: the site's output SQNR on the sample rows, quantized as the
                  spec says without calibration, and with it.
+    rows:        how many activation rows calibration saw for this weight.
     """
 
     path: str
@@ -212,7 +213,7 @@ class Calibration:
         weights: Mapping[str, WeightCalibration],
         static_activations: bool,
         batches: int,
-        parameters: Mapping[int, tuple[Tensor, str]] | None = None,
+        parameters: Iterable[tuple[Tensor, str]] = (),
     ) -> None:
         self.policy = policy
         self.weights = dict(weights)
@@ -221,7 +222,7 @@ class Calibration:
         # The parameters calibrated, by identity (weakly): how a graph shared by layers compiled
         # one by one finds the next layer's calibration.
         self._paths: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        for tensor, path in (parameters or {}).values():
+        for tensor, path in parameters:
             self._paths[tensor] = path
 
     def path_of(self, parameter: Tensor) -> str | None:
@@ -596,7 +597,8 @@ def calibrate(
     max_rows:  activation rows kept per weight for the smoothing search (statistics use every row).
     alphas:    migration strengths tried (0 = no smoothing is always tried).
 
-    Only linear sites are calibrated (attention and activation x activation matmuls are not)."""
+    Only linear sites are calibrated (attention and activation x activation matmuls are not). Like
+    `explain`, this resets Dynamo's caches before and after (functions compiled earlier recompile)."""
     policy = as_policy(policy)
     if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1:
         raise ValueError(f"max_rows must be a positive int, got {max_rows!r}")
@@ -632,7 +634,7 @@ def calibrate(
         path: _calibrate_weight(stats, smoothing, static_activations, alphas)
         for path, stats in collector.stats.items()
     }
-    parameters = {id(stats.parameter): (stats.parameter, path) for path, stats in collector.stats.items()}
+    parameters = [(stats.parameter, path) for path, stats in collector.stats.items()]
     return Calibration(policy, weights, static_activations, count, parameters)
 
 
