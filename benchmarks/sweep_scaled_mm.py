@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from _sweep import bench_rotating, write_compiled_facts
+
 from lowbit_compile import ops, reference
 from lowbit_compile.formats import get_format
 from lowbit_compile.kernels import common
@@ -34,20 +36,6 @@ PAIRS = {
 }
 
 
-def _bench(fn_list) -> float:
-    from triton.testing import do_bench_cudagraph
-
-    state = {"i": 0}
-
-    def step():
-        state["i"] = (state["i"] + 1) % len(fn_list)
-        fn_list[state["i"]]()
-
-    fn_list[0]()
-    torch.cuda.synchronize()
-    return do_bench_cudagraph(step, rep=30)
-
-
 def _cublas(pair: str, x_data, x_scale, weights, out_dtype):
     """cuBLAS on the same operands, where PyTorch exposes it (None otherwise)."""
     if pair == "fp8":
@@ -58,14 +46,6 @@ def _cublas(pair: str, x_data, x_scale, weights, out_dtype):
     if pair == "int8" and x_data.shape[0] > 16:  # _int_mm needs M > 16
         return [lambda d=d, s=s: torch._int_mm(x_data, d.t()).float().mul_(x_scale).mul_(s.t()) for d, s in weights]
     return None
-
-
-def _compiled_facts(path: Path) -> None:
-    lines = []
-    for cache in scaled.scaled_mm_kernel.device_caches.values():
-        for key, compiled in cache[0].items():
-            lines.append(f"regs={getattr(compiled, 'n_regs', None)} spills={getattr(compiled, 'n_spills', None)} key={key}")
-    path.write_text("\n".join(lines))
 
 
 def main(argv=None):
@@ -90,9 +70,9 @@ def main(argv=None):
                 bucket_m = next(b for first, last, b in common.M_BUCKETS if m >= first and (last is None or m <= last))
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 qx = reference.quantize(x, x_fmt)
-                t_bf16 = _bench([lambda wb=wb: F.linear(x, wb) for wb in w_bf16])
+                t_bf16 = bench_rotating([lambda wb=wb: F.linear(x, wb) for wb in w_bf16])
                 cublas = _cublas(pair, qx.data, qx.scale, weights, torch.bfloat16)
-                t_cublas = _bench(cublas) if cublas else float("nan")
+                t_cublas = bench_rotating(cublas) if cublas else float("nan")
                 empty = torch.empty(0, device="cuda")
                 expected = ops._scaled_mm_reference(
                     qx.data, qx.scale, empty, q.data, q.scale, empty, None, x_fmt, w_fmt, torch.float32
@@ -109,7 +89,7 @@ def main(argv=None):
                         fns[0]()
                         torch.cuda.synchronize()
                         quality = sqnr(expected, out.float())
-                        t = _bench(fns)
+                        t = bench_rotating(fns)
                     except Exception as error:  # noqa: BLE001
                         print(f"  {pair} {n}x{k} m={m} {config}: failed {str(error)[:120]}")
                         continue
@@ -130,7 +110,7 @@ def main(argv=None):
             del weights, w_bf16
             torch.cuda.empty_cache()
     (out_dir / "sweep_scaled_mm.json").write_text(json.dumps(results, indent=1))
-    _compiled_facts(out_dir / "sweep_scaled_compiled.txt")
+    write_compiled_facts(scaled.scaled_mm_kernel, out_dir / "sweep_scaled_compiled.txt")
     print("summary: best Triton config / cuBLAS 8-bit, as speedup over bf16 (GEMM only)")
     for r in results:
         best = min(r["configs"], key=lambda c: c["us"]) if r["configs"] else {"us": float("nan"), "config": ()}

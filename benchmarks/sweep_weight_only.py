@@ -20,13 +20,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from _sweep import bench_rotating, write_compiled_facts
+
 from lowbit_compile import ops, reference
 from lowbit_compile.formats import get_format
 from lowbit_compile.kernels import common, weight_only
 from lowbit_compile.report import sqnr
 
 SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))
-L2_BYTES = 64 * 2**20
 C = weight_only.WeightOnlyConfig
 
 
@@ -54,32 +55,6 @@ def _weights(fmt: str, n: int, k: int, copies: int):
     return w, [(q.data.clone(), q.scale.clone(), zero.clone()) for _ in range(copies)]
 
 
-def _bench(fn_list) -> float:
-    from triton.testing import do_bench_cudagraph
-
-    state = {"i": 0}
-
-    def step():
-        state["i"] = (state["i"] + 1) % len(fn_list)
-        fn_list[state["i"]]()
-
-    for fn in fn_list[:1]:
-        fn()
-    torch.cuda.synchronize()
-    return do_bench_cudagraph(step, rep=30)
-
-
-def _compiled_facts(path: Path) -> None:
-    """Registers and spills of every compiled variant of the kernel (Triton's in-memory cache; the
-    key holds the constexprs and launch options), to a file."""
-    lines = []
-    for cache in weight_only.weight_only_kernel.device_caches.values():
-        for key, compiled in cache[0].items():
-            regs, spills = getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None)
-            lines.append(f"regs={regs} spills={spills} key={key}")
-    path.write_text("\n".join(lines))
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks/out")
@@ -93,14 +68,14 @@ def main(argv=None):
     torch.manual_seed(0)
     for fmt in args.formats.split(","):
         for n, k in SHAPES:
-            copies = max(2, L2_BYTES // (n * k // (2 if "int4" in fmt else 1)) + 1)
+            copies = max(2, common.L2_BYTES // (n * k // (2 if "int4" in fmt else 1)) + 1)
             w, weights = _weights(fmt, n, k, copies)
-            w_bf16 = [w.to(torch.bfloat16).clone() for _ in range(max(2, L2_BYTES // (n * k * 2) + 1))]
+            w_bf16 = [w.to(torch.bfloat16).clone() for _ in range(max(2, common.L2_BYTES // (n * k * 2) + 1))]
             meta = weight_only.WeightMeta.of(get_format(fmt), weights[0][0])
             for m in (int(r) for r in args.rows.split(",")):
                 bucket_m = next(b for first, last, b in common.M_BUCKETS if m >= first and (last is None or m <= last))
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                t_bf16 = _bench([lambda wb=wb: F.linear(x, wb) for wb in w_bf16])
+                t_bf16 = bench_rotating([lambda wb=wb: F.linear(x, wb) for wb in w_bf16])
                 configs = weight_only._candidates(bucket_m, meta)
                 tuner = set(configs)
                 if not args.candidates_only:
@@ -118,7 +93,7 @@ def main(argv=None):
                         fns[0]()
                         torch.cuda.synchronize()
                         quality = sqnr(expected, out.float())
-                        t = _bench(fns)
+                        t = bench_rotating(fns)
                     except Exception as error:  # noqa: BLE001
                         print(f"  {fmt} {n}x{k} m={m} {config}: failed {str(error)[:120]}")
                         continue
@@ -144,7 +119,7 @@ def main(argv=None):
             del weights, w_bf16
             torch.cuda.empty_cache()
     (out_dir / "sweep_weight_only.json").write_text(json.dumps(results, indent=1))
-    _compiled_facts(out_dir / "sweep_compiled.txt")
+    write_compiled_facts(weight_only.weight_only_kernel, out_dir / "sweep_compiled.txt")
     print("summary (best ratio to bf16 per case; tuner candidates / all):")
     for r in results:
         best = min(r["configs"], key=lambda c: c["us"])

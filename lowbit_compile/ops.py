@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lowbit_compile import reference
-from lowbit_compile.formats import Granularity, get_format
+from lowbit_compile.formats import ElementType, Granularity, get_format
 from lowbit_compile.kernels import HAS_TRITON
 
 NAMESPACE = "lowbit"
@@ -280,8 +280,9 @@ def scaled_mm_kernel(out_dtype: torch.dtype, device: torch.device, x_fmt: str, w
     x_fmt_, w_fmt_ = get_format(x_fmt), get_format(w_fmt)
     if scaled.supports(x_fmt_, w_fmt_) is not None:
         return None
-    meta = scaled.ScaledMeta.of(x_fmt_, w_fmt_, torch.empty(0, 0))
-    return "triton:fp8_block" if meta.block_scales else "triton:int8" if meta.int8 else "triton:fp8"
+    if w_fmt_.granularity is Granularity.BLOCK:
+        return "triton:fp8_block"
+    return "triton:int8" if w_fmt_.element is ElementType.INT8 else "triton:fp8"
 
 
 def auto_mm_kernels(x_dtype: torch.dtype, device: torch.device, w_fmt: str, x_fmt: str) -> tuple[str, str] | None:

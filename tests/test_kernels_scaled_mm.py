@@ -76,21 +76,31 @@ def test_supported_pairs():
         (17, C(16, 16, 64, 4, 3)),  # two row tiles, half-block K steps
         (37, C(32, 32, 128, 4, 3, 2)),  # split K (slices of 2 and 1 blocks)
         (5, C(16, 64, 64, 4, 3, 4, 1)),  # swapped and split K (an empty slice)
-        (37, C(32, 16, 256, 4, 3)),  # a K step wider than K's tail (masked K) where blocks allow
     ],
 )
 def test_kernel_matches_reference(x_fmt, w_fmt, m, config):
     torch.manual_seed(m)
     n, k = 40, 384
     operands = _operands(x_fmt, w_fmt, m, n, k)
-    meta = scaled.ScaledMeta.of(get_format(x_fmt), get_format(w_fmt), operands[2])
-    if not scaled.config_is_valid(config, meta):
-        assert meta.block_scales and config.BLOCK_K > scaled.BLOCK_SCALE_SIZE
-        pytest.skip("K steps wider than a scale block are invalid for block scales (asserted)")
     out = _launch_poisoned(*operands, x_fmt, w_fmt, config)
     expected = _reference(*operands, x_fmt, w_fmt)
     assert not out.isnan().any()
     assert sqnr(expected, out) > 60
+
+
+@pytest.mark.parametrize("x_fmt, w_fmt", [p for p in PAIRS if "1x128" not in p[0]])
+def test_masked_k_tail(x_fmt, w_fmt):
+    """A K step wider than K's tail (384 = 256 + a masked half step), for per-row/tensor scales."""
+    torch.manual_seed(37)
+    operands = _operands(x_fmt, w_fmt, 37, 40, 384)
+    out = _launch_poisoned(*operands, x_fmt, w_fmt, C(32, 16, 256, 4, 3))
+    assert sqnr(_reference(*operands, x_fmt, w_fmt), out) > 60
+
+
+def test_block_scales_reject_k_steps_wider_than_a_block():
+    meta = scaled.ScaledMeta(40, 384, False, True, False, False)
+    assert not scaled.config_is_valid(C(32, 16, 256, 4, 3), meta)
+    assert scaled.config_is_valid(C(32, 16, 128, 4, 3), meta)
 
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])

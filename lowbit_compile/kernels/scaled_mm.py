@@ -386,14 +386,16 @@ def launch(
 # -- tuning -----------------------------------------------------------------------------------------
 
 
-def _random_operands(meta: ScaledMeta, m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(data, scale) of random 8-bit rows like `meta`'s weight (n rows) or activation (m rows)."""
+def _random_operands(meta: ScaledMeta, rows: int, device: torch.device, weight: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(data, scale) of random 8-bit rows like `meta`'s activation (`rows` rows) or, with `weight`,
+    its (N, K) weight, scales in the format's layout (block scales: one per 128 rows of a weight)."""
     k_blocks = triton.cdiv(meta.k, BLOCK_SCALE_SIZE)
     if meta.int8:
-        data = torch.randint(-127, 128, (m, meta.k), dtype=torch.int8, device=device)
+        data = torch.randint(-127, 128, (rows, meta.k), dtype=torch.int8, device=device)
     else:
-        data = torch.randn(m, meta.k, device=device).to(torch.float8_e4m3fn)
-    scale = torch.rand(m, k_blocks if meta.block_scales else 1, device=device) / 64
+        data = torch.randn(rows, meta.k, device=device).to(torch.float8_e4m3fn)
+    scale_rows = triton.cdiv(rows, BLOCK_SCALE_SIZE) if weight and meta.block_scales else rows
+    scale = torch.rand(scale_rows, k_blocks if meta.block_scales else 1, device=device) / 64
     return data, scale
 
 
@@ -411,15 +413,9 @@ def _plan(meta: ScaledMeta, out_dtype: torch.dtype, has_bias: bool, device: torc
 
     @functools.cache
     def weight_copies() -> list[tuple[torch.Tensor, torch.Tensor]]:
-        if meta.block_scales:
-            copies = max(1, min(8, -(-common.L2_BYTES // (meta.n * meta.k))))
-            weights = []
-            for _ in range(copies):
-                data, _ = _random_operands(meta, meta.n, device)
-                blocks = torch.rand(triton.cdiv(meta.n, 128), triton.cdiv(meta.k, 128), device=device) / 64
-                weights.append((data, blocks))
-            return weights
-        return [_random_operands(meta, meta.n, device) for _ in range(max(1, min(8, -(-common.L2_BYTES // (meta.n * meta.k)))))]
+        """Random weights like `meta`, in copies that together exceed L2, made once per plan."""
+        copies = max(1, min(8, -(-common.L2_BYTES // (meta.n * meta.k))))
+        return [_random_operands(meta, meta.n, device, weight=True) for _ in range(copies)]
 
     buckets = []
     for first, last, bucket_m in common.M_BUCKETS:
