@@ -425,13 +425,14 @@ class _Fit:
     max_abs: Tensor
     mean_square: Tensor
     rows: Tensor  # (R, K)
+    output: Tensor  # rows @ W^T unquantized (R, N): what every candidate is scored against
 
     @classmethod
-    def of_rows(cls, fit: Tensor, rows: Tensor) -> _Fit:
-        return cls(fit.abs().mean(0), fit.abs().amax(0), fit.square().mean(0), rows)
+    def of_rows(cls, fit: Tensor, rows: Tensor, weight_nk: Tensor) -> _Fit:
+        return cls(fit.abs().mean(0), fit.abs().amax(0), fit.square().mean(0), rows, rows @ weight_nk.T)
 
 
-def _fits(stats: _WeightStats, static: bool) -> list[_Fit]:
+def _fits(stats: _WeightStats, static: bool, weight_nk: Tensor) -> list[_Fit]:
     """What each candidate is scored on. Smoothing alone: the statistics of every calibration row,
     scored on the sample rows. With static activation scales, cross-validated: each half of the
     sample rows is scored with factors and a scale fitted to the other half. A static scale fitted
@@ -442,8 +443,9 @@ def _fits(stats: _WeightStats, static: bool) -> list[_Fit]:
     half = sample.shape[0] // 2
     if static and half:
         first, second = sample[:half], sample[half:]
-        return [_Fit.of_rows(second, first), _Fit.of_rows(first, second)]
-    return [_Fit(stats.abs_sum / stats.rows, stats.max_abs, stats.square_sum / stats.rows, sample)]
+        return [_Fit.of_rows(second, first, weight_nk), _Fit.of_rows(first, second, weight_nk)]
+    mean_abs, mean_square = stats.abs_sum / stats.rows, stats.square_sum / stats.rows
+    return [_Fit(mean_abs, stats.max_abs, mean_square, sample, sample @ weight_nk.T)]
 
 
 def _floored(values: Tensor) -> Tensor:
@@ -512,9 +514,8 @@ def _score(
             xq = reference.fake_quantize(x, spec.activation)
         importance = _importance(fit.mean_square, smooth) if weighted else None
         w = weight_nk if smooth is None else weight_nk / smooth
-        reference_out = fit.rows @ weight_nk.T
-        noise += float((xq @ _fake_weight(w, spec, importance, final).T - reference_out).square().sum())
-        signal += float(reference_out.square().sum())
+        noise += float((xq @ _fake_weight(w, spec, importance, final).T - fit.output).square().sum())
+        signal += float(fit.output.square().sum())
     if not (math.isfinite(noise) and math.isfinite(signal)):
         return -math.inf
     if noise == 0:
@@ -530,7 +531,7 @@ def _calibrate_weight(
     weight_nk = (weight_nk.t() if stats.transposed else weight_nk).float().to(stats.sample.device)
     kernel = spec.kernel(OpKind.LINEAR)
     static_format = static_format_for(spec.activation) if static_activations and kernel is Kernel.SCALED_MM else None
-    fits = _fits(stats, static_format is not None)
+    fits = _fits(stats, static_format is not None, weight_nk)
     # The grid, with round-to-nearest weights (as AWQ searches): no smoothing, then both families.
     candidates = [("none", 0.0)]
     if smoothing:
@@ -549,7 +550,7 @@ def _calibrate_weight(
     best = max(range(len(options)), key=lambda i: (final[i], -i))
     method, alpha, weighted = options[best]
     # Reported: the site as the spec says without calibration (per-call activation scales) -> with it.
-    full = _fits(stats, False)
+    full = _fits(stats, False, weight_nk)
     before = _score(full, weight_nk, spec, "none", 0.0, None, False, final=True)
     if static_format is not None:
         after = final[best]
