@@ -3,7 +3,8 @@
 A format says how a tensor is stored after quantization along its last dim (K):
 - `element`: the code type of each value (int8, int4, fp8 e4m3/e5m2, fp4 e2m1);
 - `granularity`: which values share a scale (whole tensor, one row, `group_size` consecutive values
-  along K, or a `block_rows` x `group_size` tile over the last two dims);
+  along K, a `block_rows` x `group_size` tile over the last two dims, or `block_rows` whole rows:
+  attention operands (..., S, D) per batch, head and token block);
 - `scale_type`: how a scale is stored (fp32, bf16, e8m0 power of two as in MX, e4m3 as in NVFP4);
 - `symmetric`: False gives integer formats a zero point (int4 asymmetric, codes 0..15);
 - `global_scale`: NVFP4-style two-level scaling, an fp32 per-tensor scale on top of e4m3 block scales.
@@ -22,13 +23,18 @@ from typing import Any, NamedTuple
 import torch
 
 __all__ = [
+    "ATTENTION_FORMATS",
+    "AttentionFormat",
+    "BUILTIN_ATTENTION_FORMATS",
     "BUILTIN_FORMATS",
     "FORMATS",
     "ElementType",
     "Format",
     "Granularity",
     "ScaleType",
+    "get_attention_format",
     "get_format",
+    "register_attention_format",
     "register_format",
 ]
 
@@ -49,6 +55,7 @@ class Granularity(str, enum.Enum):
     ROW = "row"  # one scale per row (last dim reduced): per-channel for weights, per-token for activations
     GROUP = "group"  # one scale per `group_size` consecutive elements along the last dim (K)
     BLOCK = "block"  # one scale per `block_rows` x `group_size` tile over the last two dims
+    TOKEN_BLOCK = "token_block"  # one scale per `block_rows` consecutive rows (tokens), the whole last dim
 
     def __str__(self) -> str:
         return self.value
@@ -109,7 +116,8 @@ class Format:
     """A low-bit format. Quantization is always along the last dim (K) of a tensor.
 
     group_size: GROUP/BLOCK only: elements per scale along K (a power of two >= 16).
-    block_rows: BLOCK only: rows per scale over the second-to-last dim (a power of two >= 2).
+    block_rows: BLOCK / TOKEN_BLOCK only: rows per scale over the second-to-last dim (a power of two
+                >= 2; TOKEN_BLOCK >= 16, a kernel tile).
     symmetric:  False gives integer formats a zero point (int4 asymmetric: codes 0..15).
     scale_type: storage of the scales; e8m0 = MX power-of-two scales (GROUP 32), e4m3 = NVFP4 block
                 scales (needs global_scale).
@@ -161,7 +169,12 @@ class Format:
                 f"drop it or use granularity='group'"
             )
 
-        if self.granularity is Granularity.BLOCK:
+        if self.granularity is Granularity.TOKEN_BLOCK:
+            if self.block_rows is None:
+                return "token_block granularity needs block_rows (e.g. block_rows=128 for 128-token blocks)"
+            if self.block_rows < MIN_GROUP_SIZE or not _is_power_of_two(self.block_rows):
+                return f"token_block rows must be a power of two >= {MIN_GROUP_SIZE}, got {self.block_rows}"
+        elif self.granularity is Granularity.BLOCK:
             if self.block_rows is None:
                 return "block granularity needs block_rows (e.g. block_rows=128 for 128x128 tiles)"
             if self.block_rows < 2 or not _is_power_of_two(self.block_rows):
@@ -245,6 +258,11 @@ class Format:
         return _SCALE_STORAGE[self.scale_type]
 
     @property
+    def per_row_block(self) -> bool:
+        """Scales shared by `block_rows` rows: BLOCK tiles and TOKEN_BLOCK blocks."""
+        return self.granularity in (Granularity.BLOCK, Granularity.TOKEN_BLOCK)
+
+    @property
     def k_multiple(self) -> int:
         """What the last dim K must be a multiple of: the group size, 2 for packed 4-bit, else 1."""
         if self.group_size is not None:
@@ -326,8 +344,129 @@ def _builtin_formats() -> tuple[Format, ...]:
         Format("mxfp8", E.FP8_E4M3, G.GROUP, group_size=MX_GROUP_SIZE, scale_type=S.E8M0),
         Format("mxfp4", E.FP4_E2M1, G.GROUP, group_size=MX_GROUP_SIZE, scale_type=S.E8M0),
         Format("nvfp4", E.FP4_E2M1, G.GROUP, group_size=16, scale_type=S.E4M3, global_scale=True),
+        # Attention operands (B, H, S, D): one scale per batch, head and 64- or 128-token block.
+        *(Format(f"fp8_e4m3_t{b}", E.FP8_E4M3, G.TOKEN_BLOCK, block_rows=b) for b in (64, 128)),
+        *(Format(f"int8_t{b}", E.INT8, G.TOKEN_BLOCK, block_rows=b) for b in (64, 128)),
     )
 
 
 # Names of the formats this module registers (user-registered formats come on top in FORMATS).
 BUILTIN_FORMATS: tuple[str, ...] = tuple(register_format(fmt).name for fmt in _builtin_formats())
+
+
+# -- attention formats -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttentionFormat:
+    """How an attention site's operands are quantized: softmax(Q K^T * scale + mask) V.
+
+    q, k, v: registered `Format` names of the three operands (the QK^T product runs in q/k's element,
+             the PV product in v's).
+    smooth_k: subtract from K the per-channel mean of its first token block (K's `block_rows`
+             rows) before quantizing it: q . (k_j - c) = q . k_j - q . c for every key j, and softmax
+             ignores a constant per query row, so the result is unchanged while a channel offset
+             shared by all tokens (common in LLM keys) no longer takes K's integer range.
+    quantize_probabilities: the probabilities P (in [0, 1]) are quantized to v's element for the PV
+             product, with the fixed scale 1 / qmax, relative to the row max rounded up to a power
+             of two (exp2 against an integer max), so online softmax's rescaling is exact.
+
+    `lowbit::block_attention` takes high-precision q, k, v and quantizes them itself (inside the
+    kernel on GPU); `reference.attention` is the numerical definition. A plain `Format` name used
+    for attention stands for all three operands, per token, with fp32 probabilities (the
+    `lowbit::attention` op over operands quantized by the graph).
+    """
+
+    name: str
+    q: str
+    k: str
+    v: str
+    smooth_k: bool = False
+    quantize_probabilities: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or self.name != self.name.strip():
+            raise ValueError(f"invalid attention format {self.name!r}: name must be a non-empty string")
+        for field in ("q", "k", "v"):
+            value = getattr(self, field)
+            object.__setattr__(self, field, get_format(value).name)  # unknown names raise here
+        for field in ("smooth_k", "quantize_probabilities"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"invalid attention format {self.name!r}: {field} must be a bool")
+        if self.name in FORMATS:
+            raise ValueError(f"attention format name {self.name!r} is taken by a Format; pick another name")
+
+    @property
+    def formats(self) -> tuple[Format, Format, Format]:
+        """The Format records of q, k and v."""
+        return get_format(self.q), get_format(self.k), get_format(self.v)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AttentionFormat:
+        names = [field.name for field in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ValueError(f"unknown AttentionFormat keys {unknown}; valid keys are {names}")
+        return cls(**data)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+ATTENTION_FORMATS: dict[str, AttentionFormat] = {}
+
+
+def register_attention_format(fmt: AttentionFormat) -> AttentionFormat:
+    """Add `fmt` to ATTENTION_FORMATS (an equal record again is a no-op, another one an error)."""
+    if not isinstance(fmt, AttentionFormat):
+        raise TypeError(f"register_attention_format expects an AttentionFormat, got {type(fmt).__name__}")
+    existing = ATTENTION_FORMATS.get(fmt.name)
+    if existing == fmt:
+        return existing
+    if existing is not None:
+        raise ValueError(f"attention format name {fmt.name!r} is already registered with different content")
+    ATTENTION_FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def get_attention_format(name_or_format: AttentionFormat | Format | str) -> AttentionFormat:
+    """The attention format for a name; a plain `Format` (name) means that format for q, k and v,
+    per operand, with fp32 probabilities."""
+    if isinstance(name_or_format, AttentionFormat):
+        return name_or_format
+    if isinstance(name_or_format, str) and name_or_format in ATTENTION_FORMATS:
+        return ATTENTION_FORMATS[name_or_format]
+    fmt = get_format(name_or_format)
+    return AttentionFormat(f"{fmt.name}/attention", fmt.name, fmt.name, fmt.name, quantize_probabilities=False)
+
+
+def is_attention_format(name: str | None) -> bool:
+    """True if `name` is a registered `AttentionFormat` (not a plain Format)."""
+    return isinstance(name, str) and name in ATTENTION_FORMATS
+
+
+def format_record(name: str) -> dict[str, Any]:
+    """The plain-data record of a Format or AttentionFormat name (policy JSON and cache keys)."""
+    if is_attention_format(name):
+        return ATTENTION_FORMATS[name].to_dict()
+    return get_format(name).to_dict()
+
+
+def _builtin_attention_formats() -> tuple[AttentionFormat, ...]:
+    records = []
+    for b in (64, 128):
+        fp8 = f"fp8_e4m3_t{b}"
+        # FP8 Q, K, V (FlashAttention-3 style), per token block. K smoothing costs one subtraction
+        # in the kernel and lifts K with offset outlier channels from 22 to 26 dB (DESIGN-NOTES).
+        records.append(AttentionFormat(f"attn_fp8_t{b}", fp8, fp8, fp8, smooth_k=True))
+        # INT8 QK^T with smoothed K, FP8 PV (SageAttention style).
+        records.append(AttentionFormat(f"attn_int8_t{b}", f"int8_t{b}", f"int8_t{b}", fp8, smooth_k=True))
+    return tuple(records)
+
+
+BUILTIN_ATTENTION_FORMATS: tuple[str, ...] = tuple(
+    register_attention_format(fmt).name for fmt in _builtin_attention_formats()
+)

@@ -10,7 +10,7 @@ Layouts (x has shape (..., R, K); quantization is along the last dim K):
          the low nibble and 2i+1 in the high nibble. Signed int4 codes are stored as code + 8,
          fp4 e2m1 codes as sign << 3 | magnitude index (0..7 for 0, .5, 1, 1.5, 2, 3, 4, 6).
 - scale: same rank as x: TENSOR (1, ..., 1); ROW (..., 1); GROUP (..., K//g);
-         BLOCK (..., ceil(R/block_rows), K//g). Stored as `fmt.scale_dtype`: fp32, bf16,
+         BLOCK (..., ceil(R/block_rows), K//g); TOKEN_BLOCK (..., ceil(R/block_rows), 1). Stored as `fmt.scale_dtype`: fp32, bf16,
          e8m0 as a uint8 biased exponent (2**(e-127), 255 = NaN), e4m3 as float8_e4m3fn.
 - zero_point: asymmetric int only: float32 of the scale's shape. `quantize` gives integer values in
          [0, 15]; weights quantized at compile time with the scale search
@@ -33,10 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lowbit_compile.formats import ElementType, Format, Granularity, ScaleType, get_format
+from lowbit_compile.formats import ElementType, Format, Granularity, ScaleType, get_attention_format, get_format
 
 __all__ = [
     "QuantizedTensor",
+    "attention",
     "check_quantizable",
     "dequantize",
     "expand_scale",
@@ -45,6 +46,7 @@ __all__ = [
     "quantize",
     "quantize_with_scale",
     "scale_to_float",
+    "smooth_keys",
     "unpack_4bit",
 ]
 
@@ -93,6 +95,8 @@ def check_quantizable(shape: Sequence[int], dtype: torch.dtype, fmt: Format | st
         return "rank 0 tensor has no last dim to quantize along; reshape it to (1,)"
     if fmt.granularity is Granularity.BLOCK and rank < 2:
         return f"rank {rank} tensor cannot use {fmt.block_rows}x{fmt.group_size} blocks (needs rank >= 2)"
+    if fmt.granularity is Granularity.TOKEN_BLOCK and rank < 2:
+        return f"rank {rank} tensor cannot use {fmt.block_rows}-row blocks (needs rank >= 2)"
     k = shape[-1]
     if k == 0:
         return "K=0: the last dim is empty"
@@ -168,7 +172,10 @@ def _reduce_max(t: Tensor, fmt: Format) -> Tensor:
         return _max_over_all(t).reshape((1,) * t.dim())
     if fmt.granularity is Granularity.ROW:
         return t.amax(dim=-1, keepdim=True)
-    per_group = t.unflatten(-1, (-1, fmt.group_size)).amax(dim=-1)  # (..., R, K//g)
+    if fmt.granularity is Granularity.TOKEN_BLOCK:
+        per_group = t.amax(dim=-1, keepdim=True)  # (..., R, 1), then blocks of rows as BLOCK below
+    else:
+        per_group = t.unflatten(-1, (-1, fmt.group_size)).amax(dim=-1)  # (..., R, K//g)
     if fmt.granularity is Granularity.GROUP:
         return per_group
     rows = per_group.shape[-2]
@@ -179,7 +186,7 @@ def _reduce_max(t: Tensor, fmt: Format) -> Tensor:
 def expand_scale(scale: Tensor, fmt: Format | str, shape: Sequence[int]) -> Tensor:
     """A per-scale tensor (scale, decoded scale or zero point) expanded to the element shape `shape`."""
     fmt = get_format(fmt)
-    if fmt.granularity is Granularity.BLOCK:
+    if fmt.per_row_block:
         scale = _repeat_each(scale, fmt.block_rows, dim=-2).narrow(-2, 0, shape[-2])
     if fmt.group_size is not None:
         scale = _repeat_each(scale, fmt.group_size, dim=-1)
@@ -360,3 +367,87 @@ def dequantize(q: QuantizedTensor, fmt: Format | str, dtype: torch.dtype = torch
 def fake_quantize(x: Tensor, fmt: Format | str) -> Tensor:
     """dequantize(quantize(x)) in x's dtype: the numerical effect of the format on x."""
     return dequantize(quantize(x, fmt), fmt, x.dtype)
+
+
+# -- attention -------------------------------------------------------------------------------------
+
+LOG2E = 1.4426950408889634  # scores are taken in base 2: exp(x) = exp2(x * LOG2E)
+
+
+def smooth_keys(k: Tensor, block_rows: int) -> Tensor:
+    """K (..., S, D) in float32 minus the per-channel mean of its first `block_rows` tokens.
+
+    Softmax is unchanged (q . c is the same for every key of a query row), and a channel offset
+    shared by all tokens no longer takes K's quantization range. The first block, not the whole
+    sequence: every kernel program (and every split of a long KV) reads it at no extra pass over K."""
+    kf = k.float()
+    return kf - kf[..., :block_rows, :].mean(dim=-2, keepdim=True)
+
+
+def attention_quantized_probabilities(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+    fmt: Format | str,
+) -> Tensor:
+    """softmax(q k^T * scale + mask) v in float32 with the probabilities P quantized to `fmt`'s
+    element (the element of the PV product), as `F.scaled_dot_product_attention` otherwise: masks
+    (bool: True keeps; float: added), top-left causal, GQA heads repeated; a fully masked row gives 0.
+
+    P = exp2(s - ceil(max_j s)) with s the scores in base 2, so P lies in (0, 1] and a kernel's
+    online softmax, whose running max is also an integer, rescales by powers of two (exactly). P is
+    stored as codes of P * qmax (scale 1/qmax); the row sum l is taken in fp32 before rounding.
+    """
+    fmt = get_format(fmt)
+    q, k, v = q.float(), k.float(), v.float()
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        group = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    scores = (q @ k.transpose(-2, -1)) * (scale * LOG2E)
+    if is_causal:
+        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.float() * LOG2E
+    row_max = torch.ceil(scores.amax(dim=-1, keepdim=True))
+    row_max = torch.where(row_max == float("-inf"), 0.0, row_max)  # fully masked row: P = 0
+    p = torch.exp2(scores - row_max)
+    row_sum = p.sum(dim=-1, keepdim=True)
+    codes = _decode_elements(_encode_elements(p * fmt.qmax, fmt, None), fmt, None)
+    out = (codes @ v) / (row_sum * fmt.qmax)
+    return torch.where(row_sum == 0, 0.0, out)
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    fmt: str = "attn_fp8_t128",
+) -> Tensor:
+    """Quantized attention in float32, the numerical definition of an attention format (a
+    `formats.AttentionFormat`, or a plain Format for q, k and v): K smoothed if the format says
+    so, q, k, v fake-quantized, then SDPA math with quantized or fp32 probabilities."""
+    attention_format = get_attention_format(fmt)
+    q_fmt, k_fmt, v_fmt = attention_format.formats
+    if attention_format.smooth_k:
+        k = smooth_keys(k, k_fmt.block_rows or k.shape[-2])
+    q, k, v = (fake_quantize(t.float(), f) for t, f in ((q, q_fmt), (k, k_fmt), (v, v_fmt)))
+    if attention_format.quantize_probabilities:
+        return attention_quantized_probabilities(q, k, v, attn_mask, is_causal, scale, enable_gqa, v_fmt)
+    mask = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.float()
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
+    )

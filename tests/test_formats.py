@@ -362,6 +362,8 @@ def expected_scale_shape(fmt: Format, shape: tuple[int, ...]) -> tuple[int, ...]
         return (*shape[:-1], 1)
     if fmt.granularity is Granularity.GROUP:
         return (*shape[:-1], shape[-1] // fmt.group_size)
+    if fmt.granularity is Granularity.TOKEN_BLOCK:
+        return (*shape[:-2], -(-shape[-2] // fmt.block_rows), 1)
     return (*shape[:-2], -(-shape[-2] // fmt.block_rows), shape[-1] // fmt.group_size)
 
 
@@ -390,6 +392,10 @@ def test_rank_1_input(name):
     x = randn(256)
     if fmt.granularity is Granularity.BLOCK:
         with pytest.raises(ValueError, match="rank 1 tensor cannot use 128x128 blocks"):
+            quantize(x, fmt)
+        return
+    if fmt.granularity is Granularity.TOKEN_BLOCK:
+        with pytest.raises(ValueError, match="rank 1 tensor cannot use .*-row blocks"):
             quantize(x, fmt)
         return
     deq = fake_quantize(x, fmt)
@@ -427,6 +433,10 @@ SQNR_FLOOR_DB = {
     "mxfp8": 29.5,
     "mxfp4": 18.0,
     "nvfp4": 19.5,
+    "fp8_e4m3_t64": 30.5,
+    "fp8_e4m3_t128": 30.5,
+    "int8_t64": 35.0,
+    "int8_t128": 35.0,
 }
 
 
@@ -453,7 +463,7 @@ def test_int_formats_error_at_most_half_a_step(name, leading, groups, log10_magn
     fmt = FORMATS[name]
     if dtype is torch.float16:
         log10_magnitude = min(max(log10_magnitude, -2.0), 2.0)  # stay inside fp16's range
-    shape = (*leading, 2 if fmt.granularity is Granularity.BLOCK else 1, groups * max(fmt.k_multiple, 16))
+    shape = (*leading, 2 if fmt.per_row_block else 1, groups * max(fmt.k_multiple, 16))
     x = (randn(*shape, seed=seed) * 10**log10_magnitude).to(dtype)
     q = quantize(x, fmt)
     step = effective_scale(q, fmt, shape)
@@ -475,7 +485,7 @@ SMALLEST_SUBNORMAL = {ElementType.FP8_E4M3: 2.0**-9, ElementType.FP8_E5M2: 2.0**
 @HYPOTHESIS
 def test_float_formats_error_at_most_half_an_ulp_plus_saturation(name, leading, groups, log10_magnitude, seed):
     fmt = FORMATS[name]
-    shape = (*leading, 2 if fmt.granularity is Granularity.BLOCK else 1, groups * max(fmt.k_multiple, 16))
+    shape = (*leading, 2 if fmt.per_row_block else 1, groups * max(fmt.k_multiple, 16))
     x = randn(*shape, seed=seed) * 10**log10_magnitude
     q = quantize(x, fmt)
     scale = effective_scale(q, fmt, shape)
@@ -521,6 +531,9 @@ def elements_sharing_a_scale(fmt: Format, shape, index) -> torch.Tensor:
     elif fmt.granularity is Granularity.GROUP:
         start = col - col % fmt.group_size
         mask[(*lead, row, slice(start, start + fmt.group_size))] = True
+    elif fmt.granularity is Granularity.TOKEN_BLOCK:
+        row_start = row - row % fmt.block_rows
+        mask[(*lead, slice(row_start, row_start + fmt.block_rows))] = True
     else:
         row_start, col_start = row - row % fmt.block_rows, col - col % fmt.group_size
         mask[(*lead, slice(row_start, row_start + fmt.block_rows), slice(col_start, col_start + fmt.group_size))] = True

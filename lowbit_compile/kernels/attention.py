@@ -1,0 +1,457 @@
+"""Quantized flash attention (forward) in Triton: softmax(Q K^T * scale + mask) V with Q, K and V
+quantized per token block inside the kernel, and QK^T and PV on 8-bit tensor cores.
+
+The op hands the kernel high-precision q, k, v (bf16 / fp16 / fp32) with their strides, as the
+model made them (often (B, L, H, D) memory seen as (B, H, L, D)): nothing is copied or quantized
+beforehand. Each program loads its tiles, takes each block's amax, and casts to fp8 e4m3 or int8 in
+registers. Softmax and both accumulators are fp32. The numerical definition is
+`reference.attention` (an `formats.AttentionFormat`): this kernel matches it up to the order of fp32
+sums and the rare code that flips at a rounding boundary.
+
+Shapes and layouts:
+- q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv): any strides; Hq a multiple of Hkv (GQA:
+  q head h reads kv head h // (Hq // Hkv), never a repeated copy). D, Dv <= 256 (padded to powers of
+  two in registers; D = 64 and 128 are the tuned cases).
+- attn_mask: None, bool (True keeps) or float (added), broadcastable to (B, Hq, L, S) (read with
+  stride 0 along broadcast dims). is_causal is top-left aligned, as SDPA: query i sees keys j <= i.
+- out: (B, Hq, L, Dv) contiguous, in the op's out dtype; a fully masked row is 0, as SDPA.
+
+Quantization, per (batch, head, token block):
+- Q: one scale per `q_fmt.block_rows` tokens. A tile holds whole Q blocks (BLOCK_M a multiple of
+  the block), so the scale is a max over aligned groups of rows of the tile.
+- K, V: one scale per `block_rows` keys = BLOCK_N: a K/V tile is exactly one block. With K
+  smoothing the per-channel mean of K's first block is subtracted first (each program reads that
+  block once; see `reference.smooth_keys`).
+- P: exp2(s - m) with m the running row max rounded up to an integer, so P is in (0, 1] and the
+  online-softmax rescale factors are powers of two; P * 448 is cast to fp8 e4m3 for the PV product.
+
+Two launch shapes, chosen from static sizes (never from a dynamic length, so no guard):
+- prefill: one program per (BLOCK_M query rows, batch, q head); K/V tiles before the causal
+  diagonal and inside S run without masks, the rest with them.
+- decode (L * next_pow2(Hq / Hkv) <= 64, L <= Q block): one program per (batch, kv head, KV split);
+  its rows are the L queries of every q head of the group (GQA: K/V are read once per group, and a
+  decode step fills 4-16 rows instead of 1 of 128). Splits write fp32 partials and row stats; a
+  second kernel combines them (split-KV / flash-decoding), exactly since the maxima are integers.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is optional
+    triton = None
+    tl = None
+
+from lowbit_compile.formats import AttentionFormat, ElementType, Granularity, get_attention_format
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+MIN_HEAD_DIM = 32  # 8-bit MMA reduces over at least 32 elements
+DECODE_MAX_ROWS = 64  # packed decode tiles: L * next_pow2(group) rows at most
+MAX_SPLITS = 16
+MASK_NONE, MASK_FLOAT, MASK_BOOL = 0, 1, 2
+
+
+def supports(fmt: AttentionFormat) -> str | None:
+    """None if the kernel runs this attention format, else why not."""
+    q_fmt, k_fmt, v_fmt = fmt.formats
+    if not fmt.quantize_probabilities:
+        return f"{fmt.name}: the kernel quantizes P for an 8-bit PV product"
+    for name, f in (("q", q_fmt), ("k", k_fmt), ("v", v_fmt)):
+        if f.granularity is not Granularity.TOKEN_BLOCK:
+            return f"{fmt.name}: the kernel quantizes per token block, not {name} as {f.name}"
+        if f.block_rows > 128:
+            return f"{fmt.name}: token blocks of at most 128 rows, not {f.block_rows}"
+    if {q_fmt.element, k_fmt.element} not in ({ElementType.FP8_E4M3}, {ElementType.INT8}):
+        return f"{fmt.name}: QK^T needs fp8 e4m3 x fp8 e4m3 or int8 x int8"
+    if v_fmt.element is not ElementType.FP8_E4M3:
+        return f"{fmt.name}: PV runs in fp8 e4m3, not {v_fmt.element}"
+    if k_fmt.block_rows != v_fmt.block_rows:
+        return f"{fmt.name}: K and V blocks must be the same tile (BLOCK_N)"
+    return None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _max_nan(a, b):
+        return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+    @triton.jit
+    def _round_to_e4m3(x):
+        """x (fp32, |x| <= 448) rounded half to even onto the e4m3 grid, in fp32 arithmetic. Only
+        under Triton's interpreter, whose fp32 -> fp8 cast rounds wrongly (31.1 -> 16, 17 -> 18)."""
+        bits = x.to(tl.int32, bitcast=True)
+        exponent = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)  # below 2**-6: e4m3 subnormals, step 2**-9
+        step = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)
+        return ((x / step + 12582912.0) - 12582912.0) * step  # x / step is exact (a power of two)
+
+    @triton.jit
+    def _quantize(x, inverse_scale, INT8: tl.constexpr, QMAX: tl.constexpr, SOFT_FP8: tl.constexpr):
+        """fp32 values times 1/scale -> int8 codes (half to even) or fp8 e4m3, clamped to the range."""
+        v = x * inverse_scale
+        if INT8:
+            v = (v + 12582912.0) - 12582912.0  # round half to even (1.5 * 2**23), exact for |v| < 2**22
+            v = tl.minimum(tl.maximum(v, -QMAX - 1.0), QMAX)
+            return tl.where(v != v, 0.0, v).to(tl.int8)  # NaN only where the scale is NaN, which carries it
+        v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+        if SOFT_FP8:
+            v = _round_to_e4m3(v)
+        return v.to(tl.float8e4nv)
+
+    @triton.jit
+    def _inverse(scale):
+        """1 / scale (IEEE), 0 for an all-zero block (its codes are then 0, as the reference's)."""
+        return tl.where(scale == 0, 0.0, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale))
+
+    @triton.jit
+    def _attend_tiles(
+        acc, row_sum, row_max,
+        q8, q_scale, k_mean, rows_l, q_head, row_valid,
+        k_base, v_base, mask_base,
+        n_begin, n_end, S,
+        stride_ks, stride_kd, stride_vs, stride_vd, stride_mh, stride_ml, stride_ms,
+        offs_d, offs_dv, d_valid, dv_valid, qk_scale,
+        BOUNDARY: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+        QK_INT8: tl.constexpr, QK_QMAX: tl.constexpr, V_QMAX: tl.constexpr,
+        SMOOTH_K: tl.constexpr, SOFT_FP8: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        """Online softmax over the K/V tiles in [n_begin, n_end); BOUNDARY tiles may hold keys past
+        S or past the causal diagonal and are masked element by element."""
+        for n0 in range(n_begin, n_end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            kv_valid = offs_n < S
+            if BOUNDARY:
+                k_load_mask = kv_valid[:, None] & d_valid[None, :]
+                v_load_mask = kv_valid[:, None] & dv_valid[None, :]
+            else:
+                k_load_mask = d_valid[None, :]
+                v_load_mask = dv_valid[None, :]
+            k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=k_load_mask, other=0.0)
+            k = k.to(tl.float32)
+            if SMOOTH_K:
+                k = tl.where(k_load_mask, k - k_mean[None, :], 0.0)
+            k_scale = tl.reduce(tl.reduce(tl.abs(k), 1, _max_nan), 0, _max_nan) * (1.0 / QK_QMAX)
+            k8 = _quantize(k, _inverse(k_scale), QK_INT8, QK_QMAX, SOFT_FP8)
+            if QK_INT8:
+                qk = tl.dot(q8, tl.trans(k8), out_dtype=tl.int32).to(tl.float32)
+            else:
+                qk = tl.dot(q8, tl.trans(k8))
+            s = qk * (q_scale[:, None] * (k_scale * qk_scale))  # scores in base 2
+            if MASK_KIND != 0:
+                m_ptrs = mask_base + q_head[:, None] * stride_mh + rows_l[:, None] * stride_ml + offs_n[None, :] * stride_ms
+                m_valid = row_valid[:, None] & kv_valid[None, :]
+                if MASK_KIND == 1:
+                    s += tl.load(m_ptrs, mask=m_valid, other=0.0).to(tl.float32) * 1.4426950408889634
+                else:
+                    s = tl.where(tl.load(m_ptrs, mask=m_valid, other=0) != 0, s, float("-inf"))
+            if BOUNDARY:
+                keep = kv_valid[None, :]
+                if IS_CAUSAL:
+                    keep = keep & (offs_n[None, :] <= rows_l[:, None])
+                s = tl.where(keep, s, float("-inf"))
+            new_max = _max_nan(row_max, tl.math.ceil(tl.reduce(s, 1, _max_nan)))
+            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # nothing seen yet: P = 0
+            alpha = tl.math.exp2(row_max - safe_max)  # a power of two (or 0)
+            p = tl.math.exp2(s - safe_max[:, None])
+            row_sum = row_sum * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_dv[None, :] * stride_vd, mask=v_load_mask, other=0.0)
+            v = v.to(tl.float32)
+            v_scale = tl.reduce(tl.reduce(tl.abs(v), 1, _max_nan), 0, _max_nan) * (1.0 / V_QMAX)
+            v8 = _quantize(v, _inverse(v_scale), False, V_QMAX, SOFT_FP8)
+            p8 = _quantize(p, V_QMAX, False, V_QMAX, SOFT_FP8)  # P * 448: codes with scale 1/448
+            acc += tl.dot(p8, v8) * (v_scale * (1.0 / V_QMAX))
+            row_max = new_max
+        return acc, row_sum, row_max
+
+    @triton.jit
+    def attention_kernel(
+        q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, partial_ptr, stats_ptr,
+        L, S, D, DV, H_Q, H_KV, GROUP, rows_total, split_len, qk_scale,
+        stride_qb, stride_qh, stride_ql, stride_qd,
+        stride_kb, stride_kh, stride_ks, stride_kd,
+        stride_vb, stride_vh, stride_vs, stride_vd,
+        stride_mb, stride_mh, stride_ml, stride_ms,
+        Q_BUCKET, KV_BUCKET,  # autotuning keys only
+        HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+        IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+        QK_INT8: tl.constexpr, QK_QMAX: tl.constexpr, V_QMAX: tl.constexpr, SMOOTH_K: tl.constexpr,
+        Q_SCALE_ROWS: tl.constexpr, PACK_ROWS: tl.constexpr, SPLITS: tl.constexpr, SOFT_FP8: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        split = tl.program_id(2)
+        rows = tl.arange(0, BLOCK_M)
+        if PACK_ROWS > 0:  # decode: rows are (q head of the group, query) pairs, PACK_ROWS queries per head
+            b = pid_bh // H_KV
+            kv_head = pid_bh % H_KV
+            group_index = rows // PACK_ROWS
+            rows_l = rows % PACK_ROWS
+            q_head = kv_head * GROUP + group_index
+            row_valid = (group_index < GROUP) & (rows_l < L)
+            first_l = 0
+            last_l = L - 1
+        else:
+            b = pid_bh // H_Q
+            head = pid_bh % H_Q
+            kv_head = head // GROUP
+            rows_l = pid_m * BLOCK_M + rows
+            q_head = head + rows * 0
+            row_valid = rows_l < L
+            first_l = pid_m * BLOCK_M
+            last_l = tl.minimum(first_l + BLOCK_M, L) - 1
+        rows_l = tl.where(row_valid, rows_l, 0)
+        q_head = tl.where(row_valid, q_head, 0)
+        offs_d = tl.arange(0, HEAD_DIM)
+        offs_dv = tl.arange(0, HEAD_DIM_V)
+        d_valid = offs_d < D
+        dv_valid = offs_dv < DV
+
+        # Q: load, one scale per aligned group of Q_SCALE_ROWS rows (a Q block), cast in registers.
+        q_ptrs = q_ptr + b * stride_qb + q_head[:, None] * stride_qh + rows_l[:, None] * stride_ql + offs_d[None, :] * stride_qd
+        q = tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0).to(tl.float32)
+        row_amax = tl.reduce(tl.abs(q), 1, _max_nan)
+        groups = tl.reduce(tl.reshape(row_amax, (BLOCK_M // Q_SCALE_ROWS, Q_SCALE_ROWS)), 1, _max_nan)
+        q_amax = tl.reshape(tl.broadcast_to(groups[:, None], (BLOCK_M // Q_SCALE_ROWS, Q_SCALE_ROWS)), (BLOCK_M,))
+        q_scale = q_amax * (1.0 / QK_QMAX)
+        q8 = _quantize(q, _inverse(q_scale)[:, None], QK_INT8, QK_QMAX, SOFT_FP8)
+
+        k_base = k_ptr + b * stride_kb + kv_head * stride_kh
+        v_base = v_ptr + b * stride_vb + kv_head * stride_vh
+        mask_base = mask_ptr + b * stride_mb
+        if SMOOTH_K:  # per-channel mean of K's first block (reference.smooth_keys)
+            offs_n = tl.arange(0, BLOCK_N)
+            first = tl.load(
+                k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                mask=(offs_n[:, None] < S) & d_valid[None, :], other=0.0,
+            ).to(tl.float32)
+            count = tl.full((HEAD_DIM,), 1.0, tl.float32) * tl.minimum(S, BLOCK_N).to(tl.float32)
+            k_mean = tl.math.div_rn(tl.sum(first, 0), count)
+        else:
+            k_mean = tl.zeros((HEAD_DIM,), dtype=tl.float32)
+
+        n_begin = split * split_len
+        n_end = tl.minimum(S, n_begin + split_len)
+        if IS_CAUSAL:
+            n_end = tl.minimum(n_end, last_l + 1)
+            full_end = tl.minimum(n_end, ((first_l + 1) // BLOCK_N) * BLOCK_N)  # tiles every row sees whole
+        else:
+            full_end = n_begin + ((n_end - n_begin) // BLOCK_N) * BLOCK_N
+        full_end = tl.maximum(full_end, n_begin)
+
+        acc = tl.zeros((BLOCK_M, HEAD_DIM_V), dtype=tl.float32)
+        row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        acc, row_sum, row_max = _attend_tiles(
+            acc, row_sum, row_max, q8, q_scale, k_mean, rows_l, q_head, row_valid, k_base, v_base, mask_base,
+            n_begin, full_end, S, stride_ks, stride_kd, stride_vs, stride_vd, stride_mh, stride_ml, stride_ms,
+            offs_d, offs_dv, d_valid, dv_valid, qk_scale,
+            False, IS_CAUSAL, MASK_KIND, QK_INT8, QK_QMAX, V_QMAX, SMOOTH_K, SOFT_FP8, BLOCK_N,
+        )  # fmt: skip
+        acc, row_sum, row_max = _attend_tiles(
+            acc, row_sum, row_max, q8, q_scale, k_mean, rows_l, q_head, row_valid, k_base, v_base, mask_base,
+            full_end, n_end, S, stride_ks, stride_kd, stride_vs, stride_vd, stride_mh, stride_ml, stride_ms,
+            offs_d, offs_dv, d_valid, dv_valid, qk_scale,
+            True, IS_CAUSAL, MASK_KIND, QK_INT8, QK_QMAX, V_QMAX, SMOOTH_K, SOFT_FP8, BLOCK_N,
+        )  # fmt: skip
+
+        out_rows = (b * H_Q + q_head) * L + rows_l  # row of the contiguous (B, Hq, L, Dv) output
+        store_mask = row_valid[:, None] & dv_valid[None, :]
+        if SPLITS == 1:
+            out = tl.math.div_rn(acc, tl.broadcast_to(row_sum[:, None], (BLOCK_M, HEAD_DIM_V)))
+            out = tl.where(row_sum[:, None] == 0, 0.0, out)  # fully masked row: 0, as SDPA
+            tl.store(out_ptr + out_rows[:, None] * DV + offs_dv[None, :], out.to(out_ptr.dtype.element_ty), mask=store_mask)
+        else:
+            part_rows = split * rows_total + out_rows
+            tl.store(partial_ptr + part_rows[:, None] * DV + offs_dv[None, :], acc, mask=store_mask)
+            tl.store(stats_ptr + part_rows * 2, row_max, mask=row_valid)
+            tl.store(stats_ptr + part_rows * 2 + 1, row_sum, mask=row_valid)
+
+    @triton.jit
+    def combine_splits_kernel(
+        partial_ptr, stats_ptr, out_ptr, rows_total, DV, SPLITS: tl.constexpr, HEAD_DIM_V: tl.constexpr
+    ):
+        """out[row] = sum_s 2**(m_s - M) acc_s / sum_s 2**(m_s - M) l_s over the splits of one row."""
+        row = tl.program_id(0)
+        offs = tl.arange(0, HEAD_DIM_V)
+        valid = offs < DV
+        top = tl.load(stats_ptr + row * 2)
+        for s in tl.static_range(1, SPLITS):
+            top = _max_nan(top, tl.load(stats_ptr + (s * rows_total + row) * 2))
+        safe_top = tl.where(top == float("-inf"), 0.0, top)
+        acc = tl.zeros((HEAD_DIM_V,), dtype=tl.float32)
+        total = 0.0
+        for s in tl.static_range(SPLITS):
+            weight = tl.math.exp2(tl.load(stats_ptr + (s * rows_total + row) * 2) - safe_top)
+            total += weight * tl.load(stats_ptr + (s * rows_total + row) * 2 + 1)
+            acc += weight * tl.load(partial_ptr + (s * rows_total + row) * DV + offs, mask=valid, other=0.0)
+        out = tl.math.div_rn(acc, tl.full((HEAD_DIM_V,), 1.0, tl.float32) * total)
+        out = tl.where(total == 0, 0.0, out)
+        tl.store(out_ptr + row * DV + offs, out.to(out_ptr.dtype.element_ty), mask=valid)
+
+    def _prune(configs, named_args, **kwargs):
+        """Tiles hold whole Q blocks: BLOCK_M a multiple of the Q block."""
+        q_rows = kwargs.get("Q_SCALE_ROWS", named_args.get("Q_SCALE_ROWS", 16))
+        kept = [c for c in configs if c.kwargs["BLOCK_M"] % q_rows == 0]
+        return kept or configs[:1]
+
+    # Measured candidates for H100 (benchmarks/bench_attention.py); autotuned per head dim, causal,
+    # mask kind, formats and length buckets (eager calls; Inductor tunes once per compiled graph).
+    PREFILL_CONFIGS = [
+        triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s) for m in (128, 64) for w in (8, 4) for s in (3, 2)
+    ]
+    DECODE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (3, 2)]
+    _TUNING_KEY = ["HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "MASK_KIND", "QK_INT8", "SMOOTH_K", "BLOCK_N", "Q_BUCKET", "KV_BUCKET"]
+    attention_kernel_prefill = triton.autotune(
+        configs=PREFILL_CONFIGS, key=_TUNING_KEY, prune_configs_by={"early_config_prune": _prune}
+    )(attention_kernel)
+    attention_kernel_decode = triton.autotune(configs=DECODE_CONFIGS, key=[*_TUNING_KEY, "PACK_ROWS", "SPLITS"])(
+        attention_kernel
+    )
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _bucket(n) -> int:
+    """A power-of-two length bucket for autotuning keys; 0 for a symbolic length (no guard)."""
+    return triton.next_power_of_2(n) if isinstance(n, int) else 0
+
+
+def _padded_dim(d: int) -> int:
+    return max(MIN_HEAD_DIM, triton.next_power_of_2(d))
+
+
+def decode_rows(query_len, group: int, q_block: int) -> int | None:
+    """Rows of a packed decode tile (L * next_pow2(group), at least 16), or None for prefill tiles.
+    Only static lengths pack: a dynamic L never picks a path (no guard on it)."""
+    if not isinstance(query_len, int) or query_len > q_block:
+        return None
+    pad = triton.next_power_of_2(query_len)
+    rows = pad * triton.next_power_of_2(group)
+    return max(16, rows) if rows <= DECODE_MAX_ROWS else None
+
+
+def _splits(batch, kv_heads, kv_len, block_n: int, device: torch.device) -> int:
+    """KV splits of a decode launch: enough programs to fill the GPU twice, at least a tile each."""
+    if not all(isinstance(n, int) for n in (batch, kv_heads, kv_len)):
+        return 8
+    programs = max(1, batch * kv_heads)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(MAX_SPLITS, triton.cdiv(2 * sms, programs), triton.cdiv(kv_len, block_n)))
+
+
+def run(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+    fmt: str,
+    out_dtype: torch.dtype,
+    wrap=None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """The op body: `reference.attention(q, k, v, ...)` by the kernel, out (..., Hq, L, Dv) contiguous.
+
+    `config` ({"BLOCK_M", "num_warps", "num_stages"}) launches the undecorated kernel with it (the
+    interpreter, tests); otherwise the autotuned kernel runs (GPU)."""
+    attention_format = get_attention_format(fmt)
+    q_fmt, k_fmt, v_fmt = attention_format.formats
+    lead = q.shape[:-3]
+    q4 = q.reshape(-1, *q.shape[-3:]) if q.dim() != 4 else q
+    k4 = k.reshape(-1, *k.shape[-3:]) if k.dim() != 4 else k
+    v4 = v.reshape(-1, *v.shape[-3:]) if v.dim() != 4 else v
+    batch, q_heads, query_len, head_dim = q4.shape
+    kv_heads, kv_len, value_dim = k4.shape[1], k4.shape[2], v4.shape[3]
+    group = q_heads // kv_heads
+    out = torch.empty((batch, q_heads, query_len, value_dim), dtype=out_dtype, device=q.device)
+    if attn_mask is None:
+        mask, mask_kind, mask_strides = q4, MASK_NONE, (0, 0, 0, 0)
+    else:
+        mask = attn_mask.expand(*lead, q_heads, query_len, kv_len) if attn_mask.dim() < q.dim() else attn_mask
+        mask = mask.reshape(-1, *mask.shape[-3:]) if mask.dim() != 4 else mask
+        mask = mask.expand(batch, q_heads, query_len, kv_len)
+        mask_kind = MASK_BOOL if mask.dtype == torch.bool else MASK_FLOAT
+        mask_strides = tuple(mask.stride())
+    block_n = k_fmt.block_rows
+    softmax_scale = head_dim**-0.5 if scale is None else scale
+    packed = decode_rows(query_len, group, q_fmt.block_rows)
+    rows_total = batch * q_heads * query_len
+    constants = dict(
+        HEAD_DIM=_padded_dim(head_dim),
+        HEAD_DIM_V=_padded_dim(value_dim),
+        IS_CAUSAL=bool(is_causal),
+        MASK_KIND=mask_kind,
+        QK_INT8=q_fmt.element is ElementType.INT8,
+        QK_QMAX=float(q_fmt.qmax),
+        V_QMAX=float(v_fmt.qmax),
+        SMOOTH_K=attention_format.smooth_k,
+        SOFT_FP8=interpreting(),
+        BLOCK_N=block_n,
+    )
+    if packed is None:
+        splits, split_len = 1, kv_len
+        constants.update(Q_SCALE_ROWS=q_fmt.block_rows, PACK_ROWS=0, SPLITS=1)
+        partial, stats = out, out
+    else:
+        splits = _splits(batch, kv_heads, kv_len, block_n, q.device)
+        split_len = triton.cdiv(triton.cdiv(kv_len, splits), block_n) * block_n
+        pad = triton.next_power_of_2(query_len)
+        constants.update(Q_SCALE_ROWS=pad, PACK_ROWS=pad, SPLITS=splits, BLOCK_M=packed)
+        if splits > 1:
+            partial = torch.empty((splits, rows_total, value_dim), dtype=torch.float32, device=q.device)
+            stats = torch.empty((splits, rows_total, 2), dtype=torch.float32, device=q.device)
+        else:
+            partial, stats = out, out
+    args = (
+        q4, k4, v4, mask, out, partial, stats,
+        query_len, kv_len, head_dim, value_dim, q_heads, kv_heads, group, rows_total, split_len,
+        softmax_scale * LOG2E,
+        *q4.stride(), *k4.stride(), *v4.stride(), *mask_strides,
+        _bucket(query_len), _bucket(kv_len),
+    )  # fmt: skip
+    if packed is not None:
+        grid = (1, batch * kv_heads, splits)
+    elif config is not None:
+        grid = (triton.cdiv(query_len, config["BLOCK_M"]), batch * q_heads, 1)
+    else:
+
+        def grid(meta):
+            return ((query_len + meta["BLOCK_M"] - 1) // meta["BLOCK_M"], batch * q_heads, 1)
+
+    if config is not None:
+        kernel = attention_kernel
+        launch = {**constants, **({} if packed is not None else {"BLOCK_M": config["BLOCK_M"]})}
+        launch.update(num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
+    else:
+        kernel = attention_kernel_decode if packed is not None else attention_kernel_prefill
+        launch = constants
+    if wrap is not None:
+        kernel = wrap(kernel)
+    kernel[grid](*args, **launch)
+    if splits > 1:
+        combine = wrap(combine_splits_kernel) if wrap is not None else combine_splits_kernel
+        combine[(rows_total,)](
+            partial, stats, out, rows_total, value_dim, SPLITS=splits, HEAD_DIM_V=_padded_dim(value_dim)
+        )
+    return out.reshape(*lead, q_heads, query_len, value_dim)
+
+
+def default_config(fmt: str) -> dict:
+    """The config the interpreter (and `LOWBIT_AUTOTUNE=0`) launches: one Q block per tile."""
+    q_fmt = get_attention_format(fmt).formats[0]
+    return {"BLOCK_M": max(16, q_fmt.block_rows), "num_warps": 4, "num_stages": 2}
+
+
+__all__ = ["MAX_HEAD_DIM", "attention_kernel", "combine_splits_kernel", "default_config", "run", "supports"]
