@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lowbit_compile import reference
-from lowbit_compile.formats import ElementType, Granularity, get_format
+from lowbit_compile.formats import ElementType, Granularity, get_attention_format, get_format
 from lowbit_compile.kernels import HAS_TRITON
 
 NAMESPACE = "lowbit"
@@ -224,11 +224,41 @@ def _(q_data, q_scale, k_data, k_scale, v_data, v_scale, attn_mask, is_causal, s
     return q_data.new_empty((*q_data.shape[:-1], value_dim), dtype=out_dtype)
 
 
+@torch.library.custom_op("lowbit::block_attention", mutates_args=())
+def block_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+    fmt: str,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """softmax(Q K^T * scale + mask) V for an attention format (`formats.AttentionFormat`): q, k, v
+    come in high precision and the op quantizes them itself, per token block (on GPU inside the
+    attention kernel: no pass over memory). Shapes as `F.scaled_dot_product_attention`; the result
+    is contiguous (..., Hq, L, Dv) in `out_dtype`. Reference: `reference.attention`."""
+    return _block_attention_reference(q, k, v, attn_mask, is_causal, scale, enable_gqa, fmt, out_dtype)
+
+
+def _block_attention_reference(q, k, v, attn_mask, is_causal, scale, enable_gqa, fmt, out_dtype) -> Tensor:
+    out = reference.attention(q, k, v, attn_mask, is_causal, scale, enable_gqa, fmt)
+    return out.to(out_dtype).contiguous()
+
+
+@block_attention.register_fake
+def _(q, k, v, attn_mask, is_causal, scale, enable_gqa, fmt, out_dtype):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=out_dtype)
+
+
 FUSED_OPS = {
     "weight_only_mm": torch.ops.lowbit.weight_only_mm.default,
     "scaled_mm": torch.ops.lowbit.scaled_mm.default,
     "auto_mm": torch.ops.lowbit.auto_mm.default,
     "attention": torch.ops.lowbit.attention.default,
+    "block_attention": torch.ops.lowbit.block_attention.default,
 }
 
 
@@ -292,6 +322,31 @@ def auto_mm_kernels(x_dtype: torch.dtype, device: torch.device, w_fmt: str, x_fm
     if get_format(x_fmt).granularity is not Granularity.ROW:  # the op quantizes x itself, by rows
         return None
     return None if low is None or high is None else (low, high)
+
+
+def attention_kernel(dtype: torch.dtype, device: torch.device, fmt: str) -> str | None:
+    """The name of the kernel that runs `block_attention` for these inputs, or None (reference)."""
+    if not HAS_TRITON or device.type != "cuda" or dtype not in (*_KERNEL_ACTIVATIONS, torch.float32):
+        return None
+    from lowbit_compile.kernels import attention as attention_kernels
+
+    attention_format = get_attention_format(fmt)
+    if attention_kernels.supports(attention_format) is not None:
+        return None
+    return "triton:attn_int8" if attention_format.formats[0].element is ElementType.INT8 else "triton:attn_fp8"
+
+
+def _attention_shapes_supported(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Head dims the kernel holds in registers, and whole GQA groups (checked per call)."""
+    from lowbit_compile.kernels import attention as attention_kernels
+
+    if q.dim() < 3 or k.dim() != q.dim() or v.dim() != q.dim():
+        return False
+    return (
+        max(q.shape[-1], v.shape[-1]) <= attention_kernels.MAX_HEAD_DIM
+        and k.shape[-3] > 0
+        and q.shape[-3] % k.shape[-3] == 0
+    )
 
 
 def _weight_only_plan(x: Tensor, w_data: Tensor, w_fmt: str, bias: Tensor | None) -> list[int]:
@@ -378,6 +433,36 @@ if HAS_TRITON:
         _scaled.launch_plan(x_data, x_scale, w_data, w_scale, bias, out, s_meta, high, wrap=wrap)
         return out.reshape(*x.shape[:-1], w_meta.n)
 
+    from lowbit_compile.kernels import attention as _attention
+
+    @torch.library.triton_op("lowbit::block_attention_triton", mutates_args=())
+    def block_attention_triton(
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        attn_mask: Tensor | None,
+        is_causal: bool,
+        scale: float | None,
+        enable_gqa: bool,
+        fmt: str,
+        out_dtype: torch.dtype,
+    ) -> Tensor:
+        """`block_attention` by the Triton kernel of `kernels/attention.py` (Q, K, V quantized in
+        registers; autotuned tiles on GPU, the default tile under `LOWBIT_AUTOTUNE=0`)."""
+        from lowbit_compile.kernels import tuning
+
+        config = None if tuning.tuning_enabled() else _attention.default_config(fmt)
+        return _attention.run(
+            q, k, v, attn_mask, is_causal, scale, enable_gqa, fmt, out_dtype, wrap=torch.library.wrap_triton,
+            config=config,
+        )  # fmt: skip
+
+    @block_attention.register_kernel("cuda")
+    def _(q, k, v, attn_mask, is_causal, scale, enable_gqa, fmt, out_dtype):
+        if attention_kernel(q.dtype, q.device, fmt) is None or not _attention_shapes_supported(q, k, v):
+            return _block_attention_reference(q, k, v, attn_mask, is_causal, scale, enable_gqa, fmt, out_dtype)
+        return block_attention_triton(q, k, v, attn_mask, is_causal, scale, enable_gqa, fmt, out_dtype)
+
     @weight_only_mm.register_kernel("cuda")
     def _(x, w_data, w_scale, w_zero_point, w_global_scale, bias, w_fmt, out_dtype):
         if weight_only_kernel(x.dtype, x.device, w_fmt) is None:
@@ -410,6 +495,9 @@ def kernel_name(
         low, high = both or (None, None)  # the lowering runs both halves' kernels or neither
         return f"{op} [{low or 'reference'} below M={weight_only_below_m}, {high or 'reference'} above]"
     runs = None
+    if op == "block_attention":
+        known = None not in (device, x_dtype, x_fmt)
+        runs = attention_kernel(x_dtype, device, x_fmt) if known else None
     if op == "weight_only_mm" and known:
         runs = weight_only_kernel(x_dtype, device, w_fmt)
     if op == "scaled_mm" and known and x_fmt:
@@ -465,6 +553,15 @@ def use_device_kernels(graph: torch.fx.Graph) -> dict[str, int]:
             plan = _scaled_mm_plan(out_dtype, x_val.device, w_val, x_fmt, w_fmt, _val(bias))
             args = (x_data, x_scale, w_data, w_scale, bias, x_fmt, w_fmt, out_dtype, plan)
             _swap(graph, node, torch.ops.lowbit.scaled_mm_triton.default, args)
+        elif node.target is torch.ops.lowbit.block_attention.default:
+            q, k, v = (_val(a) for a in node.args[:3])
+            fmt = node.args[7]
+            if None in (q, k, v) or not _attention_shapes_supported(q, k, v):
+                continue
+            name = attention_kernel(q.dtype, q.device, fmt)
+            if name is None:
+                continue
+            _swap(graph, node, torch.ops.lowbit.block_attention_triton.default, tuple(node.args))
         elif node.target is torch.ops.lowbit.auto_mm.default:
             x, w_data, w_scale, w_zero_point, _, bias, w_fmt, x_fmt, below_m, out_dtype = node.args
             x_val, w_val = _val(x), _val(w_data)

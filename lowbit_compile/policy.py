@@ -17,7 +17,18 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from lowbit_compile.formats import BUILTIN_FORMATS, Format, get_format, register_format
+from lowbit_compile.formats import (
+    BUILTIN_ATTENTION_FORMATS,
+    BUILTIN_FORMATS,
+    AttentionFormat,
+    Format,
+    format_record,
+    get_attention_format,
+    get_format,
+    is_attention_format,
+    register_attention_format,
+    register_format,
+)
 
 
 class OpKind(str, enum.Enum):
@@ -34,7 +45,8 @@ class Kernel(str, enum.Enum):
     WEIGHT_ONLY_MM = "weight_only_mm"
     SCALED_MM = "scaled_mm"
     AUTO_MM = "auto_mm"
-    ATTENTION = "attention"
+    ATTENTION = "attention"  # q, k, v quantized per token by the graph (a plain Format)
+    BLOCK_ATTENTION = "block_attention"  # an AttentionFormat: the op quantizes q, k, v itself
 
 
 def _format_name(fmt: Format | str | None) -> str | None:
@@ -43,6 +55,15 @@ def _format_name(fmt: Format | str | None) -> str | None:
     if isinstance(fmt, Format):
         return register_format(fmt).name
     return None if fmt is None else get_format(fmt).name
+
+
+def _activation_format_name(fmt: AttentionFormat | Format | str | None) -> str | None:
+    """As `_format_name`, and an `AttentionFormat` (record or registered name) for attention sites."""
+    if isinstance(fmt, AttentionFormat):
+        return register_attention_format(fmt).name
+    if is_attention_format(fmt):
+        return fmt
+    return _format_name(fmt)
 
 
 def _is_int(value: Any) -> bool:
@@ -70,6 +91,8 @@ class QuantSpec:
 
     weight:      format of the parameter operand (linear sites); None keeps it in high precision.
     activation:  format of the activation operand(s) (quantized dynamically, per call); None = weight-only.
+                 Attention sites also take an `AttentionFormat` (`attn_fp8_t128`, `attn_int8_t128`):
+                 per-operand formats, K smoothing and 8-bit probabilities, quantized inside the op.
     weight_only_below_m: with both formats set, rows M below this run weight-only (A16) and rows at or
                  above it quantize activations too, decided at run time from one stored weight.
     weight_search: int4 weights (int4_g*, int4_g*_asym) get each group's scale and zero point searched
@@ -99,7 +122,7 @@ class QuantSpec:
         fallback: QuantSpec | dict[str, Any] | None = None,
     ) -> None:
         object.__setattr__(self, "weight", _format_name(weight))
-        object.__setattr__(self, "activation", _format_name(activation))
+        object.__setattr__(self, "activation", _activation_format_name(activation))
         object.__setattr__(self, "weight_only_below_m", weight_only_below_m)
         object.__setattr__(self, "weight_search", weight_search)
         object.__setattr__(self, "min_sqnr", None if min_sqnr is None else _finite_float(min_sqnr, "min_sqnr"))
@@ -144,11 +167,21 @@ class QuantSpec:
 
     @property
     def activation_format(self) -> Format | None:
-        return None if self.activation is None else get_format(self.activation)
+        """The activation's Format; for an attention format, the format of q (see `attention_format`)."""
+        if self.activation is None:
+            return None
+        if is_attention_format(self.activation):
+            return get_attention_format(self.activation).formats[0]
+        return get_format(self.activation)
+
+    @property
+    def attention_format(self) -> AttentionFormat | None:
+        """How an attention site's q, k, v are quantized (a plain format: all three, per operand)."""
+        return None if self.activation is None else get_attention_format(self.activation)
 
     def kernel(self, kind: OpKind) -> Kernel:
         if kind is OpKind.ATTENTION:
-            return Kernel.ATTENTION
+            return Kernel.BLOCK_ATTENTION if is_attention_format(self.activation) else Kernel.ATTENTION
         if self.weight_only_below_m is not None:
             return Kernel.AUTO_MM
         if self.activation is None:
@@ -313,26 +346,36 @@ class Policy:
         return decided_by
 
     def format_names(self) -> list[str]:
-        """Every format the policy names, sorted."""
+        """Every format the policy names, sorted (an attention format and the formats it names)."""
         specs = [s for top in (self.default, *(r.spec for r in self.rules)) if top is not None for s in top.chain()]
-        return sorted({n for spec in specs for n in (spec.weight, spec.activation) if n})
+        names = {n for spec in specs for n in (spec.weight, spec.activation) if n}
+        for name in [n for n in names if is_attention_format(n)]:
+            attention_format = get_attention_format(name)
+            names |= {attention_format.q, attention_format.k, attention_format.v}
+        return sorted(names)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data; formats outside the built-in registry travel along as records, so the policy
         loads in a fresh process."""
-        custom = [name for name in self.format_names() if name not in BUILTIN_FORMATS]
+        builtin = set(BUILTIN_FORMATS) | set(BUILTIN_ATTENTION_FORMATS)
+        custom = [name for name in self.format_names() if name not in builtin]
         return {
             "name": self.name,
             "rules": [rule.to_dict() for rule in self.rules],
             "default": None if self.default is None else self.default.to_dict(),
-            "formats": {name: get_format(name).to_dict() for name in custom},
+            "formats": {name: format_record(name) for name in custom},
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Policy:
         data = dict(data)
-        for record in data.pop("formats", {}).values():
-            register_format(Format.from_dict(record))  # ValueError if the name means another record here
+        records = data.pop("formats", {}).values()
+        # ValueError if a name means another record here; attention formats name formats: last.
+        for record in sorted(records, key=lambda record: "q" in record):
+            if "q" in record:
+                register_attention_format(AttentionFormat.from_dict(record))
+            else:
+                register_format(Format.from_dict(record))
         data = _checked_keys(cls, data)
         default = data.get("default")
         return cls(
@@ -350,7 +393,7 @@ class Policy:
 
     def cache_key(self) -> str:
         """A stable digest of the policy and every format it names (formats can be user-registered)."""
-        formats = {name: get_format(name).to_dict() for name in self.format_names()}
+        formats = {name: format_record(name) for name in self.format_names()}
         text = json.dumps({"policy": self.to_dict(), "formats": formats}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -381,13 +424,23 @@ _RECIPE_BUILDERS = {
     "mxfp8": lambda: _linear_recipe("mxfp8", "mxfp8", "mxfp8"),
     "mxfp4": lambda: _linear_recipe("mxfp4", "mxfp4", "mxfp4"),
     "nvfp4": lambda: _linear_recipe("nvfp4", "nvfp4", "nvfp4"),
+    # Attention quantized per 128-token block inside the attention kernel (formats.AttentionFormat),
+    # with the linear layers of the same element type.
     "fp8-attention": lambda: Policy(
         rules=(
             Rule(spec=None, op=OpKind.MATMUL),
-            Rule(spec=QuantSpec(activation="fp8_e4m3_row"), op=OpKind.ATTENTION),
+            Rule(spec=QuantSpec(activation="attn_fp8_t128"), op=OpKind.ATTENTION),
         ),
         default=QuantSpec("fp8_e4m3_row", "fp8_e4m3_row"),
         name="fp8-attention",
+    ),
+    "int8-attention": lambda: Policy(
+        rules=(
+            Rule(spec=None, op=OpKind.MATMUL),
+            Rule(spec=QuantSpec(activation="attn_int8_t128"), op=OpKind.ATTENTION),
+        ),
+        default=QuantSpec("int8_row", "int8_row"),
+        name="int8-attention",
     ),
     # One int8 per-channel weight serves both regimes: decode-sized M is memory bound (weight-only
     # wins), prefill-sized M is compute bound (int8 x int8 wins). The switch is decided per call.

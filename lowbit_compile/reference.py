@@ -384,6 +384,16 @@ def smooth_keys(k: Tensor, block_rows: int) -> Tensor:
     return kf - kf[..., :block_rows, :].mean(dim=-2, keepdim=True)
 
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _mask_in_base_2(mask: Tensor) -> Tensor:
+    """An additive mask times log2(e); a finite fill such as finfo.min stays finite (it would overflow
+    to -inf, and a row masked entirely would give 0 instead of eager's average of all values)."""
+    scaled = (mask * LOG2E).clamp(min=-_FLOAT32_MAX)
+    return torch.where(mask == float("-inf"), mask, scaled)
+
+
 def attention_quantized_probabilities(
     q: Tensor,
     k: Tensor,
@@ -417,7 +427,7 @@ def attention_quantized_probabilities(
         if attn_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
-            scores = scores + attn_mask.float() * LOG2E
+            scores = scores + _mask_in_base_2(attn_mask.float())
     row_max = torch.ceil(scores.amax(dim=-1, keepdim=True))
     row_max = torch.where(row_max == float("-inf"), 0.0, row_max)  # fully masked row: P = 0
     p = torch.exp2(scores - row_max)

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 from lowbit_compile.calibration import fake_quantize_activation
 from lowbit_compile.ops import kernel_name, quantized_tensor
+from lowbit_compile.formats import is_attention_format
+from lowbit_compile.reference import attention as attention_reference
 from lowbit_compile.reference import dequantize, fake_quantize
 
 log = logging.getLogger(__name__)
@@ -275,6 +277,8 @@ def _site_outputs(
             mask = mask.float()
         reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, **kwargs)
         fmt = spec.activation
+        if is_attention_format(fmt):  # the op quantizes q, k, v (and P) itself: its reference math
+            return reference, attention_reference(q, k, v, mask, fmt=fmt, **kwargs)
         test = F.scaled_dot_product_attention(_fake(q, fmt), _fake(k, fmt), _fake(v, fmt), attn_mask=mask, **kwargs)
         return reference, test
     x, bias = value("x"), value("bias")

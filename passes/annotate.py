@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from lowbit_compile.formats import Format
-from lowbit_compile.policy import OpKind, QuantSpec
+from lowbit_compile.policy import Kernel, OpKind, QuantSpec
 from lowbit_compile.reference import check_quantizable
 from lowbit_compile.passes.capture import module_path
 from lowbit_compile.passes.state import PipelineState, Site, mutates
@@ -743,6 +743,8 @@ def spec_problem(site: Site, spec: QuantSpec) -> str | None:
     if site.kind is OpKind.MATMUL:
         return "activation x activation matmul outside attention: no quantized kernel for it yet"
     if site.kind is OpKind.LINEAR:
+        if spec.activation is not None and spec.kernel(OpKind.ATTENTION) is Kernel.BLOCK_ATTENTION:
+            return f"attention format {spec.activation} quantizes attention sites only, not a linear site"
         dtypes = {"x": _dtype(site.inputs["x"]), "weight": _dtype(site.inputs["weight"])}
         reason = _check_formats(site.shapes, dtypes, {"weight": spec.weight_format, "x": spec.activation_format})
         if reason is None and spec.weight is None:
@@ -758,5 +760,5 @@ def spec_problem(site: Site, spec: QuantSpec) -> str | None:
     if isinstance(site.inputs["mask"], torch.fx.Node) and shape_of(site.inputs["mask"]) == ():
         return "attention mask is not a tensor"
     dtypes = {name: _dtype(site.inputs[name]) for name in ("q", "k", "v")}
-    fmt = spec.activation_format
-    return _check_formats(site.shapes, dtypes, {"q": fmt, "k": fmt, "v": fmt})
+    q_fmt, k_fmt, v_fmt = spec.attention_format.formats
+    return _check_formats(site.shapes, dtypes, {"q": q_fmt, "k": k_fmt, "v": v_fmt})

@@ -24,6 +24,19 @@ def _fused_args(site: Site) -> tuple:
     spec, qdq, inputs = site.spec, site.qdq, site.inputs
     out_dtype = value_of(qdq["op"]).dtype
     kernel = site.kernel
+    if kernel is Kernel.BLOCK_ATTENTION:  # high-precision operands: the op quantizes them itself
+        attrs = site.attrs
+        return (
+            qdq["q_input"],
+            qdq["k_input"],
+            qdq["v_input"],
+            qdq["mask"],
+            bool(attrs["is_causal"]),
+            attrs["scale"],
+            bool(attrs["enable_gqa"]),
+            spec.activation,
+            out_dtype,
+        )
     if kernel is Kernel.ATTENTION:
         (q, q_s, _, _), (k, k_s, _, _), (v, v_s, _, _) = qdq["q_parts"], qdq["k_parts"], qdq["v_parts"]
         attrs = site.attrs

@@ -2,8 +2,10 @@
 
 This graph runs anywhere and is the numerical reference ("fake quant") of every later stage.
 Linear sites of every source form become `F.linear(dequantize(x), dequantize(W), bias)` and
-attention sites of both forms become SDPA over dequantized q, k, v. The nodes created are recorded
-in `site.qdq` for the folding and fusion stages.
+attention sites of both forms become SDPA over dequantized q, k, v (for an attention format, K is
+smoothed first and the attention math quantizes the probabilities as the kernel does:
+`reference.attention_quantized_probabilities`). The nodes created are recorded in `site.qdq` for
+the folding and fusion stages.
 
 A calibrated linear site (`site.calibration`) multiplies its activation by the smoothing factors
 (`x * smooth`, pointwise: Inductor fuses it into the producer) and divides the weight by them
@@ -21,7 +23,8 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from lowbit_compile.policy import OpKind
+from lowbit_compile import reference
+from lowbit_compile.policy import Kernel, OpKind
 from lowbit_compile.passes.annotate import value_of
 from lowbit_compile.passes.state import PipelineState, Site, remove_dead_code
 
@@ -98,20 +101,46 @@ def _qdq_attention(graph: torch.fx.Graph, site: Site) -> torch.fx.Node:
     for name, divide in attrs.get("scale_factors", ()):
         operation = operator.truediv if divide else operator.mul
         operands["q"] = graph.call_function(operation, (operands["q"], site.inputs[name]))
-    dequantized = []
-    for name, operand in operands.items():
-        _, parts = _quantize(graph, operand, fmt)
-        site.qdq[f"{name}_parts"] = parts
-        dequantized.append(_dequantize(graph, parts, fmt, value_of(site.inputs[name]).dtype))
     mask = site.inputs["mask"]
     if attrs.get("mask_fill") is not None:  # scores.masked_fill(mask, fill) as SDPA's additive mask
         zeros = graph.call_function(torch.zeros_like, (mask,), {"dtype": attrs["mask_dtype"]})
         mask = graph.call_function(torch.masked_fill, (zeros, mask, attrs["mask_fill"]))
     site.qdq["mask"] = mask
+    if site.kernel is Kernel.BLOCK_ATTENTION:
+        return _qdq_block_attention(graph, site, operands, mask)
+    dequantized = []
+    for name, operand in operands.items():
+        _, parts = _quantize(graph, operand, fmt)
+        site.qdq[f"{name}_parts"] = parts
+        dequantized.append(_dequantize(graph, parts, fmt, value_of(site.inputs[name]).dtype))
     kwargs = {"attn_mask": mask, "is_causal": attrs["is_causal"], "scale": attrs["scale"]}
     if attrs["enable_gqa"]:
         kwargs["enable_gqa"] = True
     return graph.call_function(F.scaled_dot_product_attention, tuple(dequantized), kwargs)
+
+
+def _qdq_block_attention(
+    graph: torch.fx.Graph, site: Site, operands: dict[str, torch.fx.Node], mask: torch.fx.Node | None
+) -> torch.fx.Node:
+    """An attention format (`formats.AttentionFormat`): K smoothed, q, k, v quantized per token
+    block, and attention with quantized probabilities, all in fp32, then the site's dtype. The
+    fused op takes the high-precision operands (`q_input`...) and quantizes them itself."""
+    attention_format = site.spec.attention_format
+    formats = dict(zip(("q", "k", "v"), attention_format.formats))
+    site.qdq.update({f"{name}_input": operand for name, operand in operands.items()})
+    if attention_format.smooth_k:
+        operands["k"] = graph.call_function(reference.smooth_keys, (operands["k"], formats["k"].block_rows))
+    dequantized = []
+    for name, operand in operands.items():
+        _, parts = _quantize(graph, operand, formats[name].name)
+        site.qdq[f"{name}_parts"] = parts
+        dequantized.append(_dequantize(graph, parts, formats[name].name, torch.float32))
+    attrs = site.attrs
+    out = graph.call_function(
+        reference.attention_quantized_probabilities,
+        (*dequantized, mask, bool(attrs["is_causal"]), attrs["scale"], bool(attrs["enable_gqa"]), formats["v"].name),
+    )
+    return graph.call_method("to", (out, value_of(site.node).dtype))
 
 
 def insert_qdq(state: PipelineState) -> None:

@@ -27,6 +27,7 @@ from lowbit_compile.report import Report, sqnr
 BATCH, HEADS, SEQ, HEAD_DIM = 2, 4, 9, 64
 FP8 = "fp8_e4m3_row"
 FP8_ATTENTION = f"A={FP8}"
+RECIPE_ATTENTION = "A=attn_fp8_t128"  # fp8-attention: q, k, v quantized per 128-token block inside the op
 EAGER_BAND = (20.0, 60.0)  # fp8 q, k, v against eager (tests/test_sites.py uses the same)
 SKIPPED_MATMUL = "policy: rule 0 (op='matmul') leaves it unquantized"
 
@@ -168,7 +169,7 @@ def test_hf_bert_eager_attention_is_one_site_per_layer() -> None:
     assert report.counts() == {"linear": 12, "attention": 2}, report.table()  # no plain matmul sites
     for index, site in enumerate(attention_rows(report)):
         assert site.fqn == f"encoder.layer.{index}.attention.self"
-        assert (site.source_op, site.format, site.skip_reason) == ("matmul-softmax-matmul", FP8_ATTENTION, None)
+        assert (site.source_op, site.format, site.skip_reason) == ("matmul-softmax-matmul", RECIPE_ATTENTION, None)
         assert site.shapes["k"] == f"({BATCH},2,{SEQ},64)"
         assert site.sqnr_db > 25
     assert_matches_reference(out, reference)
@@ -189,7 +190,7 @@ def test_hf_llama_eager_attention_is_one_gqa_site_per_layer(dtype) -> None:
     assert report.counts() == {"linear": 15, "attention": 2}, report.table()
     for index, site in enumerate(attention_rows(report)):
         assert site.fqn == f"model.layers.{index}.self_attn"
-        assert (site.format, site.skip_reason) == (FP8_ATTENTION, None)
+        assert (site.format, site.skip_reason) == (RECIPE_ATTENTION, None)
         assert site.shapes["q"] == f"({BATCH},4,{SEQ},32)"
         assert site.shapes["k"] == site.shapes["v"] == f"({BATCH},2,{SEQ},32)"  # unrepeated: enable_gqa
     assert_matches_reference(out, reference, dtype)
@@ -223,7 +224,7 @@ def test_hf_eager_attention_under_dynamic_shapes(name) -> None:
     # norm eps, dropout p); the scale stays a SymFloat in both (no guard on it).
     report = reports[-1]
     assert report.counts()["attention"] == 2 and "matmul" not in report.counts(), report.table()
-    assert all(site.format == FP8_ATTENTION and site.sqnr_db > 25 for site in attention_rows(report))
+    assert all(site.format == RECIPE_ATTENTION and site.sqnr_db > 25 for site in attention_rows(report))
 
 
 # -- hand-written variants -------------------------------------------------------------------------
@@ -294,7 +295,7 @@ def test_hand_written_attention_variants_are_one_site(name, dtype) -> None:
     out, reference, report = compile_with_reference(model, *args, policy="fp8-attention")
     assert report.counts() == {"attention": 1}, report.table()
     (site,) = report.sites
-    assert (site.source_op, site.format, site.skip_reason) == ("matmul-softmax-matmul", FP8_ATTENTION, None)
+    assert (site.source_op, site.format, site.skip_reason) == ("matmul-softmax-matmul", RECIPE_ATTENTION, None)
     assert site.shapes["k"] == f"({BATCH},{kv_heads},{SEQ},{HEAD_DIM})"
     assert_matches_reference(out, reference, dtype)
     with torch.no_grad():

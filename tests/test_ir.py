@@ -92,8 +92,8 @@ def test_counters_of_sites_per_kind() -> None:
         model, torch.randint(0, 128, (1, 9)), policy="fp8-attention", options={"inductor": False}
     )
     assert counters["lowbit"]["fused_scaled_mm"] == 15
-    assert counters["lowbit"]["fused_attention"] == 2
-    FileCheck().check_count("torch.ops.lowbit.attention.default(", 2, exactly=True).run(graphs["fused"])
+    assert counters["lowbit"]["fused_block_attention"] == 2  # fp8-attention: q, k, v quantized inside the op
+    FileCheck().check_count("torch.ops.lowbit.block_attention.default(", 2, exactly=True).run(graphs["fused"])
     assert "sites by op {'linear': 15, 'attention': 2}" in graphs["report"]
 
 

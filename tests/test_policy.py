@@ -8,9 +8,12 @@ import json
 import pytest
 
 from lowbit_compile import FORMATS, RECIPES, Format, OpKind, Policy, QuantSpec, Rule, default_policy, recipe
+from lowbit_compile.formats import ATTENTION_FORMATS, AttentionFormat
 from lowbit_compile.policy import AUTO_SWITCH_M, Kernel, as_policy
 
-REQUIRED_RECIPES = ["w8a16", "w4a16", "w8a8", "fp8", "fp8-block", "mxfp8", "mxfp4", "nvfp4", "fp8-attention", "auto"]
+REQUIRED_RECIPES = [
+    "w8a16", "w4a16", "w8a8", "fp8", "fp8-block", "mxfp8", "mxfp4", "nvfp4", "fp8-attention", "int8-attention", "auto",
+]  # fmt: skip
 
 INT8 = QuantSpec("int8_row", "int8_row")
 W4 = QuantSpec(weight="int4_g128_asym")
@@ -364,7 +367,7 @@ def test_required_recipe_exists_and_builds(name):
     policy = recipe(name)
     assert isinstance(policy, Policy) and policy.name == name
     assert policy.default is not None
-    assert formats_of(policy) <= set(FORMATS)
+    assert formats_of(policy) <= set(FORMATS) | set(ATTENTION_FORMATS)
     assert recipe(name) == policy and as_policy(name) == policy
 
 
@@ -385,8 +388,21 @@ def test_linear_recipes_leave_matmul_and_attention_unquantized():
         policy = recipe(name)
         assert policy.decide("bmm", OpKind.MATMUL, n=None, k=64)[0] is None, name
         spec, _ = policy.decide("attn", OpKind.ATTENTION, n=None, k=64)
-        assert (spec is not None) is (name == "fp8-attention"), name
-    assert recipe("fp8-attention").decide("attn", OpKind.ATTENTION, None, 64)[0] == QuantSpec(activation="fp8_e4m3_row")
+        assert (spec is not None) is name.endswith("-attention"), name
+    for name, attention in (("fp8-attention", "attn_fp8_t128"), ("int8-attention", "attn_int8_t128")):
+        spec = recipe(name).decide("attn", OpKind.ATTENTION, None, 64)[0]
+        assert spec == QuantSpec(activation=attention) and spec.kernel(OpKind.ATTENTION) is Kernel.BLOCK_ATTENTION
+
+
+def test_attention_formats_in_policies_round_trip_through_json():
+    custom = AttentionFormat("attn_test_int8_q_fp8_kv", "int8_t64", "fp8_e4m3_t64", "fp8_e4m3_t64", smooth_k=True)
+    policy = Policy(rules=(Rule(spec=QuantSpec(activation=custom), op="attention"),), default=None, name="custom-attn")
+    data = json.loads(policy.to_json())
+    assert data["formats"]["attn_test_int8_q_fp8_kv"]["smooth_k"] is True
+    assert Policy.from_json(policy.to_json()) == policy
+    assert Policy.from_json(recipe("int8-attention").to_json()) == recipe("int8-attention")
+    assert policy.cache_key() != dataclasses.replace(policy, rules=(Rule(spec=QuantSpec(activation="attn_fp8_t64"), op="attention"),)).cache_key()
+    assert "attn_test_int8_q_fp8_kv" in policy.format_names() and "int8_t64" in policy.format_names()
 
 
 def test_unknown_recipe_lists_valid_recipes():

@@ -30,7 +30,7 @@ INT8_BAND = (30.0, 80.0)  # SQNR in dB of an int8 x int8 site on Gaussian data (
 FP8_ATTENTION_BAND = (20.0, 60.0)
 INT4_BAND = (15.0, 40.0)
 W8A8 = "A=int8_row W=int8_row"
-FP8_ATTENTION = "A=fp8_e4m3_row"
+FP8_ATTENTION = "A=attn_fp8_t128"  # the fp8-attention recipe's attention format
 
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
@@ -356,7 +356,7 @@ def test_sdpa(name):
     site = only_site(report)
     assert report.counts() == {"attention": 1}
     assert (site.fqn, site.op, site.source_op) == ("block.attn", "attention", "sdpa")
-    assert (site.format, site.kernel, site.skip_reason, site.decided_by) == (FP8_ATTENTION, "attention [reference]", None, "rule 1")
+    assert (site.format, site.kernel, site.skip_reason, site.decided_by) == (FP8_ATTENTION, "block_attention [reference]", None, "rule 1")
     kv_shape = f"({BATCH},{kv_heads},{SEQ},{HEAD_DIM})"
     assert site.shapes == {"q": f"({BATCH},{HEADS},{SEQ},{HEAD_DIM})", "k": kv_shape, "v": kv_shape,
                            "out": f"({BATCH},{HEADS},{SEQ},{HEAD_DIM})"}  # fmt: skip
@@ -413,7 +413,7 @@ def test_explicit_attention_is_one_site(name):
     site = only_site(report)  # not two matmuls
     assert report.counts() == {"attention": 1}
     assert (site.fqn, site.op, site.source_op) == ("block.attn", "attention", "matmul-softmax-matmul")
-    assert (site.format, site.kernel, site.skip_reason) == (FP8_ATTENTION, "attention [reference]", None)
+    assert (site.format, site.kernel, site.skip_reason) == (FP8_ATTENTION, "block_attention [reference]", None)
     assert_band(site.sqnr_db, FP8_ATTENTION_BAND)
     (annotated,) = find_sites(model, *args, policy="fp8-attention")
     assert annotated.attrs["scale"] == pytest.approx(scale)
@@ -591,7 +591,7 @@ def test_block_counts_fqns_and_rules():
             assert (site.format, site.decided_by, site.sqnr_db) == (None, "rule 0", None)
             assert site.skip_reason == "policy: rule 0 (fqn='layers.*.mlp.*') leaves it unquantized"
         elif fqn.endswith(".attn"):
-            assert (site.op, site.format, site.decided_by) == ("attention", FP8_ATTENTION, "rule 1")
+            assert (site.op, site.format, site.decided_by) == ("attention", "A=fp8_e4m3_row", "rule 1")
             assert_band(site.sqnr_db, FP8_ATTENTION_BAND)
         else:
             assert (site.op, site.format, site.kernel, site.decided_by) == ("linear", W8A8, "scaled_mm [reference]", "default")

@@ -146,8 +146,9 @@ if triton is not None:
             if MASK_KIND != 0:
                 m_ptrs = mask_base + q_head[:, None] * stride_mh + rows_l[:, None] * stride_ml + offs_n[None, :] * stride_ms
                 m_valid = row_valid[:, None] & kv_valid[None, :]
-                if MASK_KIND == 1:
-                    s += tl.load(m_ptrs, mask=m_valid, other=0.0).to(tl.float32) * 1.4426950408889634
+                if MASK_KIND == 1:  # a finite fill (finfo.min) stays finite: see reference._mask_in_base_2
+                    mv = tl.load(m_ptrs, mask=m_valid, other=0.0).to(tl.float32)
+                    s += tl.where(mv == float("-inf"), mv, tl.maximum(mv * 1.4426950408889634, -3.4028234663852886e38))
                 else:
                     s = tl.where(tl.load(m_ptrs, mask=m_valid, other=0) != 0, s, float("-inf"))
             if BOUNDARY:
