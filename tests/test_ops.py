@@ -173,6 +173,25 @@ def test_opcheck_attention_with_model_shaped_inputs(fmt, case) -> None:
     torch.library.opcheck(ops.attention, args, **({"test_utils": utils} if utils else {}))
 
 
+@pytest.mark.parametrize("fmt", ["attn_fp8_t64", "attn_int8_t128"])
+@pytest.mark.parametrize("case", ["transposed", "gqa", "float_mask", "bool_mask", "decode"])
+def test_opcheck_block_attention_with_model_shaped_inputs(fmt, case) -> None:
+    """The op that quantizes high-precision q, k, v itself (attention formats, issue 7)."""
+    torch.manual_seed(0)
+    batch, heads, kv_heads, length, dim = 2, 4, 2 if case == "gqa" else 4, 7, 32
+    q_len = 1 if case == "decode" else length
+    q, k, v = _heads(batch, q_len, heads, dim), _heads(batch, length, kv_heads, dim), _heads(batch, length, kv_heads, dim)
+    mask = None
+    if case == "float_mask":
+        mask = torch.randn(batch, 1, q_len, length)
+    elif case == "bool_mask":
+        mask = torch.rand(q_len, length) > 0.3
+    args = (q, k, v, mask, case in ("transposed", "gqa"), None, case == "gqa", fmt, torch.bfloat16)
+    out = ops.block_attention(*args)
+    assert out.is_contiguous() and out.dtype == torch.bfloat16 and out.shape == (batch, heads, q_len, dim)
+    torch.library.opcheck(ops.block_attention, args)
+
+
 @pytest.mark.parametrize("fmt", ["int4_g32_asym", "int8_row"])
 def test_opcheck_linear_ops_with_view_activations(fmt) -> None:
     torch.manual_seed(0)
