@@ -362,11 +362,13 @@ def run(
     out_dtype: torch.dtype,
     wrap=None,
     config: dict | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The op body: `reference.attention(q, k, v, ...)` by the kernel, out (..., Hq, L, Dv) contiguous.
 
     `config` ({"BLOCK_M", "num_warps", "num_stages"}) launches the undecorated kernel with it (the
-    interpreter, tests); otherwise the autotuned kernel runs (GPU)."""
+    interpreter, tests); otherwise the autotuned kernel runs (GPU). `out`: a contiguous (B, Hq, L, Dv)
+    tensor to write into (tests poison it), else a new one."""
     attention_format = get_attention_format(fmt)
     q_fmt, k_fmt, v_fmt = attention_format.formats
     lead = q.shape[:-3]
@@ -376,7 +378,8 @@ def run(
     batch, q_heads, query_len, head_dim = q4.shape
     kv_heads, kv_len, value_dim = k4.shape[1], k4.shape[2], v4.shape[3]
     group = q_heads // kv_heads
-    out = torch.empty((batch, q_heads, query_len, value_dim), dtype=out_dtype, device=q.device)
+    if out is None:
+        out = torch.empty((batch, q_heads, query_len, value_dim), dtype=out_dtype, device=q.device)
     if attn_mask is None:
         mask, mask_kind, mask_strides = q4, MASK_NONE, (0, 0, 0, 0)
     else:
