@@ -10,8 +10,9 @@ Layouts (x has shape (..., R, K); quantization is along the last dim K):
          the low nibble and 2i+1 in the high nibble. Signed int4 codes are stored as code + 8,
          fp4 e2m1 codes as sign << 3 | magnitude index (0..7 for 0, .5, 1, 1.5, 2, 3, 4, 6).
 - scale: same rank as x: TENSOR (1, ..., 1); ROW (..., 1); GROUP (..., K//g);
-         BLOCK (..., ceil(R/block_rows), K//g); TOKEN_BLOCK (..., ceil(R/block_rows), 1). Stored as `fmt.scale_dtype`: fp32, bf16,
-         e8m0 as a uint8 biased exponent (2**(e-127), 255 = NaN), e4m3 as float8_e4m3fn.
+         BLOCK (..., ceil(R/block_rows), K//g); TOKEN_BLOCK (..., ceil(R/block_rows), 1).
+         Stored as `fmt.scale_dtype`: fp32, bf16, e8m0 as a uint8 biased exponent (2**(e-127),
+         255 = NaN), e4m3 as float8_e4m3fn.
 - zero_point: asymmetric int only: float32 of the scale's shape. `quantize` gives integer values in
          [0, 15]; weights quantized at compile time with the scale search
          (`lowbit_compile.weight_search`, QuantSpec.weight_search) may have any finite float value.

@@ -129,7 +129,8 @@ def test_decode_causal_query_sees_the_first_keys_only():
 
 
 def test_int8_smoothing_handles_keys_with_offset_outlier_channels():
-    q, k, v = heads_last(1, 2, 33, 64, torch.float32), heads_last(1, 2, 40, 64, torch.float32), heads_last(1, 2, 40, 64, torch.float32)
+    q = heads_last(1, 2, 33, 64, torch.float32)
+    k, v = heads_last(1, 2, 40, 64, torch.float32), heads_last(1, 2, 40, 64, torch.float32)
     k[..., [3, 17, 40]] += 20.0  # channels offset in every token, as in LLM keys
     out = check(q, k, v, fmt=INT8)
     exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double()).float()
@@ -141,7 +142,8 @@ def test_int8_smoothing_handles_keys_with_offset_outlier_channels():
 
 
 def test_nan_in_a_key_block_and_zero_query_rows():
-    q, k, v = heads_last(1, 1, 20, 32, torch.float32), heads_last(1, 1, 40, 32, torch.float32), heads_last(1, 1, 40, 32, torch.float32)
+    q = heads_last(1, 1, 20, 32, torch.float32)
+    k, v = heads_last(1, 1, 40, 32, torch.float32), heads_last(1, 1, 40, 32, torch.float32)
     q[:, :, 16:] = 0  # zero (padding) query rows: uniform attention, no NaN
     out = launch(q, k, v, fmt=FP8)
     assert torch.isfinite(out).all()
@@ -168,8 +170,10 @@ def test_supported_formats():
 def test_report_names_what_runs():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     name = ops.kernel_name
-    assert name("block_attention", torch.bfloat16, cuda, None, x_fmt="attn_fp8_t128") == "block_attention [triton:attn_fp8]"
-    assert name("block_attention", torch.float16, cuda, None, x_fmt="attn_int8_t64") == "block_attention [triton:attn_int8]"
+    fp8 = name("block_attention", torch.bfloat16, cuda, None, x_fmt="attn_fp8_t128")
+    assert fp8 == "block_attention [triton:attn_fp8]"
+    int8 = name("block_attention", torch.float16, cuda, None, x_fmt="attn_int8_t64")
+    assert int8 == "block_attention [triton:attn_int8]"
     assert name("block_attention", torch.bfloat16, cpu, None, x_fmt="attn_int8_t64") == "block_attention [reference]"
     assert name("attention", torch.bfloat16, cuda, None, x_fmt="fp8_e4m3_row") == "attention [reference]"
 

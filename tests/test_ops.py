@@ -180,7 +180,8 @@ def test_opcheck_block_attention_with_model_shaped_inputs(fmt, case) -> None:
     torch.manual_seed(0)
     batch, heads, kv_heads, length, dim = 2, 4, 2 if case == "gqa" else 4, 7, 32
     q_len = 1 if case == "decode" else length
-    q, k, v = _heads(batch, q_len, heads, dim), _heads(batch, length, kv_heads, dim), _heads(batch, length, kv_heads, dim)
+    q = _heads(batch, q_len, heads, dim)
+    k, v = _heads(batch, length, kv_heads, dim), _heads(batch, length, kv_heads, dim)
     mask = None
     if case == "float_mask":
         mask = torch.randn(batch, 1, q_len, length)

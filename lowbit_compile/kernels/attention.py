@@ -107,7 +107,7 @@ if triton is not None:
     @triton.jit
     def _inverse(scale):
         """1 / scale (IEEE), 0 for an all-zero block (its codes are then 0, as the reference's)."""
-        return tl.where(scale == 0, 0.0, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale))
+        return tl.where(scale == 0, 0.0, tl.math.div_rn(scale * 0.0 + 1.0, scale))  # scale may be a scalar
 
     @triton.jit
     def _attend_tiles(
@@ -144,7 +144,8 @@ if triton is not None:
                 qk = tl.dot(q8, tl.trans(k8))
             s = qk * (q_scale[:, None] * (k_scale * qk_scale))  # scores in base 2
             if MASK_KIND != 0:
-                m_ptrs = mask_base + q_head[:, None] * stride_mh + rows_l[:, None] * stride_ml + offs_n[None, :] * stride_ms
+                m_ptrs = mask_base + q_head[:, None] * stride_mh + rows_l[:, None] * stride_ml
+                m_ptrs += offs_n[None, :] * stride_ms
                 m_valid = row_valid[:, None] & kv_valid[None, :]
                 if MASK_KIND == 1:  # a finite fill (finfo.min) stays finite: see reference._mask_in_base_2
                     mv = tl.load(m_ptrs, mask=m_valid, other=0.0).to(tl.float32)
@@ -162,8 +163,8 @@ if triton is not None:
             p = tl.math.exp2(s - safe_max[:, None])
             row_sum = row_sum * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
-            v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_dv[None, :] * stride_vd, mask=v_load_mask, other=0.0)
-            v = v.to(tl.float32)
+            v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_dv[None, :] * stride_vd
+            v = tl.load(v_ptrs, mask=v_load_mask, other=0.0).to(tl.float32)
             v_scale = tl.reduce(tl.reduce(tl.abs(v), 1, _max_nan), 0, _max_nan) * (1.0 / V_QMAX)
             v8 = _quantize(v, _inverse(v_scale), False, V_QMAX, SOFT_FP8)
             p8 = _quantize(p, V_QMAX, False, V_QMAX, SOFT_FP8)  # P * 448: codes with scale 1/448
@@ -216,7 +217,8 @@ if triton is not None:
         dv_valid = offs_dv < DV
 
         # Q: load, one scale per aligned group of Q_SCALE_ROWS rows (a Q block), cast in registers.
-        q_ptrs = q_ptr + b * stride_qb + q_head[:, None] * stride_qh + rows_l[:, None] * stride_ql + offs_d[None, :] * stride_qd
+        q_ptrs = q_ptr + b * stride_qb + q_head[:, None] * stride_qh + rows_l[:, None] * stride_ql
+        q_ptrs += offs_d[None, :] * stride_qd
         q = tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0).to(tl.float32)
         row_amax = tl.reduce(tl.abs(q), 1, _max_nan)
         groups = tl.reduce(tl.reshape(row_amax, (BLOCK_M // Q_SCALE_ROWS, Q_SCALE_ROWS)), 1, _max_nan)
@@ -268,7 +270,8 @@ if triton is not None:
         if SPLITS == 1:
             out = tl.math.div_rn(acc, tl.broadcast_to(row_sum[:, None], (BLOCK_M, HEAD_DIM_V)))
             out = tl.where(row_sum[:, None] == 0, 0.0, out)  # fully masked row: 0, as SDPA
-            tl.store(out_ptr + out_rows[:, None] * DV + offs_dv[None, :], out.to(out_ptr.dtype.element_ty), mask=store_mask)
+            out_ptrs = out_ptr + out_rows[:, None] * DV + offs_dv[None, :]
+            tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=store_mask)
         else:
             part_rows = split * rows_total + out_rows
             tl.store(partial_ptr + part_rows[:, None] * DV + offs_dv[None, :], acc, mask=store_mask)
@@ -309,7 +312,9 @@ if triton is not None:
         triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s) for m in (128, 64) for w in (8, 4) for s in (3, 2)
     ]
     DECODE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (3, 2)]
-    _TUNING_KEY = ["HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "MASK_KIND", "QK_INT8", "SMOOTH_K", "BLOCK_N", "Q_BUCKET", "KV_BUCKET"]
+    _TUNING_KEY = [
+        "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "MASK_KIND", "QK_INT8", "SMOOTH_K", "BLOCK_N", "Q_BUCKET", "KV_BUCKET",
+    ]  # fmt: skip
     attention_kernel_prefill = triton.autotune(
         configs=PREFILL_CONFIGS, key=_TUNING_KEY, prune_configs_by={"early_config_prune": _prune}
     )(attention_kernel)
