@@ -37,6 +37,7 @@ def exploratory(m: int, meta: weight_only.WeightMeta) -> list[weight_only.Weight
         if meta.bits == 4:
             configs += [C(1, bn, meta.group, 4, 3, s) for bn, s in itertools.product((8, 16, 32, 64), (4, 8, 16))]
         configs += [C(1, 4, 2048, 4, st) for st in (1, 3)]
+        configs += [C(1, bn, bk, w, 2) for bn, bk, w in itertools.product((16, 32), (256, 512, 1024), (4, 8))]
         return configs
     if m <= 16:
         configs = [C(16, bn, 128, 4, 3, s) for bn, s in itertools.product((64, 128), (1, 2, 4, 8))]

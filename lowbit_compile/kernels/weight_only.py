@@ -115,7 +115,7 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
     ):  # fmt: skip
         """Every load of the K step at k0: weight codes [BLOCK_N, BLOCK_K (/2 for int4)], activations
-        ([BLOCK_K] for the GEMV, [BLOCK_K, BLOCK_M] when SWAP_AB, else [BLOCK_M, BLOCK_K]), and for
+        ([BLOCK_K] for the int4 GEMV, [BLOCK_N, BLOCK_K] broadcast for the 8-bit one, [BLOCK_K, BLOCK_M] when SWAP_AB, else [BLOCK_M, BLOCK_K]), and for
         int4 the group scales and zero points ([BLOCK_N] inside one group; [BLOCK_N, groups] for a
         GEMV tile spanning groups; one per element for a larger tile spanning groups). Without zero
         points `z` repeats `s` (unused); 8-bit formats return dummies for both (their scale is per
@@ -135,7 +135,15 @@ if triton is not None:
                 w = tl.load(w_ptrs)
             else:
                 w = tl.load(w_ptrs, mask=(offs_k < K)[None, :], other=0)
-        if BLOCK_M == 1:
+        if BLOCK_M == 1 and BITS == 8:
+            # x loaded straight into the weight tile's shape: a [BLOCK_K] x broadcast into the tile
+            # is a layout conversion through shared memory with barriers (NOTES-weight-only.md v10)
+            x_ptrs = x_ptr + pid_m * stride_xm + offs_k[None, :] + 0 * offs_n_safe[:, None]
+            if EVEN_K:
+                x = tl.load(x_ptrs)
+            else:
+                x = tl.load(x_ptrs, mask=(offs_k < K)[None, :], other=0.0)
+        elif BLOCK_M == 1:
             x_ptrs = x_ptr + pid_m * stride_xm + offs_k
             if EVEN_K:
                 x = tl.load(x_ptrs)
@@ -316,8 +324,8 @@ if triton is not None:
                     w = w_tile.to(tl.float8e4nv, bitcast=True).to(tl.float32)
                 else:
                     w = _int8_f32(w_tile)
-                if BLOCK_M == 1:
-                    acc_tile += w * x.to(tl.float32)[None, :]
+                if BLOCK_M == 1:  # x: [BLOCK_N, BLOCK_K], loaded broadcast
+                    acc_tile += w * x.to(tl.float32)
                 elif SWAP_AB:
                     acc = tl.dot(w.to(DTYPE), x, acc)
                 else:
@@ -441,7 +449,7 @@ def _candidates(bucket_m: int, meta: WeightMeta) -> list[WeightOnlyConfig]:
     # tensor-core tiles win with the weight as the MMA's A operand (SWAP_AB) and split K.
     if bucket_m == 1:
         configs = [C(1, 8, wide_k[1], 4, 3)]
-        configs += [C(1, bn, bk, 4, 2) for bn, bk in ((8, 2048), (8, 4096), (4, 4096), (8, 1024), (4, 1024), (8, 512))]
+        configs += [C(1, bn, bk, 4, 2) for bn, bk in ((8, 2048), (8, 4096), (4, 4096), (8, 1024), (4, 1024), (8, 512), (16, 256))]
         configs += [C(1, 8, wide_k[0], 4, 3, s) for s in (2, 4)]
     elif bucket_m <= 16:
         configs = [C(16, 32, 128, 4, 3)]
