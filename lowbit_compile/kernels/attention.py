@@ -95,14 +95,17 @@ if triton is not None:
     def _quantize(x, inverse_scale, INT8: tl.constexpr, QMAX: tl.constexpr, SOFT_FP8: tl.constexpr):
         """fp32 values times 1/scale -> int8 codes (half to even) or fp8 e4m3, clamped to the range."""
         v = x * inverse_scale
+        # one return: Triton 3.6 rejects returns of different types even in pruned constexpr branches
         if INT8:
             v = (v + 12582912.0) - 12582912.0  # round half to even (1.5 * 2**23), exact for |v| < 2**22
             v = tl.minimum(tl.maximum(v, -QMAX - 1.0), QMAX)
-            return tl.where(v != v, 0.0, v).to(tl.int8)  # NaN only where the scale is NaN, which carries it
-        v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
-        if SOFT_FP8:
-            v = _round_to_e4m3(v)
-        return v.to(tl.float8e4nv)
+            codes = tl.where(v != v, 0.0, v).to(tl.int8)  # NaN only where the scale is NaN, which carries it
+        else:
+            v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+            if SOFT_FP8:
+                v = _round_to_e4m3(v)
+            codes = v.to(tl.float8e4nv)
+        return codes
 
     @triton.jit
     def _inverse(scale):
