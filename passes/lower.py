@@ -22,7 +22,7 @@ from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from lowbit_compile.ops import use_device_kernels
-from lowbit_compile.passes.state import PipelineState
+from lowbit_compile.passes.state import PipelineState, remove_dead_code
 
 log = logging.getLogger(__name__)  # lowbit_compile.passes.*: under TORCH_LOGS="+lowbit_compile"
 
@@ -54,6 +54,49 @@ class LoweringPass(CustomGraphPass):
         return hashlib.sha256(text.encode()).hexdigest()
 
 
+_CATS = (torch.cat, torch.concat, torch.ops.aten.cat.default)
+
+
+def _is_skipped_by_cat(value: Any) -> bool:
+    """ATen's cat skips 1-D empty tensors (a `torch.tensor([])` a cache starts from)."""
+    # A symbolic length is not compared with 0: that would put a guard on it.
+    return isinstance(value, torch.Tensor) and value.dim() == 1 and type(value.shape[0]) is int and value.shape[0] == 0
+
+
+def keep_eager_cat_layout(graph: torch.fx.Graph) -> int:
+    """Write `cat` of one tensor and skipped 1-D empty ones as `clone(x, contiguous_format)`.
+
+    Eager's result is a contiguous copy. Inductor's cat lowering drops the empty inputs and clones
+    the one left in its own layout, so a graph output keeps a transposed input's strides (torch
+    2.13). Hugging Face's DynamicCache starts each layer as `cat([tensor([]), key_states])`: the
+    prefill graph then returned KV caches with other strides than eager's, and Dynamo compiled the
+    first decode step (strides from prefill) and the later ones (contiguous, from decode's own cat)
+    as two graphs. Returns how many cats were rewritten.
+    """
+    rewritten = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _CATS:
+            continue
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, torch.fx.Node) for t in tensors):
+            continue
+        kept = [t for t in tensors if not _is_skipped_by_cat(t.meta.get("val"))]
+        out, value = node.meta.get("val"), kept[0].meta.get("val") if len(kept) == 1 else None
+        # Only where the result is that tensor copied (cat also promotes dtypes over skipped inputs).
+        # Sizes are not compared: that could put a guard on a symbolic size.
+        if not (isinstance(out, torch.Tensor) and isinstance(value, torch.Tensor)):
+            continue
+        if out.dtype != value.dtype or out.device != value.device or out.dim() != value.dim():
+            continue
+        with graph.inserting_before(node):
+            clone = graph.call_function(torch.clone, (kept[0],), {"memory_format": torch.contiguous_format})
+        clone.meta.update(node.meta)
+        node.replace_all_uses_with(clone)
+        graph.erase_node(node)
+        rewritten += 1
+    return rewritten
+
+
 def lower_with_inductor(
     state: PipelineState,
     on_lowered_graph: Callable[[torch.fx.Graph], None],
@@ -73,6 +116,9 @@ def lower_with_inductor(
         return compiled
 
     folded = state.folded
+    if keep_eager_cat_layout(state.gm.graph):
+        remove_dead_code(state.gm.graph)
+        state.gm.recompile()
     # Fused ops that a device kernel runs become that kernel's triton_op, so Inductor compiles the
     # kernel's Triton source into the output code (the op layer decides which; see ops.py).
     kernel_counts = use_device_kernels(state.gm.graph)
