@@ -58,6 +58,10 @@ def _launch_poisoned(q, k, v, mask, causal, gqa, fmt, config="default", out_dtyp
 def _check(out, q, k, v, mask, causal, gqa, fmt, scale=None, exact_floor=VS_EXACT_DB):
     expected = reference.attention(q, k, v, mask, causal, scale, gqa, fmt)
     exact_mask = mask if mask is None or mask.dtype == torch.bool else mask.double()
+    if causal and mask is not None:  # CUDA SDPA refuses attn_mask with is_causal=True: fold it in
+        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        exact_mask = exact_mask & keep if exact_mask.dtype == torch.bool else exact_mask.masked_fill(~keep, float("-inf"))
+        causal = False
     exact = F.scaled_dot_product_attention(
         q.double(), k.double(), v.double(), attn_mask=exact_mask, is_causal=causal, scale=scale, enable_gqa=gqa
     ).float()

@@ -108,6 +108,14 @@ if triton is not None:
         return codes
 
     @triton.jit
+    def _tile_amax(x):
+        """max |x| over a whole tile, NaN-propagating. One flat reduction (the order of a max does not
+        change it): each thread folds its own elements first and the tile then costs one cross-lane
+        and one cross-warp step, where row-then-column reductions paid a shuffle tree per row."""
+        flat = tl.reshape(tl.abs(x), (x.shape[0] * x.shape[1],), can_reorder=True)
+        return tl.reduce(flat, 0, _max_nan)
+
+    @triton.jit
     def _inverse(scale):
         """1 / scale (IEEE), 0 for an all-zero block (its codes are then 0, as the reference's)."""
         return tl.where(scale == 0, 0.0, tl.math.div_rn(scale * 0.0 + 1.0, scale))  # scale may be a scalar
@@ -139,7 +147,7 @@ if triton is not None:
             k = k.to(tl.float32)
             if SMOOTH_K:
                 k = tl.where(k_load_mask, k - k_mean[None, :], 0.0)
-            k_scale = tl.reduce(tl.reduce(tl.abs(k), 1, _max_nan), 0, _max_nan) * (1.0 / QK_QMAX)
+            k_scale = _tile_amax(k) * (1.0 / QK_QMAX)
             k8 = _quantize(k, _inverse(k_scale), QK_INT8, QK_QMAX, SOFT_FP8)
             if QK_INT8:
                 qk = tl.dot(q8, tl.trans(k8), out_dtype=tl.int32).to(tl.float32)
@@ -168,7 +176,7 @@ if triton is not None:
             acc = acc * alpha[:, None]
             v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_dv[None, :] * stride_vd
             v = tl.load(v_ptrs, mask=v_load_mask, other=0.0).to(tl.float32)
-            v_scale = tl.reduce(tl.reduce(tl.abs(v), 1, _max_nan), 0, _max_nan) * (1.0 / V_QMAX)
+            v_scale = _tile_amax(v) * (1.0 / V_QMAX)
             v8 = _quantize(v, _inverse(v_scale), False, V_QMAX, SOFT_FP8)
             p8 = _quantize(p, V_QMAX, False, V_QMAX, SOFT_FP8)  # P * 448: codes with scale 1/448
             acc += tl.dot(p8, v8) * (v_scale * (1.0 / V_QMAX))
@@ -188,8 +196,19 @@ if triton is not None:
         IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
         QK_INT8: tl.constexpr, QK_QMAX: tl.constexpr, V_QMAX: tl.constexpr, SMOOTH_K: tl.constexpr,
         Q_SCALE_ROWS: tl.constexpr, PACK_ROWS: tl.constexpr, SPLITS: tl.constexpr, SOFT_FP8: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        SCALE_FROM_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
+        tl.static_assert(BLOCK_M % Q_SCALE_ROWS == 0, "a tile holds whole Q blocks: BLOCK_M % Q_SCALE_ROWS == 0")
+        # The scale in base 2, as fp32 whatever the launcher passed: Inductor's wrapper passes a
+        # Python float as fp64 (an fp64 scale would promote the scores and acc to fp64), and a
+        # default scale from a symbolic head dim cannot be a host float at all (SCALE_FROM_D:
+        # log2(e) / sqrt(D) here, in fp64 with IEEE sqrt and division, which rounds to the same fp32
+        # as the host's D ** -0.5 * log2(e) for every D <= 4096; checked on the host).
+        if SCALE_FROM_D:
+            d64 = (tl.program_id(0) * 0 + D).to(tl.float64)
+            qk_scale = ((1.0 / tl.sqrt(d64)) * 1.4426950408889634).to(tl.float32)  # fp64: IEEE / and sqrt
+        else:
+            qk_scale = (tl.program_id(0) * 0.0 + qk_scale).to(tl.float32)  # also a constexpr 1 (Inductor)
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         split = tl.program_id(2)
@@ -303,12 +322,6 @@ if triton is not None:
         out = tl.where(total == 0, 0.0, out)
         tl.store(out_ptr + row * DV + offs, out.to(out_ptr.dtype.element_ty), mask=valid)
 
-    def _prune(configs, named_args, **kwargs):
-        """Tiles hold whole Q blocks: BLOCK_M a multiple of the Q block."""
-        q_rows = kwargs.get("Q_SCALE_ROWS", named_args.get("Q_SCALE_ROWS", 16))
-        kept = [c for c in configs if c.kwargs["BLOCK_M"] % q_rows == 0]
-        return kept or configs[:1]
-
     # Measured candidates for H100 (benchmarks/bench_attention.py); autotuned per head dim, causal,
     # mask kind, formats and length buckets (eager calls; Inductor tunes once per compiled graph).
     PREFILL_CONFIGS = [
@@ -318,9 +331,22 @@ if triton is not None:
     _TUNING_KEY = [
         "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "MASK_KIND", "QK_INT8", "SMOOTH_K", "BLOCK_N", "Q_BUCKET", "KV_BUCKET",
     ]  # fmt: skip
-    attention_kernel_prefill = triton.autotune(
-        configs=PREFILL_CONFIGS, key=_TUNING_KEY, prune_configs_by={"early_config_prune": _prune}
-    )(attention_kernel)
+    _PREFILL_KERNELS: dict = {}
+
+    def prefill_configs(q_rows: int) -> list:
+        """The prefill candidates whose tiles hold whole Q blocks (BLOCK_M a multiple of q_rows). Each
+        Q block size gets its own autotuner over only these, so no launch path (eager autotuning,
+        Inductor's user-kernel autotuning, pruning or not) can pair a tile with a larger Q block."""
+        kept = [c for c in PREFILL_CONFIGS if c.kwargs["BLOCK_M"] % q_rows == 0]
+        return kept or [triton.Config({"BLOCK_M": max(16, q_rows)}, num_warps=4, num_stages=2)]
+
+    def attention_kernel_prefill(q_rows: int):
+        if q_rows not in _PREFILL_KERNELS:
+            _PREFILL_KERNELS[q_rows] = triton.autotune(configs=prefill_configs(q_rows), key=_TUNING_KEY)(
+                attention_kernel
+            )
+        return _PREFILL_KERNELS[q_rows]
+
     attention_kernel_decode = triton.autotune(configs=DECODE_CONFIGS, key=[*_TUNING_KEY, "PACK_ROWS", "SPLITS"])(
         attention_kernel
     )
@@ -397,7 +423,8 @@ def run(
         mask_kind = MASK_BOOL if mask.dtype == torch.bool else MASK_FLOAT
         mask_strides = tuple(mask.stride())
     block_n = k_fmt.block_rows
-    softmax_scale = head_dim**-0.5 if scale is None else scale
+    scale_from_d = scale is None  # the kernel computes log2(e) / sqrt(D): D may be symbolic here
+    softmax_scale = 1.0 if scale is None else scale
     packed = decode_rows(query_len, group, q_fmt.block_rows)
     rows_total = batch * q_heads * query_len
     constants = dict(
@@ -410,6 +437,7 @@ def run(
         V_QMAX=float(v_fmt.qmax),
         SMOOTH_K=attention_format.smooth_k,
         SOFT_FP8=interpreting(),
+        SCALE_FROM_D=scale_from_d,
         BLOCK_N=block_n,
     )
     if packed is None:
@@ -429,7 +457,7 @@ def run(
     args = (
         q4, k4, v4, mask, out, partial, stats,
         query_len, kv_len, head_dim, value_dim, q_heads, kv_heads, group, rows_total, split_len,
-        softmax_scale * LOG2E,
+        0.0 if scale_from_d else softmax_scale * LOG2E,
         *q4.stride(), *k4.stride(), *v4.stride(), *mask_strides,
         _bucket(query_len), _bucket(kv_len),
     )  # fmt: skip
@@ -447,7 +475,7 @@ def run(
         launch = {**constants, **({} if packed is not None else {"BLOCK_M": config["BLOCK_M"]})}
         launch.update(num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
     else:
-        kernel = attention_kernel_decode if packed is not None else attention_kernel_prefill
+        kernel = attention_kernel_decode if packed is not None else attention_kernel_prefill(q_fmt.block_rows)
         launch = constants
     if wrap is not None:
         kernel = wrap(kernel)

@@ -1,0 +1,141 @@
+"""Compile the attention kernel for sm_90 (Hopper) on the CPU, with whatever Triton is installed:
+front-end and compiler errors that only a GPU launch showed before are caught in CI.
+
+Triton's compiler needs no GPU (`triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`
+runs every stage to the cubin with the wheel's ptxas). The kernel must be a JITFunction, which it
+is not under TRITON_INTERPRET=1 (CI's setting), so the compiles run in a subprocess without it.
+Cases are the ones that failed on the H100 (issue 7, Triton 3.6 image) plus their neighbours:
+- the signature Inductor's wrapper gives a `triton_op` kernel: the float scale as fp64, ints equal
+  to 1 (GROUP, unit strides) as constexprs, 16-divisible ints marked so;
+- the default scale computed from a symbolic head dim (SCALE_FROM_D), with L = S = 1 constexprs;
+- a direct launch at every prefill tile of the 128- and 64-token formats that the launcher can pick;
+- a packed decode tile with split KV;
+- and a tile smaller than its Q block fails with the kernel's own message."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = r'''
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lowbit_compile.kernels import attention as A
+
+fn = A.attention_kernel
+assert isinstance(fn, triton.runtime.jit.JITFunction), type(fn)
+constexprs = {p.name for p in fn.params if p.is_constexpr}
+INT_ARGS = [n for n in fn.arg_names if not n.endswith("_ptr") and n != "qk_scale" and n not in constexprs]
+
+def compile_case(case):
+    ones, inductor = set(case.get("ones", ())), case.get("inductor", False)
+    sig, cons, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in ones:
+            sig[name] = "constexpr"; cons[name] = 1
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32" if name in ("partial_ptr", "stats_ptr") and case["SPLITS"] > 1 else "*bf16"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "qk_scale":
+            sig[name] = "fp64" if inductor else "fp32"
+        else:
+            sig[name] = "i32"
+            if name not in ("GROUP", "H_Q", "H_KV", "Q_BUCKET", "KV_BUCKET"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    q_int8 = case["fmt"].startswith("int8")
+    cons.update(HEAD_DIM=case["D"], HEAD_DIM_V=case["D"], IS_CAUSAL=case["causal"], MASK_KIND=case["mask"],
+                QK_INT8=q_int8, QK_QMAX=127.0 if q_int8 else 448.0, V_QMAX=448.0, SMOOTH_K=True,
+                Q_SCALE_ROWS=case["q_rows"], PACK_ROWS=case["pack"], SPLITS=case["SPLITS"], SOFT_FP8=False,
+                SCALE_FROM_D=case["scale_from_d"], BLOCK_M=case["BLOCK_M"], BLOCK_N=case["BLOCK_N"])
+    src = ASTSource(fn=fn, signature=sig, constexprs=cons, attrs=attrs)
+    options = {"num_warps": case["num_warps"], "num_stages": case["num_stages"]}
+    try:
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {e}"[-600:]}
+    return {"ok": True, "wgmma": compiled.asm["ttgir"].count("warp_group_dot ")}
+
+cases = json.loads(sys.stdin.read())
+print(json.dumps([compile_case(c) for c in cases]))
+'''
+
+
+def _case(fmt="fp8", q_rows=128, block_m=128, warps=8, stages=2, **kw):
+    case = dict(fmt=fmt, q_rows=q_rows, BLOCK_M=block_m, BLOCK_N=kw.pop("block_n", q_rows), num_warps=warps,
+                num_stages=stages, D=128, causal=True, mask=0, pack=0, SPLITS=1, scale_from_d=False)
+    case.update(kw)
+    return case
+
+
+def _compile(cases):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as e:  # pragma: no cover
+        pytest.skip(f"this Triton has no compile-only API: {e}")
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT], input=json.dumps(cases), capture_output=True, text=True, env=env,
+        cwd=ROOT, timeout=600,
+    )
+    if proc.returncode != 0:
+        if "nvidia" in proc.stderr and ("No module" in proc.stderr or "backend" in proc.stderr.lower()):
+            pytest.skip("no NVIDIA backend in this Triton: " + proc.stderr[-300:])
+        raise AssertionError(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_failed_h100_configurations_compile_for_sm90():
+    from lowbit_compile.kernels import attention as kernel
+
+    inductor_ones = ("GROUP", "stride_qd", "stride_kd", "stride_vd")
+    cases = [
+        # test_sdpa_output_code_holds_the_kernel: Inductor's signature (fp64 scale), both formats
+        _case("fp8", warps=4, inductor=True, ones=inductor_ones, scale_from_d=True),
+        _case("int8", warps=4, inductor=True, ones=inductor_ones, scale_from_d=True),
+        # an explicit scale passed as fp64 (Inductor), not computed from D
+        _case("int8", warps=8, inductor=True, ones=inductor_ones),
+        # test_dynamic_sequence_lengths_one_graph, plus lengths of 1 specialised to constexprs
+        _case("int8", inductor=True, ones=(*inductor_ones, "L", "S", "split_len"), scale_from_d=True),
+        # test_masks_and_rows_masked_entirely: both mask kinds with the 64-token int8 format
+        _case("int8", q_rows=64, block_m=64, mask=1, causal=True),
+        _case("int8", q_rows=64, block_m=128, mask=2, causal=False, warps=4),
+        # packed decode (L = 1, GQA 4 -> 16 rows), split KV, float mask
+        _case("fp8", q_rows=1, block_m=16, block_n=128, pack=1, SPLITS=4, causal=False, mask=1, warps=4),
+    ]
+    # every prefill tile the launcher can pick for the 128-token formats (one format each: time)
+    for config in kernel.PREFILL_CONFIGS if hasattr(kernel, "PREFILL_CONFIGS") else []:
+        if config.kwargs["BLOCK_M"] % 128 == 0:
+            cases.append(_case("fp8", block_m=config.kwargs["BLOCK_M"], warps=config.num_warps,
+                               stages=config.num_stages, causal=False))  # fmt: skip
+    results = _compile(cases)
+    failures = [(c, r["error"]) for c, r in zip(cases, results) if "error" in r]
+    assert not failures, failures
+    # prefill tiles: QK^T and PV of both tile loops are Hopper wgmma (warp_group_dot), 8-bit operands
+    assert all(r["wgmma"] == 4 for c, r in zip(cases, results) if c["pack"] == 0), results
+
+
+def test_tile_smaller_than_q_block_is_refused_and_never_picked():
+    from lowbit_compile.kernels import attention as kernel
+
+    if not hasattr(kernel, "prefill_configs"):
+        pytest.skip("no Triton kernel")
+    for q_rows in (16, 32, 64, 128):
+        assert kernel.prefill_configs(q_rows), q_rows
+        assert all(c.kwargs["BLOCK_M"] % q_rows == 0 for c in kernel.prefill_configs(q_rows)), q_rows
+    (result,) = _compile([_case("fp8", q_rows=128, block_m=64)])
+    assert "BLOCK_M % Q_SCALE_ROWS == 0" in result.get("error", ""), result
