@@ -382,7 +382,10 @@ def smooth_keys(k: Tensor, block_rows: int) -> Tensor:
     shared by all tokens no longer takes K's quantization range. The first block, not the whole
     sequence: every kernel program (and every split of a long KV) reads it at no extra pass over K."""
     kf = k.float()
-    return kf - kf[..., :block_rows, :].mean(dim=-2, keepdim=True)
+    # narrow to min(S, block_rows) rows without asking which is smaller: slicing with `:block_rows`
+    # guards on S >= block_rows under dynamic shapes, a recompile for sequences shorter than a block
+    rows = torch.sym_min(kf.shape[-2], block_rows)
+    return kf - kf.narrow(-2, 0, rows).mean(dim=-2, keepdim=True)
 
 
 _FLOAT32_MAX = torch.finfo(torch.float32).max

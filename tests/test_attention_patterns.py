@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lowbit_compile import Policy, QuantSpec, Rule
+from lowbit_compile import Policy, QuantSpec, Rule, reference
 from lowbit_compile.backend import BackendOptions, compile_graph
 from lowbit_compile.passes.annotate import annotate_sites
 from lowbit_compile.passes.capture import capture_graph
@@ -448,3 +448,27 @@ def test_no_fallback_left_runs_unquantized_attention_and_says_why(function, dtyp
         eager = model(*args)
     assert out.dtype == dtype
     torch.testing.assert_close(out, eager, **({} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}))
+
+
+def test_block_attention_dynamic_lengths_compile_two_graphs() -> None:
+    """Sequence lengths through one `dynamic=True` compile of a token-block attention format: one
+    graph for every length above one 128-token block and one for lengths within a single block.
+    The second comes from Dynamo's fake tensors asking whether the number of blocks is 1 while the
+    qdq stage propagates shapes (`x / qmax` on the (B, H, blocks, 1) scales); measured on torch 2.13
+    (issue 7 asks for none: open). A third graph would be a regression."""
+    from torch._dynamo.utils import counters
+
+    class Attention(torch.nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(Attention(), backend="lowbit", dynamic=True, options={"policy": "int8-attention"})
+    with torch.no_grad():
+        for length in (200, 333, 1024, 77, 5):
+            q, k, v = (torch.randn(2, length, 4, 64).transpose(1, 2) for _ in range(3))
+            expected = reference.attention(q, k, v, None, True, None, False, "attn_int8_t128")
+            torch.testing.assert_close(compiled(q, k, v), expected.to(q.dtype), atol=1e-4, rtol=1e-4)
+    assert counters["stats"]["unique_graphs"] == 2
+    torch._dynamo.reset()
