@@ -458,13 +458,10 @@ def test_block_attention_dynamic_lengths_compile_two_graphs() -> None:
     (issue 7 asks for none: open). A third graph would be a regression."""
     from torch._dynamo.utils import counters
 
-    class Attention(torch.nn.Module):
-        def forward(self, q, k, v):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-
     torch._dynamo.reset()
     counters.clear()
-    compiled = torch.compile(Attention(), backend="lowbit", dynamic=True, options={"policy": "int8-attention"})
+    causal = Function(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    compiled = torch.compile(causal, backend="lowbit", dynamic=True, options={"policy": "int8-attention"})
     with torch.no_grad():
         for length in (200, 333, 1024, 77, 5):
             q, k, v = (torch.randn(2, length, 4, 64).transpose(1, 2) for _ in range(3))

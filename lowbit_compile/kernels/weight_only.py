@@ -115,9 +115,10 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
     ):  # fmt: skip
         """Every load of the K step at k0: weight codes [BLOCK_N, BLOCK_K (/2 for int4)], activations
-        ([BLOCK_K] for the int4 GEMV, [BLOCK_N, BLOCK_K] broadcast for the 8-bit one, [BLOCK_K, BLOCK_M] when SWAP_AB, else [BLOCK_M, BLOCK_K]), and for
-        int4 the group scales and zero points ([BLOCK_N] inside one group; [BLOCK_N, groups] for a
-        GEMV tile spanning groups; one per element for a larger tile spanning groups). Without zero
+        ([BLOCK_K] for the int4 GEMV, [BLOCK_N, BLOCK_K] broadcast for the 8-bit one, [BLOCK_K,
+        BLOCK_M] when SWAP_AB, else [BLOCK_M, BLOCK_K]), and for int4 the group scales and zero
+        points ([BLOCK_N] inside one group; [BLOCK_N, groups] for a GEMV tile spanning groups; one
+        per element for a larger tile spanning groups). Without zero
         points `z` repeats `s` (unused); 8-bit formats return dummies for both (their scale is per
         channel, applied in the epilogue)."""
         HALF_K: tl.constexpr = BLOCK_K // 2
@@ -449,7 +450,8 @@ def _candidates(bucket_m: int, meta: WeightMeta) -> list[WeightOnlyConfig]:
     # tensor-core tiles win with the weight as the MMA's A operand (SWAP_AB) and split K.
     if bucket_m == 1:
         configs = [C(1, 8, wide_k[1], 4, 3)]
-        configs += [C(1, bn, bk, 4, 2) for bn, bk in ((8, 2048), (8, 4096), (4, 4096), (8, 1024), (4, 1024), (8, 512), (16, 256))]
+        decode_tiles = ((8, 2048), (8, 4096), (4, 4096), (8, 1024), (4, 1024), (8, 512), (16, 256))
+        configs += [C(1, bn, bk, 4, 2) for bn, bk in decode_tiles]
         configs += [C(1, 8, wide_k[0], 4, 3, s) for s in (2, 4)]
     elif bucket_m <= 16:
         configs = [C(16, 32, 128, 4, 3)]
