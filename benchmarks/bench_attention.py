@@ -85,14 +85,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     parser.add_argument("--quick", action="store_true", help="the three target cases only")
+    parser.add_argument(
+        "--variants", action="store_true",
+        help="also time the kernel variants (K/V quantized in the loop; PV not accumulated in the MMA)",
+    )  # fmt: skip
     args = parser.parse_args()
 
     from lowbit_compile.kernels import attention as kernel
 
+    # name -> (PREQUANTIZE_PREFILL, FOLD_V_SCALE); the first is the default launch
+    variants = {"": (kernel.PREQUANTIZE_PREFILL, kernel.FOLD_V_SCALE)}
+    if args.variants:
+        variants.update({"/noFold": (True, False), "/inLoop": (False, True)})
+    columns = [(fmt, name) for fmt in FORMATS for name in variants]
+
     torch.manual_seed(0)
     start = time.time()
     rows = []
-    header = f"{'case':<44} {'bf16 ms':>8} " + " ".join(f"{f + ' ms':>16} {'x':>5}" for f in FORMATS)
+    header = f"{'case':<44} {'bf16 ms':>8} " + " ".join(f"{f + n + ' ms':>21} {'x':>5}" for f, n in columns)
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}")
     print(header)
     for case in QUICK if args.quick else PREFILL + DECODE:
@@ -110,19 +120,22 @@ def main() -> None:
             "formats": {},
         }  # fmt: skip
         cells = []
-        for fmt in FORMATS:
+        for fmt, variant in columns:
+            kernel.PREQUANTIZE_PREFILL, kernel.FOLD_V_SCALE = variants[variant]
+
             def ours(fmt=fmt):
                 return kernel.run(q, k, v, None, causal, None, gqa, fmt, torch.bfloat16)
 
             ms = _time_ms(ours)
-            row["formats"][fmt] = {
+            row["formats"][fmt + variant] = {
                 "ms": ms,
                 "speedup": bf16_ms / ms,
                 "tflops": flops / ms / 1e9,
                 "kv_gbps": kv_bytes / ms / 1e6,
                 "sqnr_db": _sqnr(q, k, v, causal, gqa, fmt, ours()),
             }
-            cells.append(f"{ms:>16.3f} {bf16_ms / ms:>5.2f}")
+            cells.append(f"{ms:>21.3f} {bf16_ms / ms:>5.2f}")
+        kernel.PREQUANTIZE_PREFILL, kernel.FOLD_V_SCALE = variants[""]
         rows.append(row)
         name = f"{kind} B{batch} H{q_heads}/{kv_heads} L{q_len} S{kv_len} D{dim}{' causal' if causal else ''}"
         print(f"{name:<44} {bf16_ms:>8.3f} " + " ".join(cells), flush=True)

@@ -48,6 +48,10 @@ def compile_case(case):
             sig[name] = "constexpr"; cons[name] = 1
         elif name.endswith("_ptr"):
             sig[name] = "*fp32" if name in ("partial_ptr", "stats_ptr") and case["SPLITS"] > 1 else "*bf16"
+            if case["prequant"] and name in ("ks_ptr", "vs_ptr"):
+                sig[name] = "*fp32"
+            elif case["prequant"] and name in ("kc_ptr", "vc_ptr"):
+                sig[name] = "*i8" if name == "kc_ptr" and case["fmt"].startswith("int8") else "*fp8e4nv"
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name == "qk_scale":
             sig[name] = "fp64" if inductor else "fp32"
@@ -59,7 +63,8 @@ def compile_case(case):
     cons.update(HEAD_DIM=case["D"], HEAD_DIM_V=case["D"], IS_CAUSAL=case["causal"], MASK_KIND=case["mask"],
                 QK_INT8=q_int8, QK_QMAX=127.0 if q_int8 else 448.0, V_QMAX=448.0, SMOOTH_K=True,
                 Q_SCALE_ROWS=case["q_rows"], PACK_ROWS=case["pack"], SPLITS=case["SPLITS"], SOFT_FP8=False,
-                SCALE_FROM_D=case["scale_from_d"], BLOCK_M=case["BLOCK_M"], BLOCK_N=case["BLOCK_N"])
+                SCALE_FROM_D=case["scale_from_d"], BLOCK_M=case["BLOCK_M"], BLOCK_N=case["BLOCK_N"],
+                PREQUANT=case["prequant"], FOLD_V=case["fold_v"])
     src = ASTSource(fn=fn, signature=sig, constexprs=cons, attrs=attrs)
     options = {"num_warps": case["num_warps"], "num_stages": case["num_stages"]}
     try:
@@ -75,8 +80,9 @@ print(json.dumps([compile_case(c) for c in cases]))
 
 def _case(fmt="fp8", q_rows=128, block_m=128, warps=8, stages=2, **kw):
     case = dict(fmt=fmt, q_rows=q_rows, BLOCK_M=block_m, BLOCK_N=kw.pop("block_n", q_rows), num_warps=warps,
-                num_stages=stages, D=128, causal=True, mask=0, pack=0, SPLITS=1, scale_from_d=False)
+                num_stages=stages, D=128, causal=True, mask=0, pack=0, SPLITS=1, scale_from_d=False, fold_v=True)
     case.update(kw)
+    case.setdefault("prequant", case["pack"] == 0)  # as the launcher: prefill reads pre-quantized K/V
     return case
 
 
@@ -118,6 +124,9 @@ def test_failed_h100_configurations_compile_for_sm90():
         _case("int8", q_rows=64, block_m=128, mask=2, causal=False, warps=4),
         # packed decode (L = 1, GQA 4 -> 16 rows), split KV, float mask
         _case("fp8", q_rows=1, block_m=16, block_n=128, pack=1, SPLITS=4, causal=False, mask=1, warps=4),
+        # prefill that quantizes K/V in the loop (PREQUANTIZE_PREFILL off), and PV not folded into acc
+        _case("int8", prequant=False),
+        _case("fp8", fold_v=False, mask=1),
     ]
     # every prefill tile the launcher can pick for the 128-token formats (one format each: time)
     for config in kernel.PREFILL_CONFIGS:

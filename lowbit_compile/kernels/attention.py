@@ -53,6 +53,11 @@ LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
 MIN_HEAD_DIM = 32  # 8-bit MMA reduces over at least 32 elements
 DECODE_MAX_ROWS = 64  # packed decode tiles: L * next_pow2(group) rows at most
+# Prefill: K/V quantized once by `quantize_kv_kernel` (every query block of a head reads each K/V
+# tile; quantizing it in each of them cost ~8x the MMA time, benchmarks/NOTES-attention.md v1).
+PREQUANTIZE_PREFILL = True
+FOLD_V_SCALE = True  # PV accumulates in the MMA, acc kept in units of the V tile's scale
+QUANTIZE_KV_BLOCKS_PER_PROGRAM = 4
 MAX_SPLITS = 16
 MASK_NONE, MASK_FLOAT, MASK_BOOL = 0, 1, 2
 
@@ -122,33 +127,44 @@ if triton is not None:
 
     @triton.jit
     def _attend_tiles(
-        acc, row_sum, row_max,
+        acc, row_sum, row_max, v_unit,
         q8, q_scale, k_mean, rows_l, q_head, row_valid,
-        k_base, v_base, mask_base,
-        n_begin, n_end, S,
+        k_base, v_base, mask_base, kc_base, ks_base, vc_base, vs_base,
+        n_begin, n_end, S, S_PAD,
         stride_ks, stride_kd, stride_vs, stride_vd, stride_mh, stride_ml, stride_ms,
         offs_d, offs_dv, d_valid, dv_valid, qk_scale,
         BOUNDARY: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
         QK_INT8: tl.constexpr, QK_QMAX: tl.constexpr, V_QMAX: tl.constexpr,
-        SMOOTH_K: tl.constexpr, SOFT_FP8: tl.constexpr, BLOCK_N: tl.constexpr,
+        SMOOTH_K: tl.constexpr, SOFT_FP8: tl.constexpr, PREQUANT: tl.constexpr, FOLD_V: tl.constexpr,
+        HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
         """Online softmax over the K/V tiles in [n_begin, n_end); BOUNDARY tiles may hold keys past
-        S or past the causal diagonal and are masked element by element."""
+        S or past the causal diagonal and are masked element by element.
+
+        PREQUANT: K and V come as codes written by `quantize_kv_kernel` (K (S_PAD, HEAD_DIM), V
+        transposed (HEAD_DIM_V, S_PAD), zero padded, one fp32 scale per tile), so a tile is two
+        plain loads that Triton pipelines into shared memory; otherwise each tile is loaded in high
+        precision and quantized here. FOLD_V: acc is kept in units of the current V tile's scale
+        (v_unit = v_scale / 448), so the PV product accumulates into acc inside the MMA."""
         for n0 in range(n_begin, n_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             kv_valid = offs_n < S
-            if BOUNDARY:
-                k_load_mask = kv_valid[:, None] & d_valid[None, :]
-                v_load_mask = kv_valid[:, None] & dv_valid[None, :]
+            if PREQUANT:
+                k8 = tl.load(kc_base + offs_n[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :])
+                k_scale = tl.load(ks_base + n0 // BLOCK_N)
             else:
-                k_load_mask = d_valid[None, :]
-                v_load_mask = dv_valid[None, :]
-            k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=k_load_mask, other=0.0)
-            k = k.to(tl.float32)
-            if SMOOTH_K:
-                k = tl.where(k_load_mask, k - k_mean[None, :], 0.0)
-            k_scale = _tile_amax(k) * (1.0 / QK_QMAX)
-            k8 = _quantize(k, _inverse(k_scale), QK_INT8, QK_QMAX, SOFT_FP8)
+                if BOUNDARY:
+                    k_load_mask = kv_valid[:, None] & d_valid[None, :]
+                else:
+                    k_load_mask = d_valid[None, :]
+                k = tl.load(
+                    k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=k_load_mask, other=0.0
+                )
+                k = k.to(tl.float32)
+                if SMOOTH_K:
+                    k = tl.where(k_load_mask, k - k_mean[None, :], 0.0)
+                k_scale = _tile_amax(k) * (1.0 / QK_QMAX)
+                k8 = _quantize(k, _inverse(k_scale), QK_INT8, QK_QMAX, SOFT_FP8)
             if QK_INT8:
                 qk = tl.dot(q8, tl.trans(k8), out_dtype=tl.int32).to(tl.float32)
             else:
@@ -173,20 +189,98 @@ if triton is not None:
             alpha = tl.math.exp2(row_max - safe_max)  # a power of two (or 0)
             p = tl.math.exp2(s - safe_max[:, None])
             row_sum = row_sum * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_dv[None, :] * stride_vd
-            v = tl.load(v_ptrs, mask=v_load_mask, other=0.0).to(tl.float32)
+            if PREQUANT:
+                vt8 = tl.load(vc_base + tl.arange(0, HEAD_DIM_V)[:, None] * S_PAD + offs_n[None, :])
+                v_scale = tl.load(vs_base + n0 // BLOCK_N)
+                v8 = tl.trans(vt8)
+            else:
+                if BOUNDARY:
+                    v_load_mask = kv_valid[:, None] & dv_valid[None, :]
+                else:
+                    v_load_mask = dv_valid[None, :]
+                v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_dv[None, :] * stride_vd
+                v = tl.load(v_ptrs, mask=v_load_mask, other=0.0).to(tl.float32)
+                v_scale = _tile_amax(v) * (1.0 / V_QMAX)
+                v8 = _quantize(v, _inverse(v_scale), False, V_QMAX, SOFT_FP8)
+            p8 = _quantize(p, V_QMAX, False, V_QMAX, SOFT_FP8)  # P * 448: codes with scale 1/448
+            if FOLD_V:
+                # acc (in units of v_unit) re-expressed in the units of this tile; an all-zero tile
+                # (scale 0) adds nothing and keeps the units
+                unit = tl.where(v_scale == 0, v_unit, v_scale * (1.0 / V_QMAX))
+                acc = acc * (alpha * tl.math.div_rn(v_unit, unit))[:, None]
+                acc = tl.dot(p8, v8, acc)
+                v_unit = unit
+            else:
+                acc = acc * alpha[:, None]
+                acc += tl.dot(p8, v8) * (v_scale * (1.0 / V_QMAX))
+            row_max = new_max
+        return acc, row_sum, row_max, v_unit
+
+    @triton.jit
+    def _first_block_mean(
+        k_base, S, stride_ks, stride_kd, offs_d, d_valid, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr
+    ):
+        """Per-channel mean of K's first min(S, BLOCK_N) keys (reference.smooth_keys)."""
+        offs_n = tl.arange(0, BLOCK_N)
+        first = tl.load(
+            k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+            mask=(offs_n[:, None] < S) & d_valid[None, :], other=0.0,
+        ).to(tl.float32)
+        count = tl.full((HEAD_DIM,), 1.0, tl.float32) * tl.minimum(S, BLOCK_N).to(tl.float32)
+        return tl.math.div_rn(tl.sum(first, 0), count)
+
+    @triton.jit
+    def quantize_kv_kernel(
+        k_ptr, v_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr,
+        S, D, DV, H_KV, S_PAD, blocks_per_program,
+        stride_kb, stride_kh, stride_ks, stride_kd,
+        stride_vb, stride_vh, stride_vs, stride_vd,
+        HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+        K_INT8: tl.constexpr, K_QMAX: tl.constexpr, V_QMAX: tl.constexpr, SMOOTH_K: tl.constexpr,
+        SOFT_FP8: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        """K and V of one (batch, kv head), `blocks_per_program` token blocks from program_id(1) on,
+        quantized once for every query block that reads them: K codes (S_PAD, HEAD_DIM) and V codes
+        transposed (HEAD_DIM_V, S_PAD), both zero padded (the K-major operands of the 8-bit MMAs),
+        and one fp32 scale per block. The same arithmetic as the in-kernel path of `_attend_tiles`."""
+        pid_bh = tl.program_id(0)
+        b = pid_bh // H_KV
+        kv_head = pid_bh % H_KV
+        offs_d = tl.arange(0, HEAD_DIM)
+        offs_dv = tl.arange(0, HEAD_DIM_V)
+        d_valid = offs_d < D
+        dv_valid = offs_dv < DV
+        k_base = k_ptr + b * stride_kb + kv_head * stride_kh
+        v_base = v_ptr + b * stride_vb + kv_head * stride_vh
+        kv_row = pid_bh.to(tl.int64)
+        blocks = S_PAD // BLOCK_N
+        if SMOOTH_K:
+            k_mean = _first_block_mean(k_base, S, stride_ks, stride_kd, offs_d, d_valid, HEAD_DIM, BLOCK_N)
+        first_block = tl.program_id(1) * blocks_per_program
+        for block in range(first_block, tl.minimum(first_block + blocks_per_program, blocks)):
+            offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+            kv_valid = offs_n < S
+            k_mask = kv_valid[:, None] & d_valid[None, :]
+            k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=k_mask, other=0.0)
+            k = k.to(tl.float32)
+            if SMOOTH_K:
+                k = tl.where(k_mask, k - k_mean[None, :], 0.0)
+            k_scale = _tile_amax(k) * (1.0 / K_QMAX)
+            k8 = _quantize(k, _inverse(k_scale), K_INT8, K_QMAX, SOFT_FP8)
+            tl.store(kc_ptr + (kv_row * S_PAD + offs_n[:, None]) * HEAD_DIM + offs_d[None, :], k8)
+            tl.store(ks_ptr + kv_row * blocks + block, k_scale)
+            v_mask = kv_valid[:, None] & dv_valid[None, :]
+            v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_dv[None, :] * stride_vd, mask=v_mask, other=0.0)
+            v = v.to(tl.float32)
             v_scale = _tile_amax(v) * (1.0 / V_QMAX)
             v8 = _quantize(v, _inverse(v_scale), False, V_QMAX, SOFT_FP8)
-            p8 = _quantize(p, V_QMAX, False, V_QMAX, SOFT_FP8)  # P * 448: codes with scale 1/448
-            acc += tl.dot(p8, v8) * (v_scale * (1.0 / V_QMAX))
-            row_max = new_max
-        return acc, row_sum, row_max
+            tl.store(vc_ptr + (kv_row * HEAD_DIM_V + offs_dv[None, :]) * S_PAD + offs_n[:, None], v8)
+            tl.store(vs_ptr + kv_row * blocks + block, v_scale)
 
     @triton.jit
     def attention_kernel(
-        q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, partial_ptr, stats_ptr,
-        L, S, D, DV, H_Q, H_KV, GROUP, rows_total, split_len, qk_scale,
+        q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, partial_ptr, stats_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr,
+        L, S, D, DV, H_Q, H_KV, GROUP, rows_total, split_len, S_PAD, qk_scale,
         stride_qb, stride_qh, stride_ql, stride_qd,
         stride_kb, stride_kh, stride_ks, stride_kd,
         stride_vb, stride_vh, stride_vs, stride_vd,
@@ -196,7 +290,8 @@ if triton is not None:
         IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
         QK_INT8: tl.constexpr, QK_QMAX: tl.constexpr, V_QMAX: tl.constexpr, SMOOTH_K: tl.constexpr,
         Q_SCALE_ROWS: tl.constexpr, PACK_ROWS: tl.constexpr, SPLITS: tl.constexpr, SOFT_FP8: tl.constexpr,
-        SCALE_FROM_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        SCALE_FROM_D: tl.constexpr, PREQUANT: tl.constexpr, FOLD_V: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
         tl.static_assert(BLOCK_M % Q_SCALE_ROWS == 0, "a tile holds whole Q blocks: BLOCK_M % Q_SCALE_ROWS == 0")
         # The scale in base 2, as fp32 whatever the launcher passed: Inductor's wrapper passes a
@@ -251,14 +346,13 @@ if triton is not None:
         k_base = k_ptr + b * stride_kb + kv_head * stride_kh
         v_base = v_ptr + b * stride_vb + kv_head * stride_vh
         mask_base = mask_ptr + b * stride_mb
-        if SMOOTH_K:  # per-channel mean of K's first block (reference.smooth_keys)
-            offs_n = tl.arange(0, BLOCK_N)
-            first = tl.load(
-                k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-                mask=(offs_n[:, None] < S) & d_valid[None, :], other=0.0,
-            ).to(tl.float32)
-            count = tl.full((HEAD_DIM,), 1.0, tl.float32) * tl.minimum(S, BLOCK_N).to(tl.float32)
-            k_mean = tl.math.div_rn(tl.sum(first, 0), count)
+        kv_row = (b * H_KV + kv_head).to(tl.int64)  # (batch, kv head) row of the pre-quantized codes
+        kc_base = kc_ptr + kv_row * S_PAD * HEAD_DIM
+        vc_base = vc_ptr + kv_row * S_PAD * HEAD_DIM_V
+        ks_base = ks_ptr + kv_row * (S_PAD // BLOCK_N)
+        vs_base = vs_ptr + kv_row * (S_PAD // BLOCK_N)
+        if SMOOTH_K and not PREQUANT:  # per-channel mean of K's first block (reference.smooth_keys)
+            k_mean = _first_block_mean(k_base, S, stride_ks, stride_kd, offs_d, d_valid, HEAD_DIM, BLOCK_N)
         else:
             k_mean = tl.zeros((HEAD_DIM,), dtype=tl.float32)
 
@@ -274,18 +368,25 @@ if triton is not None:
         acc = tl.zeros((BLOCK_M, HEAD_DIM_V), dtype=tl.float32)
         row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-        acc, row_sum, row_max = _attend_tiles(
-            acc, row_sum, row_max, q8, q_scale, k_mean, rows_l, q_head, row_valid, k_base, v_base, mask_base,
-            n_begin, full_end, S, stride_ks, stride_kd, stride_vs, stride_vd, stride_mh, stride_ml, stride_ms,
+        v_unit = qk_scale * 0.0 + 1.0  # FOLD_V: the scale acc is expressed in (any until a tile is added)
+        acc, row_sum, row_max, v_unit = _attend_tiles(
+            acc, row_sum, row_max, v_unit, q8, q_scale, k_mean, rows_l, q_head, row_valid,
+            k_base, v_base, mask_base, kc_base, ks_base, vc_base, vs_base,
+            n_begin, full_end, S, S_PAD, stride_ks, stride_kd, stride_vs, stride_vd, stride_mh, stride_ml, stride_ms,
             offs_d, offs_dv, d_valid, dv_valid, qk_scale,
-            False, IS_CAUSAL, MASK_KIND, QK_INT8, QK_QMAX, V_QMAX, SMOOTH_K, SOFT_FP8, BLOCK_N,
+            False, IS_CAUSAL, MASK_KIND, QK_INT8, QK_QMAX, V_QMAX, SMOOTH_K, SOFT_FP8, PREQUANT, FOLD_V,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_N,
         )  # fmt: skip
-        acc, row_sum, row_max = _attend_tiles(
-            acc, row_sum, row_max, q8, q_scale, k_mean, rows_l, q_head, row_valid, k_base, v_base, mask_base,
-            full_end, n_end, S, stride_ks, stride_kd, stride_vs, stride_vd, stride_mh, stride_ml, stride_ms,
+        acc, row_sum, row_max, v_unit = _attend_tiles(
+            acc, row_sum, row_max, v_unit, q8, q_scale, k_mean, rows_l, q_head, row_valid,
+            k_base, v_base, mask_base, kc_base, ks_base, vc_base, vs_base,
+            full_end, n_end, S, S_PAD, stride_ks, stride_kd, stride_vs, stride_vd, stride_mh, stride_ml, stride_ms,
             offs_d, offs_dv, d_valid, dv_valid, qk_scale,
-            True, IS_CAUSAL, MASK_KIND, QK_INT8, QK_QMAX, V_QMAX, SMOOTH_K, SOFT_FP8, BLOCK_N,
+            True, IS_CAUSAL, MASK_KIND, QK_INT8, QK_QMAX, V_QMAX, SMOOTH_K, SOFT_FP8, PREQUANT, FOLD_V,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_N,
         )  # fmt: skip
+        if FOLD_V:
+            acc = acc * v_unit
 
         out_rows = (b * H_Q + q_head) * L + rows_l  # row of the contiguous (B, Hq, L, Dv) output
         store_mask = row_valid[:, None] & dv_valid[None, :]
@@ -329,7 +430,8 @@ if triton is not None:
     ]
     DECODE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (3, 2)]
     _TUNING_KEY = [
-        "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "MASK_KIND", "QK_INT8", "SMOOTH_K", "BLOCK_N", "Q_BUCKET", "KV_BUCKET",
+        "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "MASK_KIND", "QK_INT8", "SMOOTH_K", "PREQUANT", "FOLD_V", "BLOCK_N",
+        "Q_BUCKET", "KV_BUCKET",
     ]  # fmt: skip
     _PREFILL_KERNELS: dict = {}
 
@@ -382,6 +484,36 @@ def _splits(batch, kv_heads, kv_len, block_n: int, device: torch.device) -> int:
     programs = max(1, batch * kv_heads)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     return max(1, min(MAX_SPLITS, triton.cdiv(2 * sms, programs), triton.cdiv(kv_len, block_n)))
+
+
+def _quantize_kv(k4, v4, attention_format, block_n: int, constants: dict, wrap) -> tuple:
+    """K and V codes and per-block scales for a PREQUANT launch, by `quantize_kv_kernel`:
+    (k codes (B*Hkv, S_PAD, HEAD_DIM), k scales (B*Hkv, S_PAD / BLOCK_N), v codes transposed
+    (B*Hkv, HEAD_DIM_V, S_PAD), v scales)."""
+    _, k_fmt, v_fmt = attention_format.formats
+    batch, kv_heads, kv_len, head_dim = k4.shape
+    value_dim = v4.shape[3]
+    blocks = (kv_len + block_n - 1) // block_n
+    s_pad = blocks * block_n
+    rows = batch * kv_heads
+    k_int8 = k_fmt.element is ElementType.INT8
+    device = k4.device
+    k_dtype = torch.int8 if k_int8 else torch.float8_e4m3fn
+    k_codes = torch.empty((rows, s_pad, constants["HEAD_DIM"]), dtype=k_dtype, device=device)
+    v_codes = torch.empty((rows, constants["HEAD_DIM_V"], s_pad), dtype=torch.float8_e4m3fn, device=device)
+    k_scales = torch.empty((rows, blocks), dtype=torch.float32, device=device)
+    v_scales = torch.empty((rows, blocks), dtype=torch.float32, device=device)
+    per_program = QUANTIZE_KV_BLOCKS_PER_PROGRAM
+    kernel = wrap(quantize_kv_kernel) if wrap is not None else quantize_kv_kernel
+    kernel[(rows, (blocks + per_program - 1) // per_program)](
+        k4, v4, k_codes, k_scales, v_codes, v_scales,
+        kv_len, head_dim, value_dim, kv_heads, s_pad, per_program,
+        *k4.stride(), *v4.stride(),
+        HEAD_DIM=constants["HEAD_DIM"], HEAD_DIM_V=constants["HEAD_DIM_V"], K_INT8=k_int8,
+        K_QMAX=float(k_fmt.qmax), V_QMAX=float(v_fmt.qmax), SMOOTH_K=attention_format.smooth_k,
+        SOFT_FP8=constants["SOFT_FP8"], BLOCK_N=block_n, num_warps=8 if block_n * constants["HEAD_DIM"] > 8192 else 4,
+    )  # fmt: skip
+    return k_codes, k_scales, v_codes, v_scales
 
 
 def run(
@@ -440,6 +572,8 @@ def run(
         SCALE_FROM_D=scale_from_d,
         BLOCK_N=block_n,
     )
+    prequant = packed is None and PREQUANTIZE_PREFILL
+    constants.update(PREQUANT=prequant, FOLD_V=FOLD_V_SCALE)
     if packed is None:
         splits, split_len = 1, kv_len
         constants.update(Q_SCALE_ROWS=q_fmt.block_rows, PACK_ROWS=0, SPLITS=1)
@@ -454,9 +588,14 @@ def run(
             stats = torch.empty((splits, rows_total, 2), dtype=torch.float32, device=q.device)
         else:
             partial, stats = out, out
+    if prequant:
+        kv_codes = _quantize_kv(k4, v4, attention_format, block_n, constants, wrap)
+        s_pad = kv_codes[0].shape[1]
+    else:
+        kv_codes, s_pad = (q4, q4, q4, q4), block_n
     args = (
-        q4, k4, v4, mask, out, partial, stats,
-        query_len, kv_len, head_dim, value_dim, q_heads, kv_heads, group, rows_total, split_len,
+        q4, k4, v4, mask, out, partial, stats, *kv_codes,
+        query_len, kv_len, head_dim, value_dim, q_heads, kv_heads, group, rows_total, split_len, s_pad,
         0.0 if scale_from_d else softmax_scale * LOG2E,
         *q4.stride(), *k4.stride(), *v4.stride(), *mask_strides,
         _bucket(query_len), _bucket(kv_len),
@@ -494,4 +633,7 @@ def default_config(fmt: str) -> dict:
     return {"BLOCK_M": max(16, q_fmt.block_rows), "num_warps": 4, "num_stages": 2}
 
 
-__all__ = ["MAX_HEAD_DIM", "attention_kernel", "combine_splits_kernel", "default_config", "run", "supports"]
+__all__ = [
+    "MAX_HEAD_DIM", "attention_kernel", "combine_splits_kernel", "default_config", "quantize_kv_kernel", "run",
+    "supports",
+]
