@@ -1,6 +1,6 @@
 """Time the tile configs of the scaled-GEMM kernel directly (no compile), to choose candidates.
 
-    PYTHONPATH=. python benchmarks/sweep_scaled_mm.py --out benchmarks/out [--pairs fp8,int8,block]
+    PYTHONPATH=. python benchmarks/sweep_scaled_mm.py --out benchmarks/out [--pairs fp8,int8,block] [--rows 2048,8192]
 
 For each format pair, Llama-3-8B shape and M, times every tuner candidate of the M's bucket with
 CUDA-graph replay, the weight rotated among copies larger than L2, against bf16 `F.linear` and (for
@@ -111,6 +111,7 @@ def main(argv=None):
             torch.cuda.empty_cache()
     (out_dir / "sweep_scaled_mm.json").write_text(json.dumps(results, indent=1))
     write_compiled_facts(scaled.scaled_mm_kernel, out_dir / "sweep_scaled_compiled.txt")
+    write_compiled_facts(scaled.scaled_mm_block_kernel, out_dir / "sweep_scaled_block_compiled.txt")
     print("summary: best Triton config / cuBLAS 8-bit, as speedup over bf16 (GEMM only)")
     for r in results:
         best = min(r["configs"], key=lambda c: c["us"]) if r["configs"] else {"us": float("nan"), "config": ()}

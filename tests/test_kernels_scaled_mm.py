@@ -97,6 +97,43 @@ def test_masked_k_tail(x_fmt, w_fmt):
     assert sqnr(_reference(*operands, x_fmt, w_fmt), out) > 60
 
 
+BLOCK = ("fp8_e4m3_1x128", "fp8_e4m3_128x128")
+
+
+# The block kernel (`scaled_mm_block_kernel`): one weight scale per 128-wide K step; paired steps
+# with an odd number of steps (a masked second half), split K whose last slice is half a pair.
+@pytest.mark.parametrize(
+    "m, n, k, config",
+    [
+        (37, 40, 384, C(32, 32, 128, 4, 3)),  # three steps, N and M past the tile edges
+        (17, 200, 256, C(16, 64, 128, 4, 3)),  # tiles of 64 columns: two per 128-row weight block
+        (37, 40, 512, C(32, 32, 128, 4, 2, 1, 0, 1)),  # paired, two pairs
+        (37, 40, 384, C(32, 32, 128, 4, 2, 1, 0, 1)),  # paired, the second pair is half
+        (5, 40, 640, C(16, 16, 128, 4, 2, 2, 0, 1)),  # paired and split K: slices of 2 pairs and half a pair
+        (300, 136, 384, C(64, 128, 128, 4, 2, 1, 0, 1)),  # paired, the large-M tile shape
+    ],
+)
+def test_block_kernel_matches_reference(m, n, k, config):
+    torch.manual_seed(m + k)
+    operands = _operands(*BLOCK, m, n, k)
+    meta = scaled.ScaledMeta.of(get_format(BLOCK[0]), get_format(BLOCK[1]), operands[2])
+    assert scaled.uses_block_kernel(meta, config)
+    out = _launch_poisoned(*operands, *BLOCK, config)
+    assert not out.isnan().any()
+    assert sqnr(_reference(*operands, *BLOCK), out) > 60
+
+
+def test_which_block_tiles_run_the_block_kernel():
+    meta = scaled.ScaledMeta(4096, 4096, False, True, False, False)
+    assert scaled.uses_block_kernel(meta, C(128, 128, 128, 8, 3))
+    assert not scaled.uses_block_kernel(meta, C(64, 256, 128, 8, 3))  # two weight blocks per tile
+    assert not scaled.uses_block_kernel(meta, C(16, 64, 128, 4, 4, 2, 1))  # swapped (decode)
+    assert not scaled.uses_block_kernel(meta, C(16, 16, 64, 4, 3))  # half-block K steps
+    assert not scaled.config_is_valid(C(64, 256, 128, 8, 2, 1, 0, 1), meta)  # only the block kernel pairs
+    row_meta = scaled.ScaledMeta(4096, 4096, False, False, False, False)
+    assert not scaled.uses_block_kernel(row_meta, C(128, 128, 128, 8, 3))
+
+
 def test_block_scales_reject_k_steps_wider_than_a_block():
     meta = scaled.ScaledMeta(40, 384, False, True, False, False)
     assert not scaled.config_is_valid(C(32, 16, 256, 4, 3), meta)
@@ -142,7 +179,10 @@ def test_zero_row_gives_zeros_and_nan_stays_in_its_row(x_fmt, w_fmt):
     x_scale = qx.scale.clone()
     x_scale[1] = float("nan")  # a NaN activation gives its row's scale NaN (int8 codes cannot be NaN)
     w = reference.quantize(torch.randn(24, 256), w_fmt)
-    for config in (C(16, 16, 128, 4, 3), C(16, 16, 128, 4, 3, 2, 1)):
+    configs = [C(16, 16, 128, 4, 3), C(16, 16, 128, 4, 3, 2, 1)]
+    if "1x128" in x_fmt:
+        configs.append(C(16, 16, 128, 4, 2, 1, 0, 1))  # paired steps (the held product starts at zero)
+    for config in configs:
         out = _launch_poisoned(qx.data, x_scale, w.data, w.scale, None, x_fmt, w_fmt, config)
         assert torch.equal(out[0], torch.zeros_like(out[0]))
         assert out[1].isnan().all() and not out[2:].isnan().any()

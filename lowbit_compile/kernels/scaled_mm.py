@@ -13,7 +13,8 @@ Shapes and layouts (the reference layouts of `lowbit_compile.reference`, shared 
   * per token / per channel: x (M, 1), w (N, 1); per tensor: one element (read with stride 0);
   * blocks (`fp8-block`, the DeepSeek-V3 recipe): x (M, K//128) per 1x128 group, w (ceil(N/128),
     K//128) per 128x128 block; each 128-wide K step's partial product is scaled before it is added
-    (BLOCK_K divides 128).
+    (BLOCK_K divides 128). Tiles with BLOCK_K = 128, BLOCK_N <= 128 and no swap run their own kernel,
+    `scaled_mm_block_kernel`, where a tile's weight scale is one scalar per K step (see there).
 - bias: (N,) any float dtype, or absent. out: (M, N) in the op's out dtype.
 
 Code paths, chosen per M bucket by tile config (`ScaledMMConfig`):
@@ -77,6 +78,7 @@ class ScaledMMConfig:
     num_stages: int = 3
     SPLIT_K: int = 1  # programs along K per output tile; > 1 writes fp32 partials, summed by a second kernel
     SWAP_AB: int = 0  # 1: compute out^T = W @ x^T (the weight tile is the MMA's A operand)
+    PAIRED: int = 0  # block kernel only: two K steps per iteration, the second one's MMA in flight across the loop edge
 
     def as_tuple(self) -> tuple[int, ...]:
         return dataclasses.astuple(self)
@@ -202,6 +204,122 @@ if triton is not None:
 
 
     @triton.jit
+    def scaled_mm_block_kernel(
+        x_ptr,
+        x_scale_ptr,
+        w_ptr,
+        w_scale_ptr,
+        bias_ptr,
+        out_ptr,
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_wn,
+        stride_xs,  # x scale (M, K//128): elements between two rows' scales
+        stride_ws,  # w scale (N//128, K//128): elements between two 128-row blocks' scales
+        stride_om,
+        stride_os,  # split-K: elements between the partial outputs of two K slices
+        K_SLICE,  # split-K: K elements per slice, a multiple of 128 (of 256 when PAIRED)
+        HAS_BIAS: tl.constexpr,
+        EVEN_K: tl.constexpr,  # every K step is whole (K % 128 == 0 and, when PAIRED, K slices hold pairs)
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,  # divides 128: the tile lies inside one 128-row weight block
+        GROUP_M: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+        PAIRED: tl.constexpr,
+    ):
+        """fp8 1x128 x 128x128 block scales, one 128-wide K step at a time (the DeepSeek-V3 recipe as
+        DeepGEMM runs it): each step's MMA product starts from zero and is added to the fp32
+        accumulator times x_scale[row] * w_scale, where the weight scale is one scalar for the tile
+        (BLOCK_N <= 128). One FMA per accumulator element and step; the shared kernel's per-element
+        scale tile (a multiply more, and a (BLOCK_M, BLOCK_N) operand in registers) is gone.
+
+        PAIRED: two steps per iteration. The second product is handed to the next iteration without
+        being read in this one, which lets Triton leave its MMA in flight (its result is read only
+        after the next iteration's first MMA has been waited for): that MMA overlaps the loop's own
+        work (waiting for loads, the barrier, addresses) instead of the tensor cores idling there."""
+        BLOCK_K: tl.constexpr = 128
+        pid = tl.program_id(0)
+        pid_k = pid % SPLIT_K
+        pid = pid // SPLIT_K
+        k_begin = pid_k * K_SLICE
+        k_end = tl.minimum(k_begin + K_SLICE, K)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        num_pid_in_group = GROUP_M * num_pid_n
+        group_id = pid // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+        pid_n = (pid % num_pid_in_group) // group_size_m
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        offs_m_safe = tl.where(m_mask, offs_m, 0)  # rows past the edge read row 0; never stored
+        offs_n_safe = tl.where(n_mask, offs_n, 0)
+        offs_k = k_begin + tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + offs_m_safe[:, None] * stride_xm + offs_k[None, :]
+        w_ptrs = w_ptr + offs_n_safe[:, None] * stride_wn + offs_k[None, :]
+        x_scale_ptrs = x_scale_ptr + offs_m_safe * stride_xs + k_begin // BLOCK_K
+        w_scale_ptr += ((pid_n * BLOCK_N) // 128) * stride_ws + k_begin // BLOCK_K
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if PAIRED:
+            held = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # the previous iteration's second product
+            held_scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for k0 in range(k_begin, k_end, 2 * BLOCK_K):
+                step = (k0 - k_begin) // BLOCK_K
+                if EVEN_K:
+                    x0 = tl.load(x_ptrs)
+                    w0 = tl.load(w_ptrs)
+                    x1 = tl.load(x_ptrs + BLOCK_K)
+                    w1 = tl.load(w_ptrs + BLOCK_K)
+                    scale1 = tl.load(x_scale_ptrs + step + 1) * tl.load(w_scale_ptr + step + 1)
+                else:
+                    k_in = k0 + tl.arange(0, BLOCK_K)
+                    x0 = tl.load(x_ptrs, mask=(k_in < k_end)[None, :], other=0.0)
+                    w0 = tl.load(w_ptrs, mask=(k_in < k_end)[None, :], other=0.0)
+                    x1 = tl.load(x_ptrs + BLOCK_K, mask=(k_in + BLOCK_K < k_end)[None, :], other=0.0)
+                    w1 = tl.load(w_ptrs + BLOCK_K, mask=(k_in + BLOCK_K < k_end)[None, :], other=0.0)
+                    # A slice with an odd number of steps ends on half a pair: its second product is
+                    # zero (masked loads); its scale is read in range (the last step's) and zeroed.
+                    last = tl.minimum(step + 1, (k_end - k_begin - 1) // BLOCK_K)
+                    scale1 = tl.load(x_scale_ptrs + last) * tl.load(w_scale_ptr + last)
+                    scale1 = tl.where(k0 + BLOCK_K < k_end, scale1, 0.0)
+                scale0 = tl.load(x_scale_ptrs + step) * tl.load(w_scale_ptr + step)
+                product0 = tl.dot(x0, tl.trans(w0))
+                acc += held * held_scale[:, None]
+                acc += product0 * scale0[:, None]
+                held = tl.dot(x1, tl.trans(w1))
+                held_scale = scale1
+                x_ptrs += 2 * BLOCK_K
+                w_ptrs += 2 * BLOCK_K
+            acc += held * held_scale[:, None]
+        else:
+            for k0 in range(k_begin, k_end, BLOCK_K):
+                step = (k0 - k_begin) // BLOCK_K
+                if EVEN_K:
+                    x = tl.load(x_ptrs)
+                    w = tl.load(w_ptrs)
+                else:
+                    k_in = k0 + tl.arange(0, BLOCK_K)
+                    x = tl.load(x_ptrs, mask=(k_in < k_end)[None, :], other=0.0)
+                    w = tl.load(w_ptrs, mask=(k_in < k_end)[None, :], other=0.0)
+                scale = tl.load(x_scale_ptrs + step) * tl.load(w_scale_ptr + step)
+                acc += tl.dot(x, tl.trans(w)) * scale[:, None]
+                x_ptrs += BLOCK_K
+                w_ptrs += BLOCK_K
+
+        if HAS_BIAS and pid_k == 0:
+            acc += tl.load(bias_ptr + offs_n_safe).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+    @triton.jit
     def quantize_rows_kernel(
         x_ptr, data_ptr, scale_ptr, K, stride_xm, QMIN: tl.constexpr, QMAX: tl.constexpr,
         INT8: tl.constexpr, BLOCK: tl.constexpr,
@@ -263,15 +381,39 @@ class ScaledMeta:
         )
 
 
+def uses_block_kernel(meta: ScaledMeta, config: ScaledMMConfig) -> bool:
+    """Whether `scaled_mm_block_kernel` runs this tile: block scales, one 128-wide K step per MMA,
+    a tile inside one 128-row weight block (one weight scale per step), not swapped."""
+    return (
+        meta.block_scales
+        and config.BLOCK_K == BLOCK_SCALE_SIZE
+        and BLOCK_SCALE_SIZE % config.BLOCK_N == 0
+        and not config.SWAP_AB
+    )
+
+
 def config_is_valid(config: ScaledMMConfig, meta: ScaledMeta) -> bool:
     if config.BLOCK_K % 32 or min(config.BLOCK_M, config.BLOCK_N) < 16:
         return False
+    if config.PAIRED and not uses_block_kernel(meta, config):
+        return False  # only the block kernel pairs its K steps
     if meta.block_scales and (BLOCK_SCALE_SIZE % config.BLOCK_K or k_slice(meta, config) % BLOCK_SCALE_SIZE):
         return False  # each K step lies inside one 128-wide scale block, each slice starts on one
     return True
 
 
 def kernel_arguments(meta: ScaledMeta, config: ScaledMMConfig, has_bias: bool) -> dict[str, int | bool]:
+    if uses_block_kernel(meta, config):
+        pair = 2 * BLOCK_SCALE_SIZE if config.PAIRED else BLOCK_SCALE_SIZE
+        return dict(
+            HAS_BIAS=has_bias,
+            EVEN_K=meta.k % pair == 0,  # K slices are whole pairs (k_slice): only K's end can cut one
+            BLOCK_M=config.BLOCK_M,
+            BLOCK_N=config.BLOCK_N,
+            GROUP_M=8,
+            SPLIT_K=config.SPLIT_K,
+            PAIRED=bool(config.PAIRED),
+        )
     return dict(
         BLOCK_SCALES=meta.block_scales,
         INT8=meta.int8,
@@ -289,6 +431,7 @@ def kernel_arguments(meta: ScaledMeta, config: ScaledMMConfig, has_bias: bool) -
 def k_slice(meta: ScaledMeta, config: ScaledMMConfig) -> int:
     """K elements per split-K slice: whole tiles (whole 128-blocks with block scales), spread evenly."""
     unit = max(config.BLOCK_K, BLOCK_SCALE_SIZE) if meta.block_scales else config.BLOCK_K
+    unit *= 2 if config.PAIRED else 1
     units = triton.cdiv(meta.k, unit)
     return triton.cdiv(units, config.SPLIT_K) * unit
 
@@ -299,7 +442,10 @@ def _candidates(bucket_m: int, meta: ScaledMeta) -> list[ScaledMMConfig]:
     # Measured on H100 (benchmarks/sweep_scaled_mm.py, RESULTS.md 2026-11-24). Decode sizes are
     # memory bound: swapped tiles put M on the MMA's narrow side; wide K steps or split K keep the
     # weight streaming. Block scales rescale each 128-wide K step's product before adding it, which
-    # holds a second accumulator: their tiles are smaller (128x128 on 4 warps spills).
+    # holds a second accumulator: unswapped tiles of BLOCK_N <= 128 run the block kernel (one weight
+    # scale per step). Large M (sm_90 compile, Triton 3.6, NOTES-scaled-mm.md v2): 128x128 on 8 warps
+    # 177 registers (one program per SM); 64x128 on 4 warps 184 and 128x64 on 8 warps 109 (two per
+    # SM); paired steps 251-254 (one). 64x256 is the shared kernel's best of v1, kept to compare.
     if meta.block_scales:
         if bucket_m <= 16:
             configs = [C(16, 64, 128, 4, 4, s, 1) for s in (4, 2, 8)] + [C(16, 128, 128, 4, 4, 2, 1), C(16, 64, 128, 4, 6, 1, 1)]
@@ -307,8 +453,9 @@ def _candidates(bucket_m: int, meta: ScaledMeta) -> list[ScaledMMConfig]:
             configs = [C(64, 128, 128, 4, 4, 2), C(64, 64, 128, 4, 4, 2), C(64, 64, 128, 4, 4), C(64, 128, 128, 4, 4)]
             configs += [C(32, 128, 128, 4, 4, 1, 1), C(64, 128, 128, 8, 4, 2)]
         else:
-            configs = [C(128, 128, 128, 8, 3), C(64, 256, 128, 8, 3), C(128, 128, 128, 8, 4), C(64, 256, 128, 8, 4)]
-            configs += [C(64, 128, 128, 4, 4), C(64, 128, 128, 4, 3)]
+            configs = [C(128, 128, 128, 8, 3), C(64, 128, 128, 4, 4), C(128, 128, 128, 8, 2, 1, 0, 1)]
+            configs += [C(64, 128, 128, 4, 2, 1, 0, 1), C(128, 64, 128, 8, 4), C(128, 128, 128, 8, 4)]
+            configs += [C(64, 128, 128, 4, 3), C(64, 256, 128, 8, 3)]
     elif bucket_m <= 16:
         configs = [C(16, 64, 128, 4, 4, 4, 1), C(16, 64, 512, 4, 3, 1, 1), C(16, 64, 128, 4, 6, 1, 1)]
         configs += [C(16, 64, 256, 4, 3, 2, 1), C(16, 128, 128, 4, 4, 2, 1), C(16, 64, 128, 4, 4, 2, 1)]
@@ -351,7 +498,8 @@ def launch(
     """The launches for all rows of `x2d` into `out` (M, N, contiguous); `x_scale` is (M, 1), (M,
     K//128) or one element (as `meta` says). `active`, `max_rows` and `wrap` as in `weight_only.launch`."""
     m = x2d.shape[0]
-    kernel = common.runner(scaled_mm_kernel, config.num_warps, config.num_stages)
+    body = scaled_mm_block_kernel if uses_block_kernel(meta, config) else scaled_mm_kernel
+    kernel = common.runner(body, config.num_warps, config.num_stages)
     if wrap is not None:
         kernel = wrap(kernel)
     if config.SPLIT_K > 1:
