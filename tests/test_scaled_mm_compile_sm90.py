@@ -1,0 +1,113 @@
+"""Compile the fp8 block-scale GEMM kernel (`scaled_mm.scaled_mm_block_kernel`) for sm_90 (Hopper) on
+the CPU, at every large-M tuner candidate it runs, and read the compiled loop: the facts its speed
+rests on (issue 6, benchmarks/NOTES-scaled-mm.md v2), held in CI without a GPU.
+
+- no spills (no local-memory loads or stores in the SASS);
+- the MMAs are not serialized by ptxas (it waits after every wgmma when it sees registers of an
+  in-flight product read: "wgmma serialized", C7514): as many `WARPGROUP.DEPBAR` as Triton's waits;
+- paired K steps: one MMA wait in the loop for two products (the second stays in flight across the
+  loop edge), one after it.
+
+As in test_attention_compile_sm90.py, the compiles run in a subprocess without TRITON_INTERPRET."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = r'''
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lowbit_compile.kernels import scaled_mm as S
+
+fn = S.scaled_mm_block_kernel
+assert isinstance(fn, triton.runtime.jit.JITFunction), type(fn)
+constexprs = {p.name for p in fn.params if p.is_constexpr}
+
+def compile_case(case):
+    meta = S.ScaledMeta(case["n"], case["k"], False, True, False, False)
+    config = S.ScaledMMConfig.from_tuple(case["config"])
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = {"x_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "out_ptr": "*bf16"}.get(name, "*fp32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "i32"
+            if name != "M":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    cons = S.kernel_arguments(meta, config, has_bias=False)
+    src = ASTSource(fn=fn, signature=sig, constexprs=cons, attrs=attrs)
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    try:
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {e}"[-600:]}
+    try:
+        sass = compiled.asm["sass"]  # disassembled on first access (needs the wheel's nvdisasm)
+    except Exception:  # noqa: BLE001
+        sass = ""
+    ttgir = compiled.asm["ttgir"]
+    return {
+        "paired": bool(config.PAIRED),
+        "has_sass": bool(sass),
+        "local": sum(sass.count(op) for op in ("STL", "LDL")),
+        "depbar": sass.count("WARPGROUP.DEPBAR"),
+        "waits": ttgir.count("ttng.warp_group_dot_wait"),
+        "dots": ttgir.count("ttng.warp_group_dot "),
+    }
+
+cases = json.loads(sys.stdin.read())
+print(json.dumps([compile_case(c) for c in cases]))
+'''
+
+
+def _compile(cases):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    try:
+        from triton.backends import backends
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as e:  # pragma: no cover - Triton builds before the compile-only API
+        pytest.skip(f"this Triton has no compile-only API: {e}")
+    if "nvidia" not in backends:  # pragma: no cover - e.g. a ROCm-only Triton build
+        pytest.skip(f"this Triton has no NVIDIA backend (backends: {sorted(backends)})")
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT], input=json.dumps(cases), capture_output=True, text=True, env=env,
+        cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise AssertionError(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_block_kernel_large_m_candidates_compile_for_sm90_without_spills_or_serialized_mma():
+    from lowbit_compile.kernels import scaled_mm as scaled
+
+    meta = scaled.ScaledMeta(4096, 4096, False, True, False, False)
+    configs = [c for c in scaled._candidates(2048, meta) if scaled.uses_block_kernel(meta, c)]
+    assert any(c.PAIRED for c in configs) and any(not c.PAIRED for c in configs)
+    results = _compile([dict(n=meta.n, k=meta.k, config=c.as_tuple()) for c in configs])
+    for config, result in zip(configs, results):
+        assert "error" not in result, (config, result)
+        assert result["dots"] == 2 if config.PAIRED else 1, (config, result)
+        # one wait in the loop (paired: for both products; the second is waited a loop turn later)
+        # and one after it
+        assert result["waits"] == (2 if config.PAIRED else 1), (config, result)
+        if result["has_sass"]:  # a Triton without nvdisasm gives no SASS
+            assert result["local"] == 0, (config, result)
+            assert result["depbar"] == result["waits"], (config, result)  # ptxas added no waits of its own
