@@ -104,7 +104,13 @@ def main(argv=None):
                 results.append(
                     dict(
                         pair=pair, n=n, k=k, m=m, bf16_us=t_bf16 * 1e3, cublas_us=t_cublas * 1e3,
-                        configs=[dict(config=c.as_tuple(), us=t * 1e3, sqnr=qq) for t, c, qq in timed],
+                        configs=[
+                            dict(
+                                config=c.as_tuple(), us=t * 1e3, sqnr=qq,
+                                block_kernel=scaled.uses_block_kernel(meta, c),
+                            )
+                            for t, c, qq in timed
+                        ],
                     )
                 )  # fmt: skip
             del weights, w_bf16
@@ -113,12 +119,18 @@ def main(argv=None):
     write_compiled_facts(scaled.scaled_mm_kernel, out_dir / "sweep_scaled_compiled.txt")
     write_compiled_facts(scaled.scaled_mm_block_kernel, out_dir / "sweep_scaled_block_compiled.txt")
     print("summary: best Triton config / cuBLAS 8-bit, as speedup over bf16 (GEMM only)")
+    print("  (block: then the best tile of the shared kernel alone, i.e. v1's kernel, and its config)")
+    none = {"us": float("nan"), "config": ()}
     for r in results:
-        best = min(r["configs"], key=lambda c: c["us"]) if r["configs"] else {"us": float("nan"), "config": ()}
-        print(
+        best = min(r["configs"], key=lambda c: c["us"]) if r["configs"] else none
+        line = (
             f"  {r['pair']:6s} {r['n']:5d}x{r['k']:5d} M={r['m']:5d}  {r['bf16_us'] / best['us']:5.2f}x"
             f" / {r['bf16_us'] / r['cublas_us']:5.2f}x  {tuple(best['config'])}"
         )
+        if r["pair"] == "block":
+            shared = min((c for c in r["configs"] if not c["block_kernel"]), key=lambda c: c["us"], default=none)
+            line += f"  shared {r['bf16_us'] / shared['us']:5.2f}x {tuple(shared['config'])}"
+        print(line)
 
 
 if __name__ == "__main__":
