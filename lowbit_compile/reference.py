@@ -199,6 +199,20 @@ def _divide(numerator: Tensor, scale: Tensor) -> Tensor:
     return torch.where(scale == 0, 0.0, numerator / scale)
 
 
+def _divide_where_finite(numerator: Tensor, scale: Tensor) -> Tensor:
+    """numerator / scale for symmetric integer codes from numerator's own scales (`scale` broadcast
+    to it): 0 where the scale is 0 (an all-zero group) or not finite (the group holds a NaN or Inf,
+    and the NaN scale carries it to dequantize), the codes `nan_to_num` gives there; elsewhere every
+    |x| <= amax is finite, so the quotient holds no NaN and its codes need no NaN guard.
+
+    Why not nan_to_num on the codes: its decomposition reads them four times (isnan and +-inf tests),
+    and Inductor stores a value read that often in fp32 instead of recomputing it, which on CUDA left
+    the cast to int8 in a pointwise kernel of its own. Here the test reads only the scale and each
+    element value has one use, so amax -> scale -> round -> clamp -> cast is one pointwise chain
+    after the reduction, fusible into the activation's producer."""
+    return torch.where(torch.isfinite(scale) & (scale != 0), numerator / scale, 0.0)
+
+
 # -- scale encodings -------------------------------------------------------------------------------
 
 
@@ -265,8 +279,10 @@ def _fp4_decode(codes: Tensor) -> Tensor:
     return sign * torch.where(exponent == 0, subnormal, normal)
 
 
-def _encode_elements(scaled: Tensor, fmt: Format, zero_point: Tensor | None) -> Tensor:
-    """float32 values in code units (x / scale) -> `data` in the format's storage."""
+def _encode_elements(scaled: Tensor, fmt: Format, zero_point: Tensor | None, nan_free: bool = False) -> Tensor:
+    """float32 values in code units (x / scale) -> `data` in the format's storage.
+
+    nan_free: the caller guarantees `scaled` holds no NaN, so integer codes skip the NaN guard."""
     if fmt.element is ElementType.FP4_E2M1:
         return pack_4bit(_fp4_encode(scaled))
     if fmt.is_float:
@@ -275,9 +291,11 @@ def _encode_elements(scaled: Tensor, fmt: Format, zero_point: Tensor | None) -> 
     codes = torch.round(scaled)
     if zero_point is not None:
         codes = codes + zero_point
-    # A NaN code only occurs where the group's scale is NaN, which carries the NaN to dequantize;
-    # zeroing it keeps the integer cast defined.
-    codes = torch.nan_to_num(codes.clamp(fmt.qmin, fmt.qmax), nan=0.0)
+    codes = codes.clamp(fmt.qmin, fmt.qmax)
+    if not nan_free:
+        # A NaN code only occurs where the group's scale is not finite, which carries the NaN to
+        # dequantize (or, with a given scale, where x is NaN); zeroing it keeps the integer cast defined.
+        codes = torch.nan_to_num(codes, nan=0.0)
     if fmt.bits == 8:
         return codes.to(fmt.storage_dtype)
     if fmt.symmetric:
@@ -328,9 +346,12 @@ def quantize(x: Tensor, fmt: Format | str) -> QuantizedTensor:
     else:
         stored, scale = _store_scale(_reduce_max(xf.abs(), fmt) / fmt.qmax, fmt)
 
-    scaled = _divide(xf, expand_scale(scale, fmt, x.shape))
-    zero_point_full = None if zero_point is None else expand_scale(zero_point, fmt, x.shape)
-    data = _encode_elements(scaled, fmt, zero_point_full)
+    if fmt.is_float or zero_point is not None:
+        scaled = _divide(xf, expand_scale(scale, fmt, x.shape))
+        zero_point_full = None if zero_point is None else expand_scale(zero_point, fmt, x.shape)
+        data = _encode_elements(scaled, fmt, zero_point_full)
+    else:
+        data = _encode_elements(_divide_where_finite(xf, expand_scale(scale, fmt, x.shape)), fmt, None, nan_free=True)
     return QuantizedTensor(data, stored, zero_point, global_scale)
 
 

@@ -609,3 +609,43 @@ def test_traces_with_symbolic_leading_dims(name):
     for shape in [(2, 77, 256), (1, 1, 256)]:
         x = randn(*shape, seed=4)
         assert torch.equal(graph(x), quantize_dequantize(x))
+
+
+def _codes_through_nan_to_num(x: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric integer quantization as first written: divide (0 where the scale is 0), round,
+    clamp, then nan_to_num on the codes. `quantize` now zeroes by the scale instead (one use of
+    each value, so Inductor fuses the chain); this is the specification it must match."""
+    from lowbit_compile import reference
+
+    xf = x.float()
+    stored, scale = reference._store_scale(reference._reduce_max(xf.abs(), fmt) / fmt.qmax, fmt)
+    codes = torch.round(reference._divide(xf, expand_scale(scale, fmt, x.shape)))
+    codes = torch.nan_to_num(codes.clamp(fmt.qmin, fmt.qmax), nan=0.0)
+    if fmt.bits == 8:
+        return codes.to(fmt.storage_dtype), stored
+    return pack_4bit((codes + 8).to(torch.uint8)), stored
+
+
+SYMMETRIC_INT_FORMATS = [name for name in INT_FORMATS if FORMATS[name].symmetric]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", SYMMETRIC_INT_FORMATS)
+def test_symmetric_integer_codes_match_the_nan_to_num_formulation(name, dtype):
+    fmt = FORMATS[name]
+    x = randn(3, 131, 256, seed=11) * 3
+    x[0, 0] = 0  # all-zero row: scale 0, codes 0
+    x[0, 1, 5] = float("nan")
+    x[0, 2, 9] = float("inf")
+    x[0, 3, 0], x[0, 3, 200] = float("inf"), float("-inf")
+    x[0, 4, 1] = float("-inf")
+    x[0, 5] = torch.arange(256) / 255 * 127 * 0.5  # exact .5 ties after scaling
+    x[1, 7] = 1e-44 if dtype == torch.float32 else 1e-7  # subnormal rows
+    x[1, 8] = torch.finfo(dtype).max * (torch.arange(256) % 2 * 2 - 1)
+    x[2, 130, 3] = float("nan")  # in the ragged last block of rows
+    x = x.to(dtype)
+    q = quantize(x, fmt)
+    data, scale = _codes_through_nan_to_num(x, fmt)
+    assert torch.equal(q.data, data)
+    assert torch.equal(q.scale.isnan(), scale.isnan())
+    assert torch.equal(q.scale.nan_to_num(), scale.nan_to_num())

@@ -123,3 +123,26 @@ class GraphModule(torch.nn.Module):
         return (weight_only_mm_default,)
 """,
         )
+
+
+def test_int8_activation_quantization_is_one_single_use_chain_in_the_lowered_graph() -> None:
+    """Every value from x / scale to the int8 cast has one use (its `= None` follows on the next
+    line). A value read four times, as nan_to_num's decomposition reads the rounded codes, is
+    stored in fp32 by Inductor (realize-on-reuse), and on CUDA the cast then ran as a pointwise
+    kernel of its own instead of inside the producer's kernel (benchmarks/RESULTS.md)."""
+    torch.manual_seed(0)
+    model = TinyLlama(
+        LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_layers=1, num_heads=4, num_kv_heads=2)
+    ).eval()
+    _, graphs = run_and_get_graphs(model, torch.randint(0, 128, (2, 9)), policy="w8a8")
+    lowered = graphs["lowered"]
+    assert "isnan" not in lowered and "nan_to_num" not in lowered
+    chain = re.compile(
+        r"(\w+) = torch\.ops\.aten\.where\.self\(\w+, (div_\d+), \w+\);  [^\n]*\b\2 = [^\n]*None\n"
+        r"\s*(\w+) = torch\.ops\.aten\.round\.default\(\1\);  \1 = None\n"
+        r"\s*(\w+) = torch\.ops\.aten\.clamp_min\.default\(\3, -128\);  \3 = None\n"
+        r"\s*(\w+) = torch\.ops\.aten\.clamp_max\.default\(\4, 127\);  \4 = None\n"
+        r"\s*\w+ = torch\.ops\.prims\.convert_element_type\.default\(\5, torch\.int8\);  \5 = None"
+    )
+    sites = lowered.count("torch.ops.lowbit.scaled_mm.default(")
+    assert sites == 8 and len(chain.findall(lowered)) == sites, lowered
