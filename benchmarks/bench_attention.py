@@ -81,22 +81,32 @@ def _sqnr(q, k, v, causal, gqa, fmt, out) -> float | None:
     return round(sqnr(exact.float(), out[:1].float()), 2)
 
 
+def _best_config(kernel, kind: str, fmt: str):
+    """The autotuner's pick for the last launch of this kind and format."""
+    from lowbit_compile.formats import get_attention_format
+
+    if kind == "decode":
+        return getattr(kernel.attention_kernel_decode, "best_config", None)
+    q_rows = get_attention_format(fmt).formats[0].block_rows
+    return getattr(kernel.attention_kernel_prefill(q_rows), "best_config", None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     parser.add_argument("--quick", action="store_true", help="the three target cases only")
     parser.add_argument(
         "--variants", action="store_true",
-        help="also time the kernel variants (K/V quantized in the loop; PV not accumulated in the MMA)",
+        help="also time the kernel variants (K/V quantized in the loop; decode with 4 or 8 programs per SM)",
     )  # fmt: skip
     args = parser.parse_args()
 
     from lowbit_compile.kernels import attention as kernel
 
-    # name -> (PREQUANTIZE_PREFILL, FOLD_V_SCALE); the first is the default launch
-    variants = {"": (kernel.PREQUANTIZE_PREFILL, kernel.FOLD_V_SCALE)}
+    # name -> (PREQUANTIZE_PREFILL, DECODE_PROGRAMS_PER_SM); the first is the default launch
+    variants = {"": (kernel.PREQUANTIZE_PREFILL, kernel.DECODE_PROGRAMS_PER_SM)}
     if args.variants:
-        variants.update({"/noFold": (True, False), "/inLoop": (False, True)})
+        variants.update({"/inLoop": (False, 2), "/dec4": (True, 4), "/dec8": (True, 8)})
     columns = [(fmt, name) for fmt in FORMATS for name in variants]
 
     torch.manual_seed(0)
@@ -121,7 +131,10 @@ def main() -> None:
         }  # fmt: skip
         cells = []
         for fmt, variant in columns:
-            kernel.PREQUANTIZE_PREFILL, kernel.FOLD_V_SCALE = variants[variant]
+            if variant.startswith("/dec") != (kind == "decode") and variant:  # the knob does not apply
+                cells.append(f"{'-':>21} {'':>5}")
+                continue
+            kernel.PREQUANTIZE_PREFILL, kernel.DECODE_PROGRAMS_PER_SM = variants[variant]
 
             def ours(fmt=fmt):
                 return kernel.run(q, k, v, None, causal, None, gqa, fmt, torch.bfloat16)
@@ -133,9 +146,10 @@ def main() -> None:
                 "tflops": flops / ms / 1e9,
                 "kv_gbps": kv_bytes / ms / 1e6,
                 "sqnr_db": _sqnr(q, k, v, causal, gqa, fmt, ours()),
+                "config": str(_best_config(kernel, kind, fmt)),
             }
             cells.append(f"{ms:>21.3f} {bf16_ms / ms:>5.2f}")
-        kernel.PREQUANTIZE_PREFILL, kernel.FOLD_V_SCALE = variants[""]
+        kernel.PREQUANTIZE_PREFILL, kernel.DECODE_PROGRAMS_PER_SM = variants[""]
         rows.append(row)
         name = f"{kind} B{batch} H{q_heads}/{kv_heads} L{q_len} S{kv_len} D{dim}{' causal' if causal else ''}"
         print(f"{name:<44} {bf16_ms:>8.3f} " + " ".join(cells), flush=True)
@@ -144,7 +158,7 @@ def main() -> None:
         rate = "tflops" if row["kind"] == "prefill" else "kv_gbps"
         unit = "TFLOP/s" if rate == "tflops" else "GB/s of bf16 KV"
         parts = [f"bf16 ({row['sdpa_backend']}) {row['bf16_' + rate]:.0f}"]
-        parts += [f"{f} {r[rate]:.0f} (SQNR {r['sqnr_db']} dB)" for f, r in row["formats"].items()]
+        parts += [f"{f} {r[rate]:.0f} (SQNR {r['sqnr_db']} dB; {r['config']})" for f, r in row["formats"].items()]
         print(f"{row['kind']} L{row['q_len']} S{row['kv_len']} D{row['head_dim']}{' causal' if row['causal'] else ''}: "
               f"{unit}: " + ", ".join(parts))  # fmt: skip
     print(f"# {time.time() - start:.0f} s")

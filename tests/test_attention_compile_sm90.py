@@ -132,7 +132,7 @@ def test_failed_h100_configurations_compile_for_sm90():
     for config in kernel.PREFILL_CONFIGS:
         if config.kwargs["BLOCK_M"] % 128 == 0:
             cases.append(_case("fp8", block_m=config.kwargs["BLOCK_M"], warps=config.num_warps,
-                               stages=config.num_stages, causal=False))  # fmt: skip
+                               stages=config.num_stages, causal=False, fold_v=config.kwargs["FOLD_V"]))  # fmt: skip
     results = _compile(cases)
     failures = [(c, r["error"]) for c, r in zip(cases, results) if "error" in r]
     assert not failures, failures

@@ -56,7 +56,12 @@ DECODE_MAX_ROWS = 64  # packed decode tiles: L * next_pow2(group) rows at most
 # Prefill: K/V quantized once by `quantize_kv_kernel` (every query block of a head reads each K/V
 # tile; quantizing it in each of them cost ~8x the MMA time, benchmarks/NOTES-attention.md v1).
 PREQUANTIZE_PREFILL = True
-FOLD_V_SCALE = True  # PV accumulates in the MMA, acc kept in units of the V tile's scale
+# FOLD_V: PV accumulates in the MMA, acc kept in units of the V tile's scale (fewer registers) or
+# not (one multiply-add fewer per element): the prefill autotuner tries both; other launches use this.
+FOLD_V_SCALE = True
+# Decode: KV splits to give every SM this many programs (the in-loop quantization needs occupancy
+# to keep loads in flight).
+DECODE_PROGRAMS_PER_SM = 2
 QUANTIZE_KV_BLOCKS_PER_PROGRAM = 4
 MAX_SPLITS = 16
 MASK_NONE, MASK_FLOAT, MASK_BOOL = 0, 1, 2
@@ -305,6 +310,8 @@ if triton is not None:
         else:
             qk_scale = (tl.program_id(0) * 0.0 + qk_scale).to(tl.float32)  # also a constexpr 1 (Inductor)
         pid_m = tl.program_id(0)
+        if IS_CAUSAL and PACK_ROWS == 0:  # the longest rows (most K/V tiles) first: a shorter tail
+            pid_m = tl.num_programs(0) - 1 - pid_m
         pid_bh = tl.program_id(1)
         split = tl.program_id(2)
         rows = tl.arange(0, BLOCK_M)
@@ -426,8 +433,10 @@ if triton is not None:
     # Measured candidates for H100 (benchmarks/bench_attention.py); autotuned per head dim, causal,
     # mask kind, formats and length buckets (eager calls; Inductor tunes once per compiled graph).
     PREFILL_CONFIGS = [
-        triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s) for m in (128, 64) for w in (8, 4) for s in (3, 2)
-    ]
+        triton.Config({"BLOCK_M": m, "FOLD_V": f}, num_warps=w, num_stages=s)
+        for m in (128, 64) for w in (8, 4) for s in (3, 2) for f in (True, False)
+        if (m, w) != (128, 4)  # 128 x 128 on one warpgroup spills (benchmarks/NOTES-attention.md)
+    ]  # fmt: skip
     DECODE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (3, 2)]
     _TUNING_KEY = [
         "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "MASK_KIND", "QK_INT8", "SMOOTH_K", "PREQUANT", "FOLD_V", "BLOCK_N",
@@ -440,7 +449,7 @@ if triton is not None:
         Q block size gets its own autotuner over only these, so no launch path (eager autotuning,
         Inductor's user-kernel autotuning, pruning or not) can pair a tile with a larger Q block."""
         kept = [c for c in PREFILL_CONFIGS if c.kwargs["BLOCK_M"] % q_rows == 0]
-        return kept or [triton.Config({"BLOCK_M": max(16, q_rows)}, num_warps=4, num_stages=2)]
+        return kept or [triton.Config({"BLOCK_M": max(16, q_rows), "FOLD_V": FOLD_V_SCALE}, num_warps=4, num_stages=2)]
 
     def attention_kernel_prefill(q_rows: int):
         if q_rows not in _PREFILL_KERNELS:
@@ -483,7 +492,7 @@ def _splits(batch, kv_heads, kv_len, block_n: int, device: torch.device) -> int:
         return 8
     programs = max(1, batch * kv_heads)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(MAX_SPLITS, triton.cdiv(2 * sms, programs), triton.cdiv(kv_len, block_n)))
+    return max(1, min(MAX_SPLITS, triton.cdiv(DECODE_PROGRAMS_PER_SM * sms, programs), triton.cdiv(kv_len, block_n)))
 
 
 def _quantize_kv(k4, v4, attention_format, block_n: int, constants: dict, wrap) -> tuple:
@@ -573,7 +582,9 @@ def run(
         BLOCK_N=block_n,
     )
     prequant = packed is None and PREQUANTIZE_PREFILL
-    constants.update(PREQUANT=prequant, FOLD_V=FOLD_V_SCALE)
+    constants.update(PREQUANT=prequant)
+    if packed is not None or config is not None:  # else a tuning parameter of the prefill configs
+        constants.update(FOLD_V=(config or {}).get("FOLD_V", FOLD_V_SCALE))
     if packed is None:
         splits, split_len = 1, kv_len
         constants.update(Q_SCALE_ROWS=q_fmt.block_rows, PACK_ROWS=0, SPLITS=1)
