@@ -2,10 +2,10 @@
 
 This graph runs anywhere and is the numerical reference ("fake quant") of every later stage.
 Linear sites of every source form become `F.linear(dequantize(x), dequantize(W), bias)` and
-attention sites of both forms become SDPA over dequantized q, k, v (for an attention format, K is
-smoothed first and the attention math quantizes the probabilities as the kernel does:
-`reference.attention_quantized_probabilities`). The nodes created are recorded in `site.qdq` for
-the folding and fusion stages.
+attention sites of both forms become SDPA over dequantized q, k, v, or, for an attention format
+(which quantizes q, k and v itself, per token block), one `lowbit.block_attention` node whose
+reference is `reference.attention`. The nodes created are recorded in `site.qdq` for the folding
+and fusion stages.
 
 A calibrated linear site (`site.calibration`) multiplies its activation by the smoothing factors
 (`x * smooth`, pointwise: Inductor fuses it into the producer) and divides the weight by them
@@ -122,25 +122,21 @@ def _qdq_attention(graph: torch.fx.Graph, site: Site) -> torch.fx.Node:
 def _qdq_block_attention(
     graph: torch.fx.Graph, site: Site, operands: dict[str, torch.fx.Node], mask: torch.fx.Node | None
 ) -> torch.fx.Node:
-    """An attention format (`formats.AttentionFormat`): K smoothed, q, k, v quantized per token
-    block, and attention with quantized probabilities, all in fp32, then the site's dtype. The
-    fused op takes the high-precision operands (`q_input`...) and quantizes them itself."""
-    attention_format = site.spec.attention_format
-    formats = dict(zip(("q", "k", "v"), attention_format.formats))
+    """An attention format (`formats.AttentionFormat`): one `lowbit.block_attention` node over the
+    high-precision q, k, v (`q_input`...). Its reference (`reference.attention`: K smoothed, q, k, v
+    quantized per token block, attention with quantized probabilities in fp32) is the op's CPU body.
+    Not spelled out as quantize / dequantize nodes here: propagating shapes through the per-block
+    reshapes of a symbolic sequence length puts guards on it ("blocks != 1"), a second graph for
+    lengths within one block under `dynamic=True` (issue 7); the op's fake impl asks nothing."""
     site.qdq.update({f"{name}_input": operand for name, operand in operands.items()})
-    if attention_format.smooth_k:
-        operands["k"] = graph.call_function(reference.smooth_keys, (operands["k"], formats["k"].block_rows))
-    dequantized = []
-    for name, operand in operands.items():
-        _, parts = _quantize(graph, operand, formats[name].name)
-        site.qdq[f"{name}_parts"] = parts
-        dequantized.append(_dequantize(graph, parts, formats[name].name, torch.float32))
     attrs = site.attrs
-    out = graph.call_function(
-        reference.attention_quantized_probabilities,
-        (*dequantized, mask, bool(attrs["is_causal"]), attrs["scale"], bool(attrs["enable_gqa"]), formats["v"].name),
-    )
-    return graph.call_method("to", (out, value_of(site.node).dtype))
+    return graph.call_function(
+        torch.ops.lowbit.block_attention.default,
+        (
+            operands["q"], operands["k"], operands["v"], mask, bool(attrs["is_causal"]), attrs["scale"],
+            bool(attrs["enable_gqa"]), site.spec.activation, value_of(site.node).dtype,
+        ),
+    )  # fmt: skip
 
 
 def insert_qdq(state: PipelineState) -> None:
