@@ -111,6 +111,9 @@ BLOCK = ("fp8_e4m3_1x128", "fp8_e4m3_128x128")
         (37, 40, 384, C(32, 32, 128, 4, 2, 1, 0, 1)),  # paired, the second pair is half
         (5, 40, 640, C(16, 16, 128, 4, 2, 2, 0, 1)),  # paired and split K: slices of 2 pairs and half a pair
         (300, 136, 384, C(64, 128, 128, 4, 2, 1, 0, 1)),  # paired, the large-M tile shape
+        (37, 40, 512, C(32, 32, 128, 4, 2, 1, 0, 2)),  # overlapped pairs (PAIRED=2), two pairs
+        (37, 40, 384, C(32, 32, 128, 4, 2, 1, 0, 2)),  # overlapped, the second pair is half
+        (5, 40, 640, C(16, 16, 128, 4, 2, 2, 0, 2)),  # overlapped and split K
     ],
 )
 def test_block_kernel_matches_reference(m, n, k, config):
@@ -182,6 +185,7 @@ def test_zero_row_gives_zeros_and_nan_stays_in_its_row(x_fmt, w_fmt):
     configs = [C(16, 16, 128, 4, 3), C(16, 16, 128, 4, 3, 2, 1)]
     if "1x128" in x_fmt:
         configs.append(C(16, 16, 128, 4, 2, 1, 0, 1))  # paired steps (the held product starts at zero)
+        configs.append(C(16, 16, 128, 4, 2, 1, 0, 2))  # overlapped pairs
     for config in configs:
         out = _launch_poisoned(qx.data, x_scale, w.data, w.scale, None, x_fmt, w_fmt, config)
         assert torch.equal(out[0], torch.zeros_like(out[0]))

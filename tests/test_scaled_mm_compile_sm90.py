@@ -6,7 +6,10 @@ rests on (issue 6, benchmarks/NOTES-scaled-mm.md v2), held in CI without a GPU.
 - the MMAs are not serialized by ptxas (it waits after every wgmma when it sees registers of an
   in-flight product read: "wgmma serialized", C7514): as many `WARPGROUP.DEPBAR` as Triton's waits;
 - paired K steps: one MMA wait in the loop for two products (the second stays in flight across the
-  loop edge), one after it.
+  loop edge), one after it;
+- overlapped pairs (PAIRED=2, NOTES v3): the second MMA is issued before the first product's
+  promotion, some of whose FMAs the SASS places after that MMA (Triton 3.6: 52 of 64 at 128x128; without the pin
+  LLVM moves the held product's promotion below it too and ptxas serializes every wgmma, C7514).
 
 As in test_attention_compile_sm90.py, the compiles run in a subprocess without TRITON_INTERPRET."""
 
@@ -61,8 +64,16 @@ def compile_case(case):
     except Exception:  # noqa: BLE001
         sass = ""
     ttgir = compiled.asm["ttgir"]
+    # FMAs issued after the loop's last MMA (while it runs): from the loop's first MMA wait to the
+    # branch that closes the loop
+    lines = sass.splitlines()
+    first_wait = next((i for i, l in enumerate(lines) if "WARPGROUP.DEPBAR" in l), len(lines))
+    loop_end = next((i for i in range(first_wait, len(lines)) if "BRA" in lines[i]), len(lines))
+    body = lines[first_wait:loop_end]
+    last_mma = max((i for i, l in enumerate(body) if "GMMA" in l), default=len(body))
     return {
-        "paired": bool(config.PAIRED),
+        "ffma_after_last_mma": sum("FFMA" in l for l in body[last_mma:]),
+        "paired": config.PAIRED,
         "has_sass": bool(sass),
         "local": sum(sass.count(op) for op in ("STL", "LDL")),
         "depbar": sass.count("WARPGROUP.DEPBAR"),
@@ -111,3 +122,5 @@ def test_block_kernel_large_m_candidates_compile_for_sm90_without_spills_or_seri
         if result["has_sass"]:  # a Triton without nvdisasm gives no SASS
             assert result["local"] == 0, (config, result)
             assert result["depbar"] == result["waits"], (config, result)  # ptxas added no waits of its own
+            if config.PAIRED == 2:  # the first product's promotion runs during the second product's MMA
+                assert result["ffma_after_last_mma"] >= 16, (config, result)

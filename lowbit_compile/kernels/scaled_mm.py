@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -78,7 +79,9 @@ class ScaledMMConfig:
     num_stages: int = 3
     SPLIT_K: int = 1  # programs along K per output tile; > 1 writes fp32 partials, summed by a second kernel
     SWAP_AB: int = 0  # 1: compute out^T = W @ x^T (the weight tile is the MMA's A operand)
-    PAIRED: int = 0  # block kernel only: two K steps per iteration, the second one's MMA in flight across the loop edge
+    # block kernel only: two K steps per iteration, the second one's MMA in flight across the loop edge;
+    # 2: and issued before the first product is promoted (that promotion overlaps it)
+    PAIRED: int = 0
 
     def as_tuple(self) -> tuple[int, ...]:
         return dataclasses.astuple(self)
@@ -204,6 +207,12 @@ if triton is not None:
 
 
     @triton.jit
+    def _pin(x):
+        """x unchanged, through an asm statement with side effects: arithmetic feeding it stays
+        before the side-effecting statements (MMA issues) that follow it in the source."""
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=False, pack=1)
+
+    @triton.jit
     def scaled_mm_block_kernel(
         x_ptr,
         x_scale_ptr,
@@ -228,6 +237,7 @@ if triton is not None:
         GROUP_M: tl.constexpr,
         SPLIT_K: tl.constexpr,
         PAIRED: tl.constexpr,
+        PIN: tl.constexpr,  # PAIRED == 2: pin with inline asm (False in the interpreter, which runs no asm)
     ):
         """fp8 1x128 x 128x128 block scales, one 128-wide K step at a time (the DeepSeek-V3 recipe as
         DeepGEMM runs it): each step's MMA product starts from zero and is added to the fp32
@@ -267,7 +277,45 @@ if triton is not None:
         w_scale_ptr += ((pid_n * BLOCK_N) // 128) * stride_ws + k_begin // BLOCK_K
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if PAIRED:
+        if PAIRED == 2:
+            # Overlapped pairs: the second product of a pair stays in flight across the loop edge (as
+            # PAIRED == 1), and is issued BEFORE the first one is promoted, so that 64 FMAs per
+            # thread run while the tensor cores work on it. Triton waits for both at the next
+            # iteration's first MMA (it keeps only a loop-carried product in flight).
+            held = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # the previous iteration's second product
+            held_scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for k0 in range(k_begin, k_end, 2 * BLOCK_K):
+                step = (k0 - k_begin) // BLOCK_K
+                if EVEN_K:
+                    x0 = tl.load(x_ptrs)
+                    w0 = tl.load(w_ptrs)
+                    x1 = tl.load(x_ptrs + BLOCK_K)
+                    w1 = tl.load(w_ptrs + BLOCK_K)
+                    scale1 = tl.load(x_scale_ptrs + step + 1) * tl.load(w_scale_ptr + step + 1)
+                else:
+                    k_in = k0 + tl.arange(0, BLOCK_K)
+                    x0 = tl.load(x_ptrs, mask=(k_in < k_end)[None, :], other=0.0)
+                    w0 = tl.load(w_ptrs, mask=(k_in < k_end)[None, :], other=0.0)
+                    x1 = tl.load(x_ptrs + BLOCK_K, mask=(k_in + BLOCK_K < k_end)[None, :], other=0.0)
+                    w1 = tl.load(w_ptrs + BLOCK_K, mask=(k_in + BLOCK_K < k_end)[None, :], other=0.0)
+                    last = tl.minimum(step + 1, (k_end - k_begin - 1) // BLOCK_K)  # as PAIRED == 1
+                    scale1 = tl.load(x_scale_ptrs + last) * tl.load(w_scale_ptr + last)
+                    scale1 = tl.where(k0 + BLOCK_K < k_end, scale1, 0.0)
+                scale0 = tl.load(x_scale_ptrs + step) * tl.load(w_scale_ptr + step)
+                product0 = tl.dot(x0, tl.trans(w0))
+                acc += held * held_scale[:, None]
+                # LLVM sinks that promotion (pure arithmetic) below the next MMA's issue; it then
+                # copies the in-flight product's registers at the loop edge, and ptxas serializes
+                # every wgmma (C7514). A side-effecting no-op on acc keeps it above.
+                if PIN:
+                    acc = _pin(acc)
+                held = tl.dot(x1, tl.trans(w1))
+                acc += product0 * scale0[:, None]
+                held_scale = scale1
+                x_ptrs += 2 * BLOCK_K
+                w_ptrs += 2 * BLOCK_K
+            acc += held * held_scale[:, None]
+        elif PAIRED:
             held = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # the previous iteration's second product
             held_scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
             for k0 in range(k_begin, k_end, 2 * BLOCK_K):
@@ -412,7 +460,8 @@ def kernel_arguments(meta: ScaledMeta, config: ScaledMMConfig, has_bias: bool) -
             BLOCK_N=config.BLOCK_N,
             GROUP_M=8,
             SPLIT_K=config.SPLIT_K,
-            PAIRED=bool(config.PAIRED),
+            PAIRED=config.PAIRED,
+            PIN=os.environ.get("TRITON_INTERPRET") != "1",
         )
     return dict(
         BLOCK_SCALES=meta.block_scales,
@@ -456,6 +505,8 @@ def _candidates(bucket_m: int, meta: ScaledMeta) -> list[ScaledMMConfig]:
             configs = [C(128, 128, 128, 8, 3), C(64, 128, 128, 4, 4), C(128, 128, 128, 8, 2, 1, 0, 1)]
             configs += [C(64, 128, 128, 4, 2, 1, 0, 1), C(128, 64, 128, 8, 4), C(128, 128, 128, 8, 4)]
             configs += [C(64, 128, 128, 4, 3), C(64, 256, 128, 8, 3)]
+            # v3: overlapped pairs (PAIRED=2): 248 registers at 128x128 / 8 warps, 254 at 64x128 / 4
+            configs += [C(128, 128, 128, 8, 3, 1, 0, 2), C(128, 128, 128, 8, 2, 1, 0, 2), C(64, 128, 128, 4, 3, 1, 0, 2)]
     elif bucket_m <= 16:
         configs = [C(16, 64, 128, 4, 4, 4, 1), C(16, 64, 512, 4, 3, 1, 1), C(16, 64, 128, 4, 6, 1, 1)]
         configs += [C(16, 64, 256, 4, 3, 2, 1), C(16, 128, 128, 4, 4, 2, 1), C(16, 64, 128, 4, 4, 2, 1)]
