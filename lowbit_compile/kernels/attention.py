@@ -131,6 +131,77 @@ if triton is not None:
         return tl.where(scale == 0, 0.0, tl.math.div_rn(scale * 0.0 + 1.0, scale))  # scale may be a scalar
 
     @triton.jit
+    def _softmax_pv(
+        qk, k_scale, n0, acc, row_sum, row_max, v_unit,
+        q_scale, rows_l, q_head, row_valid, v_base, mask_base, vc_base, vs_base, S, S_PAD,
+        stride_vs, stride_vd, stride_mh, stride_ml, stride_ms, offs_dv, dv_valid, qk_scale,
+        BOUNDARY: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, V_QMAX: tl.constexpr,
+        SOFT_FP8: tl.constexpr, PREQUANT: tl.constexpr, FOLD_V: tl.constexpr,
+        HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        """One K/V tile after QK^T: scale and mask the scores, online softmax, P cast, PV product.
+        FOLD_V: acc is kept in units of the current V tile's scale (v_unit = v_scale / 448), so
+        the PV product accumulates into acc inside the MMA."""
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        kv_valid = offs_n < S
+        s = qk * (q_scale[:, None] * (k_scale * qk_scale))  # scores in base 2
+        if MASK_KIND != 0:
+            m_ptrs = mask_base + q_head[:, None] * stride_mh + rows_l[:, None] * stride_ml
+            m_ptrs += offs_n[None, :] * stride_ms
+            m_valid = row_valid[:, None] & kv_valid[None, :]
+            if MASK_KIND == 1:  # a finite fill (finfo.min) stays finite: see reference._mask_in_base_2
+                mv = tl.load(m_ptrs, mask=m_valid, other=0.0).to(tl.float32)
+                s += tl.where(mv == float("-inf"), mv, tl.maximum(mv * 1.4426950408889634, -3.4028234663852886e38))
+            else:
+                s = tl.where(tl.load(m_ptrs, mask=m_valid, other=0) != 0, s, float("-inf"))
+        if BOUNDARY:
+            keep = kv_valid[None, :]
+            if IS_CAUSAL:
+                keep = keep & (offs_n[None, :] <= rows_l[:, None])
+            s = tl.where(keep, s, float("-inf"))
+        new_max = _max_nan(row_max, tl.math.ceil(tl.reduce(s, 1, _max_nan)))
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # nothing seen yet: P = 0
+        alpha = tl.math.exp2(row_max - safe_max)  # a power of two (or 0)
+        p = tl.math.exp2(s - safe_max[:, None])
+        row_sum = row_sum * alpha + tl.sum(p, 1)
+        if PREQUANT:
+            vt8 = tl.load(vc_base + tl.arange(0, HEAD_DIM_V)[:, None] * S_PAD + offs_n[None, :])
+            v_scale = tl.load(vs_base + n0 // BLOCK_N)
+            v8 = tl.trans(vt8)
+        else:
+            if BOUNDARY:
+                v_load_mask = kv_valid[:, None] & dv_valid[None, :]
+            else:
+                v_load_mask = dv_valid[None, :]
+            v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_dv[None, :] * stride_vd
+            v = tl.load(v_ptrs, mask=v_load_mask, other=0.0).to(tl.float32)
+            v_scale = _tile_amax(v) * (1.0 / V_QMAX)
+            v8 = _quantize(v, _inverse(v_scale), False, V_QMAX, SOFT_FP8)
+        p8 = _quantize(p, V_QMAX, False, V_QMAX, SOFT_FP8)  # P * 448: codes with scale 1/448
+        if FOLD_V:
+            # acc (in units of v_unit) re-expressed in the units of this tile; an all-zero tile
+            # (scale 0) adds nothing and keeps the units
+            unit = tl.where(v_scale == 0, v_unit, v_scale * (1.0 / V_QMAX))
+            acc = acc * (alpha * tl.math.div_rn(v_unit, unit))[:, None]
+            acc = tl.dot(p8, v8, acc)
+            v_unit = unit
+        else:
+            acc = acc * alpha[:, None]
+            acc += tl.dot(p8, v8) * (v_scale * (1.0 / V_QMAX))
+        return acc, row_sum, new_max, v_unit
+
+    @triton.jit
+    def _qk_codes(q8, kc_base, n0, QK_INT8: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Q K^T of one pre-quantized K tile (codes), unscaled, fp32."""
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k8 = tl.load(kc_base + offs_n[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :])
+        if QK_INT8:
+            qk = tl.dot(q8, tl.trans(k8), out_dtype=tl.int32).to(tl.float32)
+        else:
+            qk = tl.dot(q8, tl.trans(k8))
+        return qk
+
+    @triton.jit
     def _attend_tiles(
         acc, row_sum, row_max, v_unit,
         q8, q_scale, k_mean, rows_l, q_head, row_valid,
@@ -149,76 +220,36 @@ if triton is not None:
         PREQUANT: K and V come as codes written by `quantize_kv_kernel` (K (S_PAD, HEAD_DIM), V
         transposed (HEAD_DIM_V, S_PAD), zero padded, one fp32 scale per tile), so a tile is two
         plain loads that Triton pipelines into shared memory; otherwise each tile is loaded in high
-        precision and quantized here. FOLD_V: acc is kept in units of the current V tile's scale
-        (v_unit = v_scale / 448), so the PV product accumulates into acc inside the MMA."""
+        precision and quantized here."""
         for n0 in range(n_begin, n_end, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            kv_valid = offs_n < S
             if PREQUANT:
-                k8 = tl.load(kc_base + offs_n[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :])
+                qk = _qk_codes(q8, kc_base, n0, QK_INT8, HEAD_DIM, BLOCK_N)
                 k_scale = tl.load(ks_base + n0 // BLOCK_N)
             else:
+                offs_n = n0 + tl.arange(0, BLOCK_N)
                 if BOUNDARY:
-                    k_load_mask = kv_valid[:, None] & d_valid[None, :]
+                    k_load_mask = (offs_n < S)[:, None] & d_valid[None, :]
                 else:
                     k_load_mask = d_valid[None, :]
                 k = tl.load(
-                    k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=k_load_mask, other=0.0
-                )
+                    k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=k_load_mask,
+                    other=0.0,
+                )  # fmt: skip
                 k = k.to(tl.float32)
                 if SMOOTH_K:
                     k = tl.where(k_load_mask, k - k_mean[None, :], 0.0)
                 k_scale = _tile_amax(k) * (1.0 / QK_QMAX)
                 k8 = _quantize(k, _inverse(k_scale), QK_INT8, QK_QMAX, SOFT_FP8)
-            if QK_INT8:
-                qk = tl.dot(q8, tl.trans(k8), out_dtype=tl.int32).to(tl.float32)
-            else:
-                qk = tl.dot(q8, tl.trans(k8))
-            s = qk * (q_scale[:, None] * (k_scale * qk_scale))  # scores in base 2
-            if MASK_KIND != 0:
-                m_ptrs = mask_base + q_head[:, None] * stride_mh + rows_l[:, None] * stride_ml
-                m_ptrs += offs_n[None, :] * stride_ms
-                m_valid = row_valid[:, None] & kv_valid[None, :]
-                if MASK_KIND == 1:  # a finite fill (finfo.min) stays finite: see reference._mask_in_base_2
-                    mv = tl.load(m_ptrs, mask=m_valid, other=0.0).to(tl.float32)
-                    s += tl.where(mv == float("-inf"), mv, tl.maximum(mv * 1.4426950408889634, -3.4028234663852886e38))
+                if QK_INT8:
+                    qk = tl.dot(q8, tl.trans(k8), out_dtype=tl.int32).to(tl.float32)
                 else:
-                    s = tl.where(tl.load(m_ptrs, mask=m_valid, other=0) != 0, s, float("-inf"))
-            if BOUNDARY:
-                keep = kv_valid[None, :]
-                if IS_CAUSAL:
-                    keep = keep & (offs_n[None, :] <= rows_l[:, None])
-                s = tl.where(keep, s, float("-inf"))
-            new_max = _max_nan(row_max, tl.math.ceil(tl.reduce(s, 1, _max_nan)))
-            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # nothing seen yet: P = 0
-            alpha = tl.math.exp2(row_max - safe_max)  # a power of two (or 0)
-            p = tl.math.exp2(s - safe_max[:, None])
-            row_sum = row_sum * alpha + tl.sum(p, 1)
-            if PREQUANT:
-                vt8 = tl.load(vc_base + tl.arange(0, HEAD_DIM_V)[:, None] * S_PAD + offs_n[None, :])
-                v_scale = tl.load(vs_base + n0 // BLOCK_N)
-                v8 = tl.trans(vt8)
-            else:
-                if BOUNDARY:
-                    v_load_mask = kv_valid[:, None] & dv_valid[None, :]
-                else:
-                    v_load_mask = dv_valid[None, :]
-                v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_dv[None, :] * stride_vd
-                v = tl.load(v_ptrs, mask=v_load_mask, other=0.0).to(tl.float32)
-                v_scale = _tile_amax(v) * (1.0 / V_QMAX)
-                v8 = _quantize(v, _inverse(v_scale), False, V_QMAX, SOFT_FP8)
-            p8 = _quantize(p, V_QMAX, False, V_QMAX, SOFT_FP8)  # P * 448: codes with scale 1/448
-            if FOLD_V:
-                # acc (in units of v_unit) re-expressed in the units of this tile; an all-zero tile
-                # (scale 0) adds nothing and keeps the units
-                unit = tl.where(v_scale == 0, v_unit, v_scale * (1.0 / V_QMAX))
-                acc = acc * (alpha * tl.math.div_rn(v_unit, unit))[:, None]
-                acc = tl.dot(p8, v8, acc)
-                v_unit = unit
-            else:
-                acc = acc * alpha[:, None]
-                acc += tl.dot(p8, v8) * (v_scale * (1.0 / V_QMAX))
-            row_max = new_max
+                    qk = tl.dot(q8, tl.trans(k8))
+            acc, row_sum, row_max, v_unit = _softmax_pv(
+                qk, k_scale, n0, acc, row_sum, row_max, v_unit,
+                q_scale, rows_l, q_head, row_valid, v_base, mask_base, vc_base, vs_base, S, S_PAD,
+                stride_vs, stride_vd, stride_mh, stride_ml, stride_ms, offs_dv, dv_valid, qk_scale,
+                BOUNDARY, IS_CAUSAL, MASK_KIND, V_QMAX, SOFT_FP8, PREQUANT, FOLD_V, HEAD_DIM_V, BLOCK_N,
+            )  # fmt: skip
         return acc, row_sum, row_max, v_unit
 
     @triton.jit
