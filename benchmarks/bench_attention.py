@@ -6,7 +6,8 @@ Times bf16 `F.scaled_dot_product_attention` (the flash backend where it takes th
 kernel (`lowbit_compile.kernels.attention`, autotuned, q/k/v given in bf16 and quantized inside the
 kernel) for each attention format, by CUDA-graph replay (`triton.testing.do_bench_cudagraph`: host
 overhead excluded). Every operand here is larger than L2 (>= 32 MiB), so nothing is rotated.
-Prints a table of ms, TFLOP/s (prefill) or KV GB/s (decode) and the ratio over bf16, plus the
+Prints a table of ms, TFLOP/s (prefill) or KV GB/s (decode) and the ratio over bf16 (and bf16 on
+cuDNN's attention as a ratio over flash: Inductor picks cuDNN for compiled models here), plus the
 output SQNR against float64 on one batch element where it fits; writes JSON to --out or $OUT.
 
 Issue 7's targets (H100): causal B=4 H=32 S=4096 D=128 >= 1.4x over bf16 SDPA; non-causal S=8192
@@ -61,6 +62,21 @@ def _sdpa(q, k, v, causal, gqa):
     raise RuntimeError("no SDPA backend runs this case")
 
 
+def _cudnn_ms(q, k, v, causal, gqa) -> float | None:
+    """bf16 SDPA on cuDNN's attention (what Inductor picked for a compiled Llama on this image), or
+    None where cuDNN does not take the case."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def call():
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+
+    try:
+        return _time_ms(call)
+    except RuntimeError:
+        return None
+
+
 def _time_ms(fn) -> float:
     from triton.testing import do_bench_cudagraph
 
@@ -112,7 +128,7 @@ def main() -> None:
     torch.manual_seed(0)
     start = time.time()
     rows = []
-    header = f"{'case':<44} {'bf16 ms':>8} " + " ".join(f"{f + n + ' ms':>21} {'x':>5}" for f, n in columns)
+    header = f"{'case':<44} {'bf16 ms':>8} {'cudnn x':>8} " + " ".join(f"{f + n + ' ms':>21} {'x':>5}" for f, n in columns)
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}")
     print(header)
     for case in QUICK if args.quick else PREFILL + DECODE:
@@ -123,10 +139,11 @@ def main() -> None:
         flops = 4 * batch * q_heads * q_len * kv_len * dim * (0.5 if causal and q_len == kv_len else 1.0)
         kv_bytes = 2 * batch * kv_heads * kv_len * dim * 2  # bf16 K and V, read once
         bf16_ms = _time_ms(sdpa)
+        cudnn_ms = _cudnn_ms(q, k, v, causal, gqa)
         row = {
             "kind": kind, "batch": batch, "q_heads": q_heads, "kv_heads": kv_heads, "q_len": q_len,
             "kv_len": kv_len, "head_dim": dim, "causal": causal, "sdpa_backend": backend,
-            "bf16_ms": bf16_ms, "bf16_tflops": flops / bf16_ms / 1e9, "bf16_kv_gbps": kv_bytes / bf16_ms / 1e6,
+            "bf16_ms": bf16_ms, "cudnn_ms": cudnn_ms, "bf16_tflops": flops / bf16_ms / 1e9, "bf16_kv_gbps": kv_bytes / bf16_ms / 1e6,
             "formats": {},
         }  # fmt: skip
         cells = []
@@ -152,7 +169,8 @@ def main() -> None:
         kernel.PREQUANTIZE_PREFILL, kernel.DECODE_PROGRAMS_PER_SM = variants[""]
         rows.append(row)
         name = f"{kind} B{batch} H{q_heads}/{kv_heads} L{q_len} S{kv_len} D{dim}{' causal' if causal else ''}"
-        print(f"{name:<44} {bf16_ms:>8.3f} " + " ".join(cells), flush=True)
+        cudnn = f"{bf16_ms / cudnn_ms:>8.2f}" if cudnn_ms else f"{'-':>8}"
+        print(f"{name:<44} {bf16_ms:>8.3f} {cudnn} " + " ".join(cells), flush=True)
     print()
     for row in rows:
         rate = "tflops" if row["kind"] == "prefill" else "kv_gbps"
