@@ -67,6 +67,8 @@ def compile_case(case):
                 PREQUANT=case["prequant"], FOLD_V=case["fold_v"])
     src = ASTSource(fn=fn, signature=sig, constexprs=cons, attrs=attrs)
     options = {"num_warps": case["num_warps"], "num_stages": case["num_stages"]}
+    if case.get("maxnreg"):
+        options["maxnreg"] = case["maxnreg"]
     try:
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     except Exception as e:  # noqa: BLE001
@@ -130,9 +132,10 @@ def test_failed_h100_configurations_compile_for_sm90():
     ]
     # every prefill tile the launcher can pick for the 128-token formats (one format each: time)
     for config in kernel.PREFILL_CONFIGS:
-        if config.kwargs["BLOCK_M"] % 128 == 0:
-            cases.append(_case("fp8", block_m=config.kwargs["BLOCK_M"], warps=config.num_warps,
-                               stages=config.num_stages, causal=False, fold_v=config.kwargs["FOLD_V"]))  # fmt: skip
+        if config.kwargs["BLOCK_M"] % 128 == 0 or config.maxnreg:
+            cases.append(_case("fp8", q_rows=min(128, config.kwargs["BLOCK_M"]), block_m=config.kwargs["BLOCK_M"],
+                               warps=config.num_warps, stages=config.num_stages, causal=False,
+                               fold_v=config.kwargs["FOLD_V"], maxnreg=config.maxnreg))  # fmt: skip
     results = _compile(cases)
     failures = [(c, r["error"]) for c, r in zip(cases, results) if "error" in r]
     assert not failures, failures
@@ -140,11 +143,21 @@ def test_failed_h100_configurations_compile_for_sm90():
     assert all(r["wgmma"] == 4 for c, r in zip(cases, results) if c["pack"] == 0), results
 
 
-def test_tile_smaller_than_q_block_is_refused_and_never_picked():
+def test_tile_smaller_than_q_block_only_where_its_scale_is_read_whole():
+    """A prefill tile may be a fraction of a Q block (it reads the block's other rows for the scale);
+    only the small-tile configs (with a register cap) are such fractions; a packed decode tile must
+    hold whole blocks."""
     from lowbit_compile.kernels import attention as kernel
 
     for q_rows in (16, 32, 64, 128):
-        assert kernel.prefill_configs(q_rows), q_rows
-        assert all(c.kwargs["BLOCK_M"] % q_rows == 0 for c in kernel.prefill_configs(q_rows)), q_rows
-    (result,) = _compile([_case("fp8", q_rows=128, block_m=64)])
-    assert "BLOCK_M % Q_SCALE_ROWS == 0" in result.get("error", ""), result
+        configs = kernel.prefill_configs(q_rows)
+        assert configs, q_rows
+        for c in configs:
+            block_m = c.kwargs["BLOCK_M"]
+            assert block_m % q_rows == 0 or (c.maxnreg is not None and q_rows % block_m == 0), (q_rows, c)
+    (prefill, decode) = _compile([
+        _case("fp8", q_rows=128, block_m=64, block_n=128, warps=4, maxnreg=168),
+        _case("fp8", q_rows=32, block_m=16, block_n=128, pack=1, SPLITS=1, causal=False, warps=4),
+    ])  # fmt: skip
+    assert prefill.get("ok"), prefill
+    assert "BLOCK_M % Q_SCALE_ROWS == 0" in decode.get("error", ""), decode

@@ -84,7 +84,8 @@ def test_every_prefill_config_matches_reference(fmt, causal):
     for index, config in enumerate(kernel.PREFILL_CONFIGS):
         if config.kwargs["BLOCK_M"] % q_rows:
             continue
-        settings = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+        settings = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages,
+                    "maxnreg": config.maxnreg}  # fmt: skip
         try:
             out = _launch_poisoned(q, k, v, None, causal, True, fmt, config=settings)
         except triton.runtime.errors.OutOfResources:

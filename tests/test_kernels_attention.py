@@ -86,6 +86,22 @@ def test_query_tile_of_two_q_blocks_and_a_head_dim_to_pad():
     check(q, k, v, causal=True, fmt=INT8_Q32)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_query_tile_half_a_q_block_reads_the_whole_block_for_its_scale(causal):
+    # 16-row tiles of 32-row Q blocks (the small-tile configs): each program takes the amax of the
+    # whole block, its sibling's rows included, so the codes are the reference's; NaN in the other
+    # half of the block reaches this half's rows through the shared scale.
+    q, k, v = heads_last(1, 2, 40, 32), heads_last(1, 2, 33, 32), heads_last(1, 2, 33, 32)
+    q[0, 1, 20] *= 50  # the largest |q| of block 0 of head 1 lies in the other tile of the block
+    config = {"BLOCK_M": 16, "num_warps": 4, "num_stages": 2}
+    out = kernel.run(q, k, v, None, causal, None, False, INT8_Q32, torch.float32, config=config)
+    expected = reference.attention(q, k, v, None, causal, None, False, INT8_Q32)
+    assert sqnr(expected, out) >= KERNEL_VS_REFERENCE_DB, sqnr(expected, out)
+    q[0, 0, 17] = float("nan")
+    out = kernel.run(q, k, v, None, causal, None, False, INT8_Q32, torch.float32, config=config)
+    assert out[0, 0, :32].isnan().all() and not out[0, 0, 32:].isnan().any()
+
+
 @pytest.mark.parametrize("fmt", ["attn_fp8_t64", "attn_int8_t128"])
 def test_builtin_formats_head_dim_64_and_128(fmt):
     dim = 64 if fmt.endswith("64") else 128

@@ -329,7 +329,10 @@ if triton is not None:
         SCALE_FROM_D: tl.constexpr, PREQUANT: tl.constexpr, FOLD_V: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
-        tl.static_assert(BLOCK_M % Q_SCALE_ROWS == 0, "a tile holds whole Q blocks: BLOCK_M % Q_SCALE_ROWS == 0")
+        tl.static_assert(
+            BLOCK_M % Q_SCALE_ROWS == 0 or (PACK_ROWS == 0 and Q_SCALE_ROWS % BLOCK_M == 0),
+            "a tile holds whole Q blocks or a whole fraction of one: BLOCK_M % Q_SCALE_ROWS == 0",
+        )
         # The scale in base 2, as fp32 whatever the launcher passed: Inductor's wrapper passes a
         # Python float as fp64 (an fp64 scale would promote the scores and acc to fp64), and a
         # default scale from a symbolic head dim cannot be a host float at all (SCALE_FROM_D:
@@ -375,9 +378,20 @@ if triton is not None:
         q_ptrs = q_ptr + b * stride_qb + q_head[:, None] * stride_qh + rows_l[:, None] * stride_ql
         q_ptrs += offs_d[None, :] * stride_qd
         q = tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0).to(tl.float32)
-        row_amax = tl.reduce(tl.abs(q), 1, _max_nan)
-        groups = tl.reduce(tl.reshape(row_amax, (BLOCK_M // Q_SCALE_ROWS, Q_SCALE_ROWS)), 1, _max_nan)
-        q_amax = tl.reshape(tl.broadcast_to(groups[:, None], (BLOCK_M // Q_SCALE_ROWS, Q_SCALE_ROWS)), (BLOCK_M,))
+        if BLOCK_M >= Q_SCALE_ROWS:
+            row_amax = tl.reduce(tl.abs(q), 1, _max_nan)
+            groups = tl.reduce(tl.reshape(row_amax, (BLOCK_M // Q_SCALE_ROWS, Q_SCALE_ROWS)), 1, _max_nan)
+            q_amax = tl.reshape(tl.broadcast_to(groups[:, None], (BLOCK_M // Q_SCALE_ROWS, Q_SCALE_ROWS)), (BLOCK_M,))
+        else:  # the tile is part of a Q block: the block's amax reads its other rows too (Q only)
+            block_first = (first_l // Q_SCALE_ROWS) * Q_SCALE_ROWS
+            block_amax = tl.max(tl.zeros((BLOCK_M,), dtype=tl.float32), 0)
+            for part in tl.static_range(Q_SCALE_ROWS // BLOCK_M):
+                part_rows = block_first + part * BLOCK_M + rows
+                part_ptrs = q_ptr + b * stride_qb + head * stride_qh + part_rows[:, None] * stride_ql
+                part_ptrs += offs_d[None, :] * stride_qd
+                part_q = tl.load(part_ptrs, mask=(part_rows < L)[:, None] & d_valid[None, :], other=0.0)
+                block_amax = _max_nan(block_amax, _tile_amax(part_q.to(tl.float32)))
+            q_amax = tl.zeros((BLOCK_M,), dtype=tl.float32) + block_amax
         q_scale = q_amax * (1.0 / QK_QMAX)
         q8 = _quantize(q, _inverse(q_scale)[:, None], QK_INT8, QK_QMAX, SOFT_FP8)
 
@@ -467,6 +481,10 @@ if triton is not None:
         triton.Config({"BLOCK_M": m, "FOLD_V": f}, num_warps=w, num_stages=s)
         for m in (128, 64) for w in (8, 4) for s in (3, 2) for f in (True, False)
         if (m, w) != (128, 4)  # 128 x 128 on one warpgroup spills (benchmarks/NOTES-attention.md)
+    ] + [
+        # three 64-row programs per SM (168 registers x 128 threads): programs not tied by one
+        # barrier overlap one's softmax with another's MMAs (v4, NOTES)
+        triton.Config({"BLOCK_M": 64, "FOLD_V": True}, num_warps=4, num_stages=2, maxnreg=168),
     ]  # fmt: skip
     DECODE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (3, 2)]
     _TUNING_KEY = [
@@ -476,10 +494,14 @@ if triton is not None:
     _PREFILL_KERNELS: dict = {}
 
     def prefill_configs(q_rows: int) -> list:
-        """The prefill candidates whose tiles hold whole Q blocks (BLOCK_M a multiple of q_rows). Each
-        Q block size gets its own autotuner over only these, so no launch path (eager autotuning,
-        Inductor's user-kernel autotuning, pruning or not) can pair a tile with a larger Q block."""
-        kept = [c for c in PREFILL_CONFIGS if c.kwargs["BLOCK_M"] % q_rows == 0]
+        """The prefill candidates whose tiles hold whole Q blocks (BLOCK_M a multiple of q_rows), or a
+        whole fraction of one whose programs read the rest of the block for its scale (those with a
+        `maxnreg`: the small tiles for several programs per SM). Each Q block size gets its own
+        autotuner over only these, so no launch path can pair a tile with a block it cannot scale."""
+        kept = [
+            c for c in PREFILL_CONFIGS
+            if c.kwargs["BLOCK_M"] % q_rows == 0 or (c.maxnreg is not None and q_rows % c.kwargs["BLOCK_M"] == 0)
+        ]  # fmt: skip
         return kept or [triton.Config({"BLOCK_M": max(16, q_rows), "FOLD_V": FOLD_V_SCALE}, num_warps=4, num_stages=2)]
 
     def attention_kernel_prefill(q_rows: int):
@@ -655,6 +677,8 @@ def run(
         kernel = attention_kernel
         launch = {**constants, **({} if packed is not None else {"BLOCK_M": config["BLOCK_M"]})}
         launch.update(num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
+        if config.get("maxnreg") is not None:
+            launch["maxnreg"] = config["maxnreg"]
     else:
         kernel = attention_kernel_decode if packed is not None else attention_kernel_prefill(q_fmt.block_rows)
         launch = constants
