@@ -308,6 +308,10 @@ def scaled_mm_kernel(out_dtype: torch.dtype, device: torch.device, x_fmt: str, w
     from lowbit_compile.kernels import scaled_mm as scaled
 
     x_fmt_, w_fmt_ = get_format(x_fmt), get_format(w_fmt)
+    if w_fmt_.element is ElementType.INT4:  # int4 weights meet fp8 activations (converted in registers)
+        from lowbit_compile.kernels import int4_scaled_mm
+
+        return "triton:int4_fp8" if int4_scaled_mm.supports(x_fmt_, w_fmt_) is None else None
     if scaled.supports(x_fmt_, w_fmt_) is not None:
         return None
     if w_fmt_.granularity is Granularity.BLOCK:
@@ -356,11 +360,26 @@ def _weight_only_plan(x: Tensor, w_data: Tensor, w_fmt: str, bias: Tensor | None
     return weight_only.plan(meta, x.dtype, bias is not None, x.device)
 
 
-def _scaled_mm_plan(out_dtype: torch.dtype, device, w_data: Tensor, x_fmt: str, w_fmt: str, bias) -> list[int]:
+def _scaled_kernels(x_fmt: str, w_fmt: str, w_data: Tensor):
+    """(kernel module, static meta) of the scaled GEMM that runs this pair: int4 weights meet fp8
+    activations in `kernels/int4_scaled_mm.py`, 8-bit pairs in `kernels/scaled_mm.py`."""
+    from lowbit_compile.kernels import int4_scaled_mm
     from lowbit_compile.kernels import scaled_mm as scaled
 
-    meta = scaled.ScaledMeta.of(get_format(x_fmt), get_format(w_fmt), w_data)
-    return scaled.plan(meta, out_dtype, bias is not None, device)
+    x_fmt_, w_fmt_ = get_format(x_fmt), get_format(w_fmt)
+    if w_fmt_.element is ElementType.INT4:
+        return int4_scaled_mm, int4_scaled_mm.Int4ScaledMeta.of(x_fmt_, w_fmt_, w_data)
+    return scaled, scaled.ScaledMeta.of(x_fmt_, w_fmt_, w_data)
+
+
+def _scaled_mm_plan(
+    out_dtype: torch.dtype, device, w_data: Tensor, x_fmt: str, w_fmt: str, bias, min_rows: int = 1
+) -> list[int]:
+    """The scaled family's tile plan; `min_rows`: rows below it run another kernel (`auto_mm`), so
+    the int4 family does not tune those buckets."""
+    family, meta = _scaled_kernels(x_fmt, w_fmt, w_data)
+    below = {"min_rows": min_rows} if get_format(w_fmt).element is ElementType.INT4 else {}
+    return family.plan(meta, out_dtype, bias is not None, device, **below)
 
 
 if HAS_TRITON:
@@ -397,8 +416,10 @@ if HAS_TRITON:
         out_dtype: torch.dtype,
         plan: list[int],
     ) -> Tensor:
-        """`scaled_mm` by the Triton kernels of `kernels/scaled_mm.py` (plan: `scaled_mm.plan`)."""
-        return _scaled.run(
+        """`scaled_mm` by the Triton kernels of `kernels/scaled_mm.py` (plan: `scaled_mm.plan`), or
+        of `kernels/int4_scaled_mm.py` for int4 weights."""
+        family, _ = _scaled_kernels(x_fmt, w_fmt, w_data)
+        return family.run(
             x_data, x_scale, w_data, w_scale, bias, x_fmt, w_fmt, out_dtype, plan, wrap=torch.library.wrap_triton
         )
 
@@ -420,17 +441,17 @@ if HAS_TRITON:
         `weight_only_below_m` rows, the activation's row quantization and the scaled GEMM at or
         above (every grid is empty outside its rows, so no guard is put on M)."""
         w_meta = _weight_only.WeightMeta.of(get_format(w_fmt), w_data)
-        s_meta = _scaled.ScaledMeta.of(get_format(x_fmt), get_format(w_fmt), w_data)
+        family, s_meta = _scaled_kernels(x_fmt, w_fmt, w_data)  # int4 weights: kernels/int4_scaled_mm.py
         x2d = x.contiguous().reshape(-1, w_meta.k)
         m = x2d.shape[0]
         out = torch.empty((m, w_meta.n), dtype=out_dtype, device=x.device)
         wrap = torch.library.wrap_triton
         low = _common.restrict_plan(weight_only_plan, _weight_only._PLAN_FIELDS, 1, weight_only_below_m - 1)
         _weight_only.launch_plan(x2d, w_data, w_scale, w_zero_point, bias, out, w_meta, low, wrap=wrap)
-        high = _common.restrict_plan(scaled_plan, _scaled._PLAN_FIELDS, weight_only_below_m, None)
+        high = _common.restrict_plan(scaled_plan, family._PLAN_FIELDS, weight_only_below_m, None)
         above = _common.bucket_indicator(m, weight_only_below_m, None)
         x_data, x_scale = _scaled.quantize_rows(x2d, get_format(x_fmt), active=above, wrap=wrap)
-        _scaled.launch_plan(x_data, x_scale, w_data, w_scale, bias, out, s_meta, high, wrap=wrap)
+        family.launch_plan(x_data, x_scale, w_data, w_scale, bias, out, s_meta, high, wrap=wrap)
         return out.reshape(*x.shape[:-1], w_meta.n)
 
     from lowbit_compile.kernels import attention as _attention
@@ -572,7 +593,7 @@ def use_device_kernels(graph: torch.fx.Graph) -> dict[str, int]:
                 continue
             name = "+".join(names)
             low_plan = _weight_only_plan(x_val, w_val, w_fmt, _val(bias))
-            high_plan = _scaled_mm_plan(out_dtype, x_val.device, w_val, x_fmt, w_fmt, _val(bias))
+            high_plan = _scaled_mm_plan(out_dtype, x_val.device, w_val, x_fmt, w_fmt, _val(bias), min_rows=below_m)
             args = (x, w_data, w_scale, w_zero_point, bias, w_fmt, x_fmt, below_m, out_dtype, low_plan, high_plan)
             _swap(graph, node, torch.ops.lowbit.auto_mm_triton.default, args)
         else:

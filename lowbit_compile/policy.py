@@ -449,9 +449,22 @@ _RECIPE_BUILDERS = {
         default=QuantSpec("int8_row", "int8_row", weight_only_below_m=AUTO_SWITCH_M),
         name="auto",
     ),
+    # 4-bit storage, both regimes: one symmetric int4 g128 weight; below the switch the weight-only
+    # kernel (A16W4), at or above it per-token fp8 activations x the int4 codes converted to fp8 in
+    # the kernel (`kernels/int4_scaled_mm.py`). Symmetric because the codes must be integers to be
+    # exact in fp8 (searched zero points are floats): DESIGN-NOTES "w4-auto".
+    "w4-auto": lambda: Policy(
+        rules=_SKIP_MATMUL_AND_ATTENTION,
+        default=QuantSpec("int4_g128", "fp8_e4m3_row", weight_only_below_m=W4_AUTO_SWITCH_M),
+        name="w4-auto",
+    ),
 }
 
 AUTO_SWITCH_M = 128
+# Where the fp8 path overtakes the weight-only one for int4 weights: the smallest M of the crossover
+# sweep (benchmarks/sweep_w4_auto.py, RESULTS.md) from which int4->fp8 (row quantization included)
+# beats w4a16 on every Llama-3-8B shape. Provisional until that sweep has run on the H100.
+W4_AUTO_SWITCH_M = 64
 RECIPES: tuple[str, ...] = tuple(_RECIPE_BUILDERS)
 DEFAULT_RECIPE = "w8a16"
 

@@ -88,6 +88,18 @@ def test_auto_recipe_switches_per_call_without_recompiling() -> None:
     assert min(weight_only) > max(quantized) + 1.0
 
 
+def test_w4_auto_recipe_switches_per_call_without_recompiling() -> None:
+    from lowbit_compile.policy import W4_AUTO_SWITCH_M
+
+    model, _ = _llama()
+    compiled = torch.compile(model, backend="lowbit", options={"policy": "w4-auto", "inductor": False})
+    with torch.no_grad():
+        for rows in (8, W4_AUTO_SWITCH_M - 2, W4_AUTO_SWITCH_M + 2, 2 * W4_AUTO_SWITCH_M):  # below, above the switch
+            tokens = torch.randint(0, LLAMA.vocab_size, (2, rows // 2))
+            assert 8 < sqnr(model(tokens), compiled(tokens)) < 40, rows
+    assert counters["stats"]["unique_graphs"] == 2
+
+
 def test_unknown_option_names_the_valid_ones() -> None:
     model = nn.Linear(128, 64)
     with pytest.raises(Exception, match=r"(?s)unknown lowbit option\(s\) \['polcy'\].*policy.*dump_dir"):

@@ -9,10 +9,11 @@ import pytest
 
 from lowbit_compile import FORMATS, RECIPES, Format, OpKind, Policy, QuantSpec, Rule, default_policy, recipe
 from lowbit_compile.formats import ATTENTION_FORMATS, AttentionFormat
-from lowbit_compile.policy import AUTO_SWITCH_M, Kernel, as_policy
+from lowbit_compile.policy import AUTO_SWITCH_M, W4_AUTO_SWITCH_M, Kernel, as_policy
 
 REQUIRED_RECIPES = [
     "w8a16", "w4a16", "w8a8", "fp8", "fp8-block", "mxfp8", "mxfp4", "nvfp4", "fp8-attention", "int8-attention", "auto",
+    "w4-auto",
 ]  # fmt: skip
 
 INT8 = QuantSpec("int8_row", "int8_row")
@@ -381,6 +382,18 @@ def test_recipe_formats():
         assert recipe(name).default == QuantSpec(name, name)
     auto = recipe("auto").default
     assert auto.weight and auto.activation and auto.weight_only_below_m == AUTO_SWITCH_M
+
+
+def test_w4_auto_recipe():
+    """One symmetric int4 g128 weight (integer codes: exact in fp8), per-token fp8 activations from the
+    measured switch M on; printable and JSON round-trippable like every recipe."""
+    policy = recipe("w4-auto")
+    spec = policy.default
+    assert spec == QuantSpec("int4_g128", "fp8_e4m3_row", weight_only_below_m=W4_AUTO_SWITCH_M)
+    assert spec.kernel(OpKind.LINEAR) is Kernel.AUTO_MM and spec.weight_format.symmetric
+    assert f"A=fp8_e4m3_row W=int4_g128 weight-only below M={W4_AUTO_SWITCH_M}" in str(policy)
+    assert Policy.from_json(policy.to_json()) == policy
+    assert policy.cache_key() != recipe("auto").cache_key() != recipe("w4a16").cache_key()
 
 
 def test_linear_recipes_leave_matmul_and_attention_unquantized():

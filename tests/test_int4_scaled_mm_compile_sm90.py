@@ -1,0 +1,116 @@
+"""Compile the int4 x fp8 GEMM (`int4_scaled_mm.int4_scaled_mm_kernel`, the large-M half of `w4-auto`)
+for sm_90 (Hopper) on the CPU, at every tuner candidate of the buckets it runs under `w4-auto` (17-128
+and > 128 rows), and read what it compiled to, held in CI without a GPU:
+
+- the dot is Hopper's fp8 MMA (wgmma, `ttng.warp_group_dot`) wherever the tile has >= 64 rows;
+- the int4 -> fp8 conversion is the packed fp16 -> e4m3 convert (`cvt.rn.satfinite.e4m3x2.f16x2`),
+  not a float32 round trip;
+- no spills (no local-memory loads or stores in the SASS, where the Triton wheel can disassemble).
+
+As in test_scaled_mm_compile_sm90.py, the compiles run in a subprocess without TRITON_INTERPRET."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = r'''
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lowbit_compile.kernels import int4_scaled_mm as I
+
+fn = I.int4_scaled_mm_kernel
+assert isinstance(fn, triton.runtime.jit.JITFunction), type(fn)
+constexprs = {p.name for p in fn.params if p.is_constexpr}
+POINTERS = {"x_ptr": "*fp8e4nv", "w_ptr": "*u8", "out_ptr": "*bf16"}
+
+def compile_case(case):
+    meta = I.Int4ScaledMeta(case["n"], case["k"], 128)
+    config = I.Int4ScaledConfig.from_tuple(case["config"])
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = POINTERS.get(name, "*fp32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "i32"
+            if name != "M":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    cons = I.kernel_arguments(meta, config, has_bias=False)
+    src = ASTSource(fn=fn, signature=sig, constexprs=cons, attrs=attrs)
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    try:
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {e}"[-600:]}
+    try:
+        sass = compiled.asm["sass"]  # disassembled on first access (needs the wheel's nvdisasm)
+    except Exception:  # noqa: BLE001
+        sass = ""
+    ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
+    return {
+        "has_sass": bool(sass),
+        "local": sum(sass.count(op) for op in ("STL", "LDL")),
+        "wgmma": ttgir.count("ttng.warp_group_dot "),
+        "cvt_f16x2": ptx.count("cvt.rn.satfinite.e4m3x2.f16x2"),
+        "cvt_f32": ptx.count("e4m3x2.f32"),
+        "registers": getattr(compiled, "n_regs", None),
+        "shared": compiled.metadata.shared,
+    }
+
+cases = json.loads(sys.stdin.read())
+print(json.dumps([compile_case(c) for c in cases]))
+'''
+
+
+def _compile(cases):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    try:
+        from triton.backends import backends
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as e:  # pragma: no cover - Triton builds before the compile-only API
+        pytest.skip(f"this Triton has no compile-only API: {e}")
+    if "nvidia" not in backends:  # pragma: no cover - e.g. a ROCm-only Triton build
+        pytest.skip(f"this Triton has no NVIDIA backend (backends: {sorted(backends)})")
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT], input=json.dumps(cases), capture_output=True, text=True, env=env,
+        cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise AssertionError(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+SHARED_MEMORY_SM90 = 227 * 1024
+
+
+def test_candidates_of_the_w4_auto_buckets_compile_for_sm90_without_spills():
+    from lowbit_compile.kernels import int4_scaled_mm as int4
+
+    meta = int4.Int4ScaledMeta(4096, 4096, 128)
+    configs = list(dict.fromkeys(c for bucket_m in (128, 4096) for c in int4._candidates(bucket_m, meta)))
+    results = _compile([dict(n=meta.n, k=meta.k, config=c.as_tuple()) for c in configs])
+    for config, result in zip(configs, results):
+        assert "error" not in result, (config, result)
+        if result["shared"] > SHARED_MEMORY_SM90:
+            continue  # the tuner skips a config that does not fit (it fails to launch)
+        if config.BLOCK_M >= 64:
+            assert result["wgmma"] >= 1, (config, result)
+        assert result["cvt_f16x2"] >= 1 and result["cvt_f32"] == 0, (config, result)
+        if result["has_sass"]:  # a Triton without nvdisasm gives no SASS
+            assert result["local"] == 0, (config, result)
