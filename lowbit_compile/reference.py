@@ -200,17 +200,21 @@ def _divide(numerator: Tensor, scale: Tensor) -> Tensor:
 
 
 def _divide_where_finite(numerator: Tensor, scale: Tensor) -> Tensor:
-    """numerator / scale for symmetric integer codes from numerator's own scales (`scale` broadcast
-    to it): 0 where the scale is 0 (an all-zero group) or not finite (the group holds a NaN or Inf,
-    and the NaN scale carries it to dequantize), the codes `nan_to_num` gives there; elsewhere every
-    |x| <= amax is finite, so the quotient holds no NaN and its codes need no NaN guard.
+    """numerator / scale for symmetric integer codes from numerator's own scales (`scale`, >= 0 or
+    NaN, broadcast to it): 0 where the scale is 0 (an all-zero group) or not finite (the group holds
+    a NaN or Inf, and the NaN scale carries it to dequantize), the codes `nan_to_num` gives there;
+    elsewhere every |x| <= amax is finite, so the quotient holds no NaN and its codes need no NaN
+    guard. `0 < scale < inf` is that test in the fewest ops (NaN fails both comparisons).
 
     Why not nan_to_num on the codes: its decomposition reads them four times (isnan and +-inf tests),
-    and Inductor stores a value read that often in fp32 instead of recomputing it, which on CUDA left
-    the cast to int8 in a pointwise kernel of its own. Here the test reads only the scale and each
-    element value has one use, so amax -> scale -> round -> clamp -> cast is one pointwise chain
-    after the reduction, fusible into the activation's producer."""
-    return torch.where(torch.isfinite(scale) & (scale != 0), numerator / scale, 0.0)
+    and Inductor stores a value read that often in fp32 instead of recomputing it. Why the fewest
+    ops: Inductor also stores any pointwise value whose inlined body (the producer's ops included:
+    embedding, RMSNorm, residual adds) exceeds `realize_opcount_threshold` (30 on CUDA); with
+    `isfinite(scale) & (scale != 0)` and the scale recomputed as amax / qmax, the chain reached 31-32
+    ops at clamp_min / clamp_max on TinyLlama, and on the H100 the cast ran as a pointwise kernel of
+    its own. Now it peaks at 28 (fp8's: 27), so amax -> round -> clamp -> cast is one pointwise
+    chain after the reduction, fused into the activation's producer (DESIGN-NOTES, issue 6 item 3)."""
+    return torch.where((scale > 0.0) & (scale < float("inf")), numerator / scale, 0.0)
 
 
 # -- scale encodings -------------------------------------------------------------------------------
@@ -343,8 +347,14 @@ def quantize(x: Tensor, fmt: Format | str) -> QuantizedTensor:
         low = -_reduce_max(-xf, fmt).clamp(min=0)
         stored, scale = _store_scale((high - low) / fmt.qmax, fmt)
         zero_point = torch.round(_divide(-low, scale)).clamp(0, fmt.qmax)
-    else:
+    elif fmt.is_float:
         stored, scale = _store_scale(_reduce_max(xf.abs(), fmt) / fmt.qmax, fmt)
+    else:
+        # max(|x| / qmax) is max(|x|) / qmax bit for bit (dividing by a positive constant is monotone,
+        # and NaN propagates either way); divided inside the reduction, the scale is the reduction's
+        # own output, so the code chain below reads it instead of recomputing amax / qmax (see
+        # _divide_where_finite for why the length of that chain matters).
+        stored, scale = _store_scale(_reduce_max(xf.abs() / fmt.qmax, fmt), fmt)
 
     if fmt.is_float or zero_point is not None:
         scaled = _divide(xf, expand_scale(scale, fmt, x.shape))

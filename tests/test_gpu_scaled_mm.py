@@ -166,7 +166,8 @@ def _quantize_only_kernels(code: str) -> list[str]:
     [
         # fp8 and int8 rows: RMSNorm and SiLU*mul carry the quantization; the attention output comes
         # from SDPA's flash kernel (not Triton), so its quantization is a kernel of its own. int8 rows
-        # fuse since the codes are zeroed by their scale, not by nan_to_num (DESIGN-NOTES, issue 6).
+        # fuse since the codes are zeroed by their scale, not by nan_to_num, and the code chain stays
+        # under Inductor's realize_opcount_threshold (tests/test_ir.py; DESIGN-NOTES, issue 6 item 3).
         ("fp8", "triton:fp8", 1),
         ("w8a8", "triton:int8", 1),
         pytest.param(

@@ -146,3 +146,43 @@ def test_int8_activation_quantization_is_one_single_use_chain_in_the_lowered_gra
     )
     sites = lowered.count("torch.ops.lowbit.scaled_mm.default(")
     assert sites == 8 and len(chain.findall(lowered)) == sites, lowered
+
+
+def test_int8_activation_codes_are_stored_only_as_int8_by_inductor_lowering(monkeypatch) -> None:
+    """No buffer Inductor lowers holds the rounded / clamped int8 codes in fp32: the chain from the
+    amax to the int8 cast stays one unrealized pointwise, which the scheduler fuses into the producer.
+
+    Inductor realizes any pointwise whose inlined body exceeds `realize_opcount_threshold` (30 on
+    CUDA) ops, checked after every node: the int8 chain after an embedding + RMSNorm (layer 0's
+    q/k/v) or a residual sum + RMSNorm (layer 1's gate/up, the LM head) reached 31-32 ops at
+    clamp_min or clamp_max and was stored in fp32, and on the H100 the cast of k, v and up ran as a
+    pointwise kernel of its own (`triton_poi_fused__to_copy_clamp_div_view`, `..._to_copy_div_view`). Lowering is the same on
+    every device (a division by a constant is a multiply on CUDA: the same count), so this CPU run
+    with CUDA's thresholds (CPU's are 50 / 12 from torch 2.13) sees the realizations; the CPU
+    scheduler then fuses them back, so the output code would not show them. The GPU suite checks
+    the kernels (tests/test_gpu_scaled_mm.py)."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor import ir
+    from torch._inductor.graph import GraphLowering
+
+    stored_codes = []
+    lower = GraphLowering.run
+
+    def run(self, *args):
+        result = lower(self, *args)
+        for buffer in self.buffers:
+            origins = {str(node.target) for node in buffer.get_origins()}
+            if isinstance(buffer, ir.ComputedBuffer) and origins & {"aten.clamp_max.default", "aten.clamp_min.default"}:
+                # an activation-sized value, not the (..., 1) scales (their origins can hold the chain's)
+                if buffer.get_dtype() != torch.int8 and int(buffer.get_size()[-1]) != 1:
+                    stored_codes.append((buffer.get_name(), buffer.get_dtype(), tuple(buffer.get_size())))
+        return result
+
+    monkeypatch.setattr(GraphLowering, "run", run)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=8, num_kv_heads=2)
+    model = TinyLlama(config).eval().to(torch.bfloat16)
+    with inductor_config.patch(realize_opcount_threshold=30, realize_acc_reads_threshold=8):
+        _, graphs = run_and_get_graphs(model, torch.randint(0, 512, (2, 64)), policy="w8a8")
+    assert graphs["lowered"].count("torch.ops.lowbit.scaled_mm.default(") == 15
+    assert stored_codes == []
