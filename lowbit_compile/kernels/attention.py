@@ -550,8 +550,8 @@ def _splits(batch, kv_heads, kv_len, block_n: int, device: torch.device) -> int:
 
 def _quantize_kv(k4, v4, attention_format, block_n: int, constants: dict, wrap) -> tuple:
     """K and V codes and per-block scales for a PREQUANT launch, by `quantize_kv_kernel`:
-    (k codes (B*Hkv, S_PAD, HEAD_DIM), k scales (B*Hkv, S_PAD / BLOCK_N), v codes transposed
-    (B*Hkv, HEAD_DIM_V, S_PAD), v scales)."""
+    (k codes (B*Hkv, S_PAD, HEAD_DIM), k scales (B*Hkv * S_PAD / BLOCK_N,) row-major, v codes
+    transposed (B*Hkv, HEAD_DIM_V, S_PAD), v scales)."""
     _, k_fmt, v_fmt = attention_format.formats
     batch, kv_heads, kv_len, head_dim = k4.shape
     value_dim = v4.shape[3]
@@ -563,8 +563,10 @@ def _quantize_kv(k4, v4, attention_format, block_n: int, constants: dict, wrap) 
     k_dtype = torch.int8 if k_int8 else torch.float8_e4m3fn
     k_codes = torch.empty((rows, s_pad, constants["HEAD_DIM"]), dtype=k_dtype, device=device)
     v_codes = torch.empty((rows, constants["HEAD_DIM_V"], s_pad), dtype=torch.float8_e4m3fn, device=device)
-    k_scales = torch.empty((rows, blocks), dtype=torch.float32, device=device)
-    v_scales = torch.empty((rows, blocks), dtype=torch.float32, device=device)
+    # flat: a (rows, blocks) tensor's contiguity check asks whether blocks == 1, a guard on the
+    # sequence length (a second graph for lengths within one block under dynamic=True)
+    k_scales = torch.empty((rows * blocks,), dtype=torch.float32, device=device)
+    v_scales = torch.empty((rows * blocks,), dtype=torch.float32, device=device)
     per_program = QUANTIZE_KV_BLOCKS_PER_PROGRAM
     kernel = wrap(quantize_kv_kernel) if wrap is not None else quantize_kv_kernel
     kernel[(rows, (blocks + per_program - 1) // per_program)](
