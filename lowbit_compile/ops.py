@@ -514,7 +514,8 @@ def kernel_name(
     if op == "auto_mm":
         both = auto_mm_kernels(x_dtype, device, w_fmt, x_fmt) if known and x_fmt else None
         low, high = both or (None, None)  # the lowering runs both halves' kernels or neither
-        return f"{op} [{low or 'reference'} below M={weight_only_below_m}, {high or 'reference'} above]"
+        slower = "".join(f"; {k}: {SLOWER_THAN_BF16[k]}" for k in dict.fromkeys((low, high)) if k in SLOWER_THAN_BF16)
+        return f"{op} [{low or 'reference'} below M={weight_only_below_m}, {high or 'reference'} above{slower}]"
     runs = None
     if op == "block_attention":
         known = None not in (device, x_dtype, x_fmt)
@@ -532,6 +533,14 @@ def kernel_name(
 # report says so rather than the dispatch hiding it (issue 6 item 5; benchmarks/RESULTS.md).
 SLOWER_THAN_BF16 = {
     "triton:fp8_block": "slower than bf16 at M > 128 on H100 (0.6-0.9x); no other kernel runs 128x128 blocks",
+    # benchmarks/RESULTS.md "2026-11-24 (fourth session), H100 — w4-auto first run" (Llama-3-8B
+    # shapes, row quantization included; the GEMM alone in parentheses). Also reached through
+    # `auto_mm` (w4-auto at or above its switch M), whose report names it as well.
+    "triton:int4_fp8": (
+        "slower than bf16 at M >= 128 on H100 (0.39-0.78x, GEMM alone 0.42-0.84x; 0.70-1.12x at M = 64),"
+        " 0.67-0.78x at M >= 2048 where w4-auto runs it; w4a16, the other kernel for this weight, is"
+        " slower there still (0.50-0.52x)"
+    ),
 }
 
 

@@ -462,9 +462,11 @@ _RECIPE_BUILDERS = {
 
 AUTO_SWITCH_M = 128
 # Where the fp8 path overtakes the weight-only one for int4 weights: the smallest M of the crossover
-# sweep (benchmarks/sweep_w4_auto.py, RESULTS.md) from which int4->fp8 (row quantization included)
-# beats w4a16 on every Llama-3-8B shape. Provisional until that sweep has run on the H100.
-W4_AUTO_SWITCH_M = 64
+# sweep (benchmarks/sweep_w4_auto.py) from which int4->fp8 (row quantization included) beats w4a16
+# on every Llama-3-8B shape at every larger swept M. Measured on the H100 (benchmarks/RESULTS.md,
+# "2026-11-24 (fourth session), H100 — w4-auto first run"): per shape 2048 (4096x4096), 256
+# (14336x4096), 512 (4096x14336). Both paths are slower than bf16 there (ops.SLOWER_THAN_BF16).
+W4_AUTO_SWITCH_M = 2048
 RECIPES: tuple[str, ...] = tuple(_RECIPE_BUILDERS)
 DEFAULT_RECIPE = "w8a16"
 

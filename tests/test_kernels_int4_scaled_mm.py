@@ -218,11 +218,15 @@ def test_report_names_what_runs_on_each_side_of_the_switch():
     spec = recipe("w4-auto").default
     below = spec.weight_only_below_m
     auto = name("auto_mm", torch.bfloat16, cuda, spec.weight, below, spec.activation)
-    assert auto == f"auto_mm [triton:w4a16 below M={below}, triton:int4_fp8 above]"
+    # the int4 x fp8 kernel is slower than bf16 where it runs (H100 sweep): the report says so, for
+    # auto_mm as for scaled_mm, with the measured figures
+    slower = ops.SLOWER_THAN_BF16["triton:int4_fp8"]
+    assert slower.startswith("slower than bf16") and "0.67-0.78x at M >= 2048" in slower
+    assert auto == f"auto_mm [triton:w4a16 below M={below}, triton:int4_fp8 above; triton:int4_fp8: {slower}]"
     assert name("auto_mm", torch.bfloat16, cpu, spec.weight, below, spec.activation) == (
         f"auto_mm [reference below M={below}, reference above]"
     )
-    assert name("scaled_mm", torch.bfloat16, cuda, "int4_g128", x_fmt=X_FMT) == "scaled_mm [triton:int4_fp8]"
+    assert name("scaled_mm", torch.bfloat16, cuda, "int4_g128", x_fmt=X_FMT) == f"scaled_mm [triton:int4_fp8; {slower}]"
     # an asymmetric int4 weight has float zero points: no fp8 kernel, so auto_mm runs the reference
     assert name("scaled_mm", torch.bfloat16, cuda, "int4_g128_asym", x_fmt=X_FMT) == "scaled_mm [reference]"
     assert name("auto_mm", torch.bfloat16, cuda, "int4_g128_asym", 64, X_FMT).endswith("reference above]")

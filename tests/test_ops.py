@@ -227,3 +227,28 @@ def test_attention_is_contiguous_when_sdpa_returns_transposed_memory(monkeypatch
     args = (*q, *q, *q, None, True, None, False, "int8_row", torch.bfloat16)
     assert ops.attention(*args).is_contiguous()
     torch.library.opcheck(ops.attention, args)
+
+
+def test_auto_mm_report_names_the_slower_than_bf16_half(monkeypatch) -> None:
+    """`kernel_name` for `auto_mm` appends the SLOWER_THAN_BF16 note of either half (once per kernel),
+    as it does for single-kernel ops; names only, so no GPU is needed."""
+    from lowbit_compile import ops as lowbit_ops
+
+    if not lowbit_ops.HAS_TRITON:
+        pytest.skip("kernel names need triton")
+    cuda, name = torch.device("cuda"), lowbit_ops.kernel_name
+    plain = "auto_mm [triton:w8a16 below M=128, triton:int8 above]"
+    assert name("auto_mm", torch.bfloat16, cuda, "int8_row", 128, "int8_row") == plain
+    monkeypatch.setitem(lowbit_ops.SLOWER_THAN_BF16, "triton:w8a16", "low note")
+    monkeypatch.setitem(lowbit_ops.SLOWER_THAN_BF16, "triton:int8", "high note")
+    assert name("auto_mm", torch.bfloat16, cuda, "int8_row", 128, "int8_row") == (
+        "auto_mm [triton:w8a16 below M=128, triton:int8 above; triton:w8a16: low note; triton:int8: high note]"
+    )
+    # the reference (no kernel, e.g. on CPU) carries no note
+    assert name("auto_mm", torch.bfloat16, torch.device("cpu"), "int8_row", 128, "int8_row") == (
+        "auto_mm [reference below M=128, reference above]"
+    )
+    # w4-auto: the int4 x fp8 half is in the table with its H100 figures
+    w4 = name("auto_mm", torch.bfloat16, cuda, "int4_g128", 2048, "fp8_e4m3_row")
+    assert w4.startswith("auto_mm [triton:w4a16 below M=2048, triton:int4_fp8 above; triton:int4_fp8: slower than bf16")
+    assert "triton:w4a16:" not in w4
