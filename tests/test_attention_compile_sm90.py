@@ -64,7 +64,7 @@ def compile_case(case):
                 QK_INT8=q_int8, QK_QMAX=127.0 if q_int8 else 448.0, V_QMAX=448.0, SMOOTH_K=True,
                 Q_SCALE_ROWS=case["q_rows"], PACK_ROWS=case["pack"], SPLITS=case["SPLITS"], SOFT_FP8=False,
                 SCALE_FROM_D=case["scale_from_d"], BLOCK_M=case["BLOCK_M"], BLOCK_N=case["BLOCK_N"],
-                PREQUANT=case["prequant"], FOLD_V=case["fold_v"])
+                PREQUANT=case["prequant"], FOLD_V=case["fold_v"], KV_SCALE_ROWS=case.get("kv_rows", case["BLOCK_N"]))
     src = ASTSource(fn=fn, signature=sig, constexprs=cons, attrs=attrs)
     options = {"num_warps": case["num_warps"], "num_stages": case["num_stages"]}
     if case.get("maxnreg"):
@@ -131,11 +131,10 @@ def test_failed_h100_configurations_compile_for_sm90():
         _case("fp8", fold_v=False, mask=1),
     ]
     # every prefill tile the launcher can pick for the 128-token formats (one format each: time)
-    for config in kernel.PREFILL_CONFIGS:
-        if config.kwargs["BLOCK_M"] % 128 == 0 or config.maxnreg:
-            cases.append(_case("fp8", q_rows=min(128, config.kwargs["BLOCK_M"]), block_m=config.kwargs["BLOCK_M"],
-                               warps=config.num_warps, stages=config.num_stages, causal=False,
-                               fold_v=config.kwargs["FOLD_V"], maxnreg=config.maxnreg))  # fmt: skip
+    for config in kernel.prefill_configs(128, 128):
+        cases.append(_case("fp8", block_m=config.kwargs["BLOCK_M"], block_n=config.kwargs["BLOCK_N"], kv_rows=128,
+                           warps=config.num_warps, stages=config.num_stages, causal=False,
+                           fold_v=config.kwargs["FOLD_V"], maxnreg=config.maxnreg))  # fmt: skip
     results = _compile(cases)
     failures = [(c, r["error"]) for c, r in zip(cases, results) if "error" in r]
     assert not failures, failures
@@ -150,11 +149,13 @@ def test_tile_smaller_than_q_block_only_where_its_scale_is_read_whole():
     from lowbit_compile.kernels import attention as kernel
 
     for q_rows in (16, 32, 64, 128):
-        configs = kernel.prefill_configs(q_rows)
-        assert configs, q_rows
-        for c in configs:
-            block_m = c.kwargs["BLOCK_M"]
-            assert block_m % q_rows == 0 or (c.maxnreg is not None and q_rows % block_m == 0), (q_rows, c)
+        for kv_rows in (16, 64, 128):
+            configs = kernel.prefill_configs(q_rows, kv_rows)
+            assert configs, q_rows
+            for c in configs:
+                block_m, block_n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+                assert block_m % q_rows == 0 or (c.maxnreg is not None and q_rows % block_m == 0), (q_rows, c)
+                assert kv_rows % block_n == 0, (kv_rows, c)
     (prefill, decode) = _compile([
         _case("fp8", q_rows=128, block_m=64, block_n=128, warps=4, maxnreg=168),
         _case("fp8", q_rows=32, block_m=16, block_n=128, pack=1, SPLITS=1, causal=False, warps=4),

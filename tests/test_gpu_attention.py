@@ -81,9 +81,8 @@ def test_every_prefill_config_matches_reference(fmt, causal):
     q, k, v = heads_last(2, 8, 300, dim), heads_last(2, 2, 333, dim), heads_last(2, 2, 333, dim)
     q_rows = get_attention_format(fmt).formats[0].block_rows
     too_large = []
-    for index, config in enumerate(kernel.PREFILL_CONFIGS):
-        if config.kwargs["BLOCK_M"] % q_rows:
-            continue
+    kv_rows = get_attention_format(fmt).formats[1].block_rows
+    for index, config in enumerate(kernel.prefill_configs(q_rows, kv_rows)):
         settings = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages,
                     "maxnreg": config.maxnreg}  # fmt: skip
         try:

@@ -40,8 +40,14 @@ INT8_Q32 = formats.register_attention_format(
     formats.AttentionFormat("test_attn_int8_q32", "int8_t32", "int8_t16", "fp8_e4m3_t16", smooth_k=False)
 ).name
 
+formats.register_format(formats.Format("fp8_e4m3_t32", "fp8_e4m3", "token_block", block_rows=32))
+# K/V blocks of 32 keys read as 16-key tiles (the small K/V tile configs over pre-quantized K/V).
+FP8_KV32 = formats.register_attention_format(
+    formats.AttentionFormat("test_attn_fp8_kv32", "fp8_e4m3_t16", "fp8_e4m3_t32", "fp8_e4m3_t32", smooth_k=True)
+).name
+
 KERNEL_VS_REFERENCE_DB = 40.0  # same format: differences are fp32 summation order and rare rounding flips
-VS_EXACT_DB = {FP8: 22.0, INT8: 25.0, INT8_Q32: 25.0, "attn_fp8_t64": 22.0, "attn_int8_t128": 25.0}
+VS_EXACT_DB = {FP8_KV32: 22.0, FP8: 22.0, INT8: 25.0, INT8_Q32: 25.0, "attn_fp8_t64": 22.0, "attn_int8_t128": 25.0}
 
 
 @pytest.fixture(autouse=True)
@@ -100,6 +106,19 @@ def test_query_tile_half_a_q_block_reads_the_whole_block_for_its_scale(causal):
     q[0, 0, 17] = float("nan")
     out = kernel.run(q, k, v, None, causal, None, False, INT8_Q32, torch.float32, config=config)
     assert out[0, 0, :32].isnan().all() and not out[0, 0, 32:].isnan().any()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_kv_tiles_half_a_scale_block(causal):
+    # 16-key tiles over 32-key K/V blocks (one scale per block, read by both tiles), odd lengths,
+    # GQA; the same codes as the reference's, which quantizes per 32-key block.
+    q, k, v = heads_last(1, 4, 45, 32), heads_last(1, 2, 50, 32), heads_last(1, 2, 50, 32)
+    config = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2}
+    out = kernel.run(q, k, v, None, causal, None, True, FP8_KV32, torch.float32, config=config)
+    expected = reference.attention(q, k, v, None, causal, None, True, FP8_KV32)
+    assert sqnr(expected, out) >= KERNEL_VS_REFERENCE_DB, sqnr(expected, out)
+    whole = kernel.run(q, k, v, None, causal, None, True, FP8_KV32, torch.float32, config={**config, "BLOCK_N": 32})
+    assert sqnr(whole, out) >= KERNEL_VS_REFERENCE_DB
 
 
 @pytest.mark.parametrize("fmt", ["attn_fp8_t64", "attn_int8_t128"])

@@ -137,7 +137,7 @@ if triton is not None:
         stride_vs, stride_vd, stride_mh, stride_ml, stride_ms, offs_dv, dv_valid, qk_scale,
         BOUNDARY: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, V_QMAX: tl.constexpr,
         SOFT_FP8: tl.constexpr, PREQUANT: tl.constexpr, FOLD_V: tl.constexpr,
-        HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
+        HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, KV_SCALE_ROWS: tl.constexpr,
     ):  # fmt: skip
         """One K/V tile after QK^T: scale and mask the scores, online softmax, P cast, PV product.
         FOLD_V: acc is kept in units of the current V tile's scale (v_unit = v_scale / 448), so
@@ -166,7 +166,7 @@ if triton is not None:
         row_sum = row_sum * alpha + tl.sum(p, 1)
         if PREQUANT:
             vt8 = tl.load(vc_base + tl.arange(0, HEAD_DIM_V)[:, None] * S_PAD + offs_n[None, :])
-            v_scale = tl.load(vs_base + n0 // BLOCK_N)
+            v_scale = tl.load(vs_base + n0 // KV_SCALE_ROWS)
             v8 = tl.trans(vt8)
         else:
             if BOUNDARY:
@@ -212,7 +212,7 @@ if triton is not None:
         BOUNDARY: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
         QK_INT8: tl.constexpr, QK_QMAX: tl.constexpr, V_QMAX: tl.constexpr,
         SMOOTH_K: tl.constexpr, SOFT_FP8: tl.constexpr, PREQUANT: tl.constexpr, FOLD_V: tl.constexpr,
-        HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
+        HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, KV_SCALE_ROWS: tl.constexpr,
     ):  # fmt: skip
         """Online softmax over the K/V tiles in [n_begin, n_end); BOUNDARY tiles may hold keys past
         S or past the causal diagonal and are masked element by element.
@@ -224,7 +224,7 @@ if triton is not None:
         for n0 in range(n_begin, n_end, BLOCK_N):
             if PREQUANT:
                 qk = _qk_codes(q8, kc_base, n0, QK_INT8, HEAD_DIM, BLOCK_N)
-                k_scale = tl.load(ks_base + n0 // BLOCK_N)
+                k_scale = tl.load(ks_base + n0 // KV_SCALE_ROWS)
             else:
                 offs_n = n0 + tl.arange(0, BLOCK_N)
                 if BOUNDARY:
@@ -248,7 +248,7 @@ if triton is not None:
                 qk, k_scale, n0, acc, row_sum, row_max, v_unit,
                 q_scale, rows_l, q_head, row_valid, v_base, mask_base, vc_base, vs_base, S, S_PAD,
                 stride_vs, stride_vd, stride_mh, stride_ml, stride_ms, offs_dv, dv_valid, qk_scale,
-                BOUNDARY, IS_CAUSAL, MASK_KIND, V_QMAX, SOFT_FP8, PREQUANT, FOLD_V, HEAD_DIM_V, BLOCK_N,
+                BOUNDARY, IS_CAUSAL, MASK_KIND, V_QMAX, SOFT_FP8, PREQUANT, FOLD_V, HEAD_DIM_V, BLOCK_N, KV_SCALE_ROWS,
             )  # fmt: skip
         return acc, row_sum, row_max, v_unit
 
@@ -327,8 +327,11 @@ if triton is not None:
         QK_INT8: tl.constexpr, QK_QMAX: tl.constexpr, V_QMAX: tl.constexpr, SMOOTH_K: tl.constexpr,
         Q_SCALE_ROWS: tl.constexpr, PACK_ROWS: tl.constexpr, SPLITS: tl.constexpr, SOFT_FP8: tl.constexpr,
         SCALE_FROM_D: tl.constexpr, PREQUANT: tl.constexpr, FOLD_V: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_SCALE_ROWS: tl.constexpr,
     ):  # fmt: skip
+        # K/V tiles of BLOCK_N keys within blocks of KV_SCALE_ROWS (one scale each): smaller tiles
+        # only over pre-quantized K/V (the in-loop path quantizes a whole block per tile)
+        tl.static_assert(KV_SCALE_ROWS == BLOCK_N or (PREQUANT and KV_SCALE_ROWS % BLOCK_N == 0))
         tl.static_assert(
             BLOCK_M % Q_SCALE_ROWS == 0 or (PACK_ROWS == 0 and Q_SCALE_ROWS % BLOCK_M == 0),
             "a tile holds whole Q blocks or a whole fraction of one: BLOCK_M % Q_SCALE_ROWS == 0",
@@ -401,8 +404,8 @@ if triton is not None:
         kv_row = (b * H_KV + kv_head).to(tl.int64)  # (batch, kv head) row of the pre-quantized codes
         kc_base = kc_ptr + kv_row * S_PAD * HEAD_DIM
         vc_base = vc_ptr + kv_row * S_PAD * HEAD_DIM_V
-        ks_base = ks_ptr + kv_row * (S_PAD // BLOCK_N)
-        vs_base = vs_ptr + kv_row * (S_PAD // BLOCK_N)
+        ks_base = ks_ptr + kv_row * (S_PAD // KV_SCALE_ROWS)
+        vs_base = vs_ptr + kv_row * (S_PAD // KV_SCALE_ROWS)
         if SMOOTH_K and not PREQUANT:  # per-channel mean of K's first block (reference.smooth_keys)
             k_mean = _first_block_mean(k_base, S, stride_ks, stride_kd, offs_d, d_valid, HEAD_DIM, BLOCK_N)
         else:
@@ -427,7 +430,7 @@ if triton is not None:
             n_begin, full_end, S, S_PAD, stride_ks, stride_kd, stride_vs, stride_vd, stride_mh, stride_ml, stride_ms,
             offs_d, offs_dv, d_valid, dv_valid, qk_scale,
             False, IS_CAUSAL, MASK_KIND, QK_INT8, QK_QMAX, V_QMAX, SMOOTH_K, SOFT_FP8, PREQUANT, FOLD_V,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_N,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_N, KV_SCALE_ROWS,
         )  # fmt: skip
         acc, row_sum, row_max, v_unit = _attend_tiles(
             acc, row_sum, row_max, v_unit, q8, q_scale, k_mean, rows_l, q_head, row_valid,
@@ -435,7 +438,7 @@ if triton is not None:
             full_end, n_end, S, S_PAD, stride_ks, stride_kd, stride_vs, stride_vd, stride_mh, stride_ml, stride_ms,
             offs_d, offs_dv, d_valid, dv_valid, qk_scale,
             True, IS_CAUSAL, MASK_KIND, QK_INT8, QK_QMAX, V_QMAX, SMOOTH_K, SOFT_FP8, PREQUANT, FOLD_V,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_N,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_N, KV_SCALE_ROWS,
         )  # fmt: skip
         if FOLD_V:
             acc = acc * v_unit
@@ -486,30 +489,52 @@ if triton is not None:
         # barrier overlap one's softmax with another's MMAs (v4, NOTES)
         triton.Config({"BLOCK_M": 64, "FOLD_V": True}, num_warps=4, num_stages=2, maxnreg=168),
     ]  # fmt: skip
+    # 64-key tiles of pre-quantized K/V inside 128-key scale blocks (v5): fewer registers per
+    # program, so more programs per SM (128 registers: four of 128 threads, two of 256)
+    SMALL_KV_TILE_CONFIGS = [
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "FOLD_V": True}, num_warps=4, num_stages=2, maxnreg=168),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "FOLD_V": True}, num_warps=4, num_stages=2, maxnreg=128),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "FOLD_V": True}, num_warps=4, num_stages=3, maxnreg=128),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "FOLD_V": True}, num_warps=8, num_stages=2, maxnreg=128),
+    ]  # fmt: skip
     DECODE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (3, 2)]
     _TUNING_KEY = [
-        "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "MASK_KIND", "QK_INT8", "SMOOTH_K", "PREQUANT", "FOLD_V", "BLOCK_N",
+        "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "MASK_KIND", "QK_INT8", "SMOOTH_K", "PREQUANT", "FOLD_V", "KV_SCALE_ROWS",
         "Q_BUCKET", "KV_BUCKET",
     ]  # fmt: skip
     _PREFILL_KERNELS: dict = {}
 
-    def prefill_configs(q_rows: int) -> list:
-        """The prefill candidates whose tiles hold whole Q blocks (BLOCK_M a multiple of q_rows), or a
-        whole fraction of one whose programs read the rest of the block for its scale (those with a
-        `maxnreg`: the small tiles for several programs per SM). Each Q block size gets its own
-        autotuner over only these, so no launch path can pair a tile with a block it cannot scale."""
-        kept = [
-            c for c in PREFILL_CONFIGS
-            if c.kwargs["BLOCK_M"] % q_rows == 0 or (c.maxnreg is not None and q_rows % c.kwargs["BLOCK_M"] == 0)
-        ]  # fmt: skip
-        return kept or [triton.Config({"BLOCK_M": max(16, q_rows), "FOLD_V": FOLD_V_SCALE}, num_warps=4, num_stages=2)]
+    def _with_kv_tile(config, block_n: int):
+        kwargs = {"BLOCK_N": block_n, **config.kwargs}
+        return triton.Config(kwargs, num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.maxnreg)
 
-    def attention_kernel_prefill(q_rows: int):
-        if q_rows not in _PREFILL_KERNELS:
-            _PREFILL_KERNELS[q_rows] = triton.autotune(configs=prefill_configs(q_rows), key=_TUNING_KEY)(
-                attention_kernel
+    def prefill_configs(q_rows: int, kv_rows: int | None = None) -> list:
+        """The prefill candidates for Q blocks of q_rows and K/V blocks of kv_rows (default q_rows):
+        tiles holding whole Q blocks (BLOCK_M a multiple of q_rows) or a whole fraction of one whose
+        programs read the rest of the block for its scale (those with a `maxnreg`: the small tiles
+        for several programs per SM); K/V tiles of one block (BLOCK_N = kv_rows) or of 64 keys inside
+        larger blocks. Each (Q, K/V) block pair gets its own autotuner over only these, so no launch
+        path can pair a tile with a block it cannot scale."""
+        kv_rows = q_rows if kv_rows is None else kv_rows
+
+        def fits(c):
+            block_m = c.kwargs["BLOCK_M"]
+            return block_m % q_rows == 0 or (c.maxnreg is not None and q_rows % block_m == 0)
+
+        kept = [_with_kv_tile(c, kv_rows) for c in PREFILL_CONFIGS if fits(c)]
+        if kv_rows > 64 and kv_rows % 64 == 0:
+            kept += [c for c in SMALL_KV_TILE_CONFIGS if fits(c)]
+        return kept or [
+            triton.Config(
+                {"BLOCK_M": max(16, q_rows), "BLOCK_N": kv_rows, "FOLD_V": FOLD_V_SCALE}, num_warps=4, num_stages=2
             )
-        return _PREFILL_KERNELS[q_rows]
+        ]
+
+    def attention_kernel_prefill(q_rows: int, kv_rows: int | None = None):
+        key = (q_rows, q_rows if kv_rows is None else kv_rows)
+        if key not in _PREFILL_KERNELS:
+            _PREFILL_KERNELS[key] = triton.autotune(configs=prefill_configs(*key), key=_TUNING_KEY)(attention_kernel)
+        return _PREFILL_KERNELS[key]
 
     attention_kernel_decode = triton.autotune(configs=DECODE_CONFIGS, key=[*_TUNING_KEY, "PACK_ROWS", "SPLITS"])(
         attention_kernel
@@ -634,12 +659,13 @@ def run(
         SMOOTH_K=attention_format.smooth_k,
         SOFT_FP8=interpreting(),
         SCALE_FROM_D=scale_from_d,
-        BLOCK_N=block_n,
+        KV_SCALE_ROWS=block_n,
     )
     prequant = packed is None and PREQUANTIZE_PREFILL
     constants.update(PREQUANT=prequant)
-    if packed is not None or config is not None:  # else a tuning parameter of the prefill configs
+    if packed is not None or config is not None:  # else tuning parameters of the prefill configs
         constants.update(FOLD_V=(config or {}).get("FOLD_V", FOLD_V_SCALE))
+        constants.update(BLOCK_N=(config or {}).get("BLOCK_N", block_n) if packed is None else block_n)
     if packed is None:
         splits, split_len = 1, kv_len
         constants.update(Q_SCALE_ROWS=q_fmt.block_rows, PACK_ROWS=0, SPLITS=1)
@@ -682,7 +708,9 @@ def run(
         if config.get("maxnreg") is not None:
             launch["maxnreg"] = config["maxnreg"]
     else:
-        kernel = attention_kernel_decode if packed is not None else attention_kernel_prefill(q_fmt.block_rows)
+        kernel = (
+            attention_kernel_decode if packed is not None else attention_kernel_prefill(q_fmt.block_rows, block_n)
+        )
         launch = constants
     if wrap is not None:
         kernel = wrap(kernel)
