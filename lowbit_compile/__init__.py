@@ -39,6 +39,7 @@ from lowbit_compile.formats import FORMATS, Format, get_format, register_format 
 from lowbit_compile.policy_search import search  # noqa: E402
 from lowbit_compile.policy import RECIPES, OpKind, Policy, QuantSpec, Rule, default_policy, recipe  # noqa: E402
 from lowbit_compile.report import Report, SiteReport  # noqa: E402
+from lowbit_compile import testing  # noqa: E402, F401  (lowbit_compile.testing, like torch.testing)
 
 __all__ = [
     "FORMATS",

@@ -125,15 +125,20 @@ def _trace_parameter(node: Any, state: PipelineState) -> tuple[torch.fx.Node, in
 
 
 def _site_fqn(node: torch.fx.Node, weight_path: str | None) -> str:
-    """The calling module's path (nn_module_stack), else the weight's owner module, else the node name."""
+    """The calling module's path (nn_module_stack), else the weight's owner module, else the node name.
+
+    A raw parameter of the calling module (not a `weight` of its own submodule, as nn.Linear's) names
+    the site by its path (`wq`, `attn.wk`): the module path alone would give every such site of one
+    module the same name (the root module's: "")."""
     stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = module_path(list(stack.values())[-1][0])
-        if path:
-            return path
+    path = module_path(list(stack.values())[-1][0]) if stack else None
     if weight_path is not None:
-        return weight_path.rpartition(".")[0]  # "" for a parameter of the root module, as named_modules()
-    return node.name
+        owner, _, name = weight_path.rpartition(".")
+        if name != "weight" and owner == (path or ""):
+            return weight_path
+        if not path:
+            return owner  # "" for the root module's own `weight` (the model is one linear)
+    return path or node.name
 
 
 def _linear_site(node: torch.fx.Node, state: PipelineState) -> dict[str, Any] | None:
