@@ -57,7 +57,7 @@ def _constant(graph: torch.fx.Graph, name: str, tensor: torch.Tensor) -> torch.f
     return node
 
 
-def _qdq_linear(graph: torch.fx.Graph, site: Site) -> torch.fx.Node:
+def _qdq_linear(graph: torch.fx.Graph, site: Site, shared: dict | None = None) -> torch.fx.Node:
     spec, calibration = site.spec, site.calibration
     x, weight, bias = site.inputs["x"], site.inputs["weight"], site.inputs["bias"]
     dtype = value_of(x).dtype
@@ -83,7 +83,15 @@ def _qdq_linear(graph: torch.fx.Graph, site: Site) -> torch.fx.Node:
         site.qdq.update(x_quantize=x_quantize, x_parts=x_parts)
         x_dequantized = _dequantize(graph, x_parts, spec.activation, dtype)
     else:
-        x_quantize, x_parts = _quantize(graph, x, spec.activation)
+        # One quantization per (activation, format): q/k/v or gate/up projections of one input share
+        # it, so the producer's kernel writes the codes once (`shared` is insert_qdq's memo).
+        key = (x, spec.activation)
+        if shared is not None and key in shared:
+            x_quantize, x_parts = shared[key]
+        else:
+            x_quantize, x_parts = _quantize(graph, x, spec.activation)
+            if shared is not None:
+                shared[key] = (x_quantize, x_parts)
         site.qdq.update(x_quantize=x_quantize, x_parts=x_parts)
         x_dequantized = _dequantize(graph, x_parts, spec.activation, dtype)
     return graph.call_function(F.linear, (x_dequantized, w_dequantized, bias))
@@ -139,13 +147,24 @@ def _qdq_block_attention(
     )  # fmt: skip
 
 
+def _graph_position(graph: torch.fx.Graph):
+    """Sort key: a site's position in the graph, so a shared quantize node (inserted before the first
+    site that reads it) precedes every later site that reuses it."""
+    position = {node: i for i, node in enumerate(graph.nodes)}
+    return lambda site: position[site.node]
+
+
 def insert_qdq(state: PipelineState) -> None:
     graph = state.gm.graph
-    for site in state.sites:
+    shared: dict = {}  # (activation node, format) -> its quantize node and parts, for later sites
+    for site in sorted(state.sites, key=_graph_position(graph)):
         if not site.quantized:
             continue
         with graph.inserting_before(site.node):
-            replacement = _qdq_attention(graph, site) if site.kind is OpKind.ATTENTION else _qdq_linear(graph, site)
+            if site.kind is OpKind.ATTENTION:
+                replacement = _qdq_attention(graph, site)
+            else:
+                replacement = _qdq_linear(graph, site, shared)
         replacement.meta.update(
             {k: v for k, v in site.node.meta.items() if k in ("nn_module_stack", "stack_trace", "val")}
         )
