@@ -237,9 +237,10 @@ def block_attention(
     out_dtype: torch.dtype,
 ) -> Tensor:
     """softmax(Q K^T * scale + mask) V for an attention format (`formats.AttentionFormat`): q, k, v
-    come in high precision and the op quantizes them itself, per token block (on GPU inside the
-    attention kernel: no pass over memory). Shapes as `F.scaled_dot_product_attention`; the result
-    is contiguous (..., Hq, L, Dv) in `out_dtype`. Reference: `reference.attention`."""
+    come in high precision and the op quantizes them itself, per token block (on GPU: Q and P inside
+    the attention kernel; K and V inside it at decode, by one pre-pass at prefill). Shapes as
+    `F.scaled_dot_product_attention`; the result is contiguous (..., Hq, L, Dv) in `out_dtype`.
+    Reference: `reference.attention`."""
     return _block_attention_reference(q, k, v, attn_mask, is_causal, scale, enable_gqa, fmt, out_dtype)
 
 
@@ -468,8 +469,8 @@ if HAS_TRITON:
         fmt: str,
         out_dtype: torch.dtype,
     ) -> Tensor:
-        """`block_attention` by the Triton kernel of `kernels/attention.py` (Q, K, V quantized in
-        registers; autotuned tiles on GPU, the default tile under `LOWBIT_AUTOTUNE=0`)."""
+        """`block_attention` by the Triton kernels of `kernels/attention.py` (autotuned tiles on GPU,
+        the default tile under `LOWBIT_AUTOTUNE=0`)."""
         from lowbit_compile.kernels import tuning
 
         config = None if tuning.tuning_enabled() else _attention.default_config(fmt)

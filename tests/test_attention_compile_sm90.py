@@ -14,17 +14,10 @@ Cases are the ones that failed on the H100 (issue 7, Triton 3.6 image) plus thei
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from _sm90 import compile_in_subprocess
 
 triton = pytest.importorskip("triton")
-
-ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = r'''
 import json, sys
@@ -89,24 +82,7 @@ def _case(fmt="fp8", q_rows=128, block_m=128, warps=8, stages=2, **kw):
 
 
 def _compile(cases):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    # Decided here, before the compile: a failing subprocess is always a test failure.
-    try:
-        from triton.backends import backends
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError as e:  # pragma: no cover - Triton builds before the compile-only API
-        pytest.skip(f"this Triton has no compile-only API: {e}")
-    if "nvidia" not in backends:  # pragma: no cover - e.g. a ROCm-only Triton build
-        pytest.skip(f"this Triton has no NVIDIA backend (backends: {sorted(backends)})")
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT], input=json.dumps(cases), capture_output=True, text=True, env=env,
-        cwd=ROOT, timeout=600,
-    )
-    if proc.returncode != 0:
-        raise AssertionError(proc.stderr[-3000:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return compile_in_subprocess(SCRIPT, cases)
 
 
 def test_failed_h100_configurations_compile_for_sm90():

@@ -11,21 +11,14 @@ rests on (issue 6, benchmarks/NOTES-scaled-mm.md v2), held in CI without a GPU.
   promotion, some of whose FMAs the SASS places after that MMA (Triton 3.6: 52 of 64 at 128x128; without the pin
   LLVM moves the held product's promotion below it too and ptxas serializes every wgmma, C7514).
 
-As in test_attention_compile_sm90.py, the compiles run in a subprocess without TRITON_INTERPRET."""
+The compiles run in a subprocess without TRITON_INTERPRET (tests/_sm90.py)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from _sm90 import compile_in_subprocess
 
 triton = pytest.importorskip("triton")
-
-ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = r'''
 import json, sys
@@ -87,23 +80,7 @@ print(json.dumps([compile_case(c) for c in cases]))
 
 
 def _compile(cases):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    try:
-        from triton.backends import backends
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError as e:  # pragma: no cover - Triton builds before the compile-only API
-        pytest.skip(f"this Triton has no compile-only API: {e}")
-    if "nvidia" not in backends:  # pragma: no cover - e.g. a ROCm-only Triton build
-        pytest.skip(f"this Triton has no NVIDIA backend (backends: {sorted(backends)})")
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT], input=json.dumps(cases), capture_output=True, text=True, env=env,
-        cwd=ROOT, timeout=600,
-    )  # fmt: skip
-    if proc.returncode != 0:
-        raise AssertionError(proc.stderr[-3000:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return compile_in_subprocess(SCRIPT, cases)
 
 
 def test_block_kernel_large_m_candidates_compile_for_sm90_without_spills_or_serialized_mma():

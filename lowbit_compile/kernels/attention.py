@@ -1,12 +1,14 @@
 """Quantized flash attention (forward) in Triton: softmax(Q K^T * scale + mask) V with Q, K and V
-quantized per token block inside the kernel, and QK^T and PV on 8-bit tensor cores.
+quantized per token block, and QK^T and PV on 8-bit tensor cores.
 
-The op hands the kernel high-precision q, k, v (bf16 / fp16 / fp32) with their strides, as the
-model made them (often (B, L, H, D) memory seen as (B, H, L, D)): nothing is copied or quantized
-beforehand. Each program loads its tiles, takes each block's amax, and casts to fp8 e4m3 or int8 in
-registers. Softmax and both accumulators are fp32. The numerical definition is
-`reference.attention` (an `formats.AttentionFormat`): this kernel matches it up to the order of fp32
-sums and the rare code that flips at a rounding boundary.
+The op hands the launcher high-precision q, k, v (bf16 / fp16 / fp32) with their strides, as the
+model made them (often (B, L, H, D) memory seen as (B, H, L, D)); nothing is copied. Q is quantized
+in registers by each program (its block's amax, a cast to fp8 e4m3 or int8). K and V: at prefill,
+`quantize_kv_kernel` writes their codes and block scales once (every query block reads each K/V
+tile, so quantizing in the loop repeated the work per query block); at decode each tile is loaded
+and quantized in the loop (read once per GQA group anyway). Softmax and both accumulators are fp32.
+The numerical definition is `reference.attention` (an `formats.AttentionFormat`): this kernel
+matches it up to the order of fp32 sums and the rare code that flips at a rounding boundary.
 
 Shapes and layouts:
 - q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv): any strides; Hq a multiple of Hkv (GQA:
@@ -18,10 +20,11 @@ Shapes and layouts:
 
 Quantization, per (batch, head, token block):
 - Q: one scale per `q_fmt.block_rows` tokens. A tile holds whole Q blocks (BLOCK_M a multiple of
-  the block), so the scale is a max over aligned groups of rows of the tile.
-- K, V: one scale per `block_rows` keys = BLOCK_N: a K/V tile is exactly one block. With K
-  smoothing the per-channel mean of K's first block is subtracted first (each program reads that
-  block once; see `reference.smooth_keys`).
+  the block: the scale is a max over aligned groups of rows of the tile) or, at prefill, is a whole
+  fraction of one (it reads the block's other rows once for the scale).
+- K, V: one scale per `block_rows` keys (KV_SCALE_ROWS). In the loop a K/V tile is exactly one
+  block (BLOCK_N = KV_SCALE_ROWS); over pre-quantized K/V a tile may be part of a block. With K
+  smoothing the per-channel mean of K's first block is subtracted first (`reference.smooth_keys`).
 - P: exp2(s - m) with m the running row max rounded up to an integer, so P is in (0, 1] and the
   online-softmax rescale factors are powers of two; P * 448 is cast to fp8 e4m3 for the PV product.
 
@@ -491,8 +494,8 @@ if triton is not None:
     ]  # fmt: skip
     DECODE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (3, 2)]
     _TUNING_KEY = [
-        "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "MASK_KIND", "QK_INT8", "SMOOTH_K", "PREQUANT", "FOLD_V", "KV_SCALE_ROWS",
-        "Q_BUCKET", "KV_BUCKET",
+        "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "MASK_KIND", "QK_INT8", "SMOOTH_K", "PREQUANT", "FOLD_V",
+        "KV_SCALE_ROWS", "Q_BUCKET", "KV_BUCKET",
     ]  # fmt: skip
     _PREFILL_KERNELS: dict = {}
 

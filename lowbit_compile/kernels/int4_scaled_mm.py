@@ -328,32 +328,13 @@ def _plan(meta, out_dtype, has_bias, device, tune: bool, min_rows: int) -> tuple
         copies = max(1, min(8, -(-common.L2_BYTES // (meta.n * meta.k // 2))))
         return [random_weight(meta, device) for _ in range(copies)]
 
-    buckets = []
-    for first, last, bucket_m in common.M_BUCKETS:
-        if tune and (last is None or last >= min_rows):
-            key = "|".join(
-                (
-                    "int4_scaled_mm",
-                    torch.cuda.get_device_name(device),
-                    triton.__version__,
-                    tuning.source_digest(__file__),
-                    f"n{meta.n}k{meta.k}g{meta.group}",
-                    str(out_dtype),
-                    f"bias{int(has_bias)}",
-                    f"m{bucket_m}",
-                )
-            )
-            config = tuning.pick(
-                key,
-                _candidates(bucket_m, meta),
-                lambda config, m=bucket_m: _timed_launch(weight_copies(), meta, out_dtype, has_bias, device, m, config),
-                encode=Int4ScaledConfig.as_tuple,
-                decode=Int4ScaledConfig.from_tuple,
-            )
-        else:
-            config = default_config(bucket_m, meta)
-        buckets.append((first, last, config.as_tuple()))
-    return tuple(common.flatten_plan(buckets))
+    return tuning.bucket_plan(
+        "int4_scaled_mm", __file__, f"n{meta.n}k{meta.k}g{meta.group}", out_dtype, has_bias, device, tune,
+        lambda bucket_m: _candidates(bucket_m, meta),
+        lambda m, config: _timed_launch(weight_copies(), meta, out_dtype, has_bias, device, m, config),
+        lambda bucket_m: default_config(bucket_m, meta), Int4ScaledConfig,
+        tunes_bucket=lambda last: last is None or last >= min_rows,
+    )  # fmt: skip
 
 
 def _timed_launch(weights, meta, out_dtype, has_bias, device, m, config) -> Callable[[], None]:

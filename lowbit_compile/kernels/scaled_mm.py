@@ -616,32 +616,12 @@ def _plan(meta: ScaledMeta, out_dtype: torch.dtype, has_bias: bool, device: torc
         copies = max(1, min(8, -(-common.L2_BYTES // (meta.n * meta.k))))
         return [_random_operands(meta, meta.n, device, weight=True) for _ in range(copies)]
 
-    buckets = []
-    for first, last, bucket_m in common.M_BUCKETS:
-        if tune:
-            key = "|".join(
-                (
-                    "scaled_mm",
-                    torch.cuda.get_device_name(device),
-                    triton.__version__,
-                    tuning.source_digest(__file__),
-                    f"n{meta.n}k{meta.k}i{int(meta.int8)}b{int(meta.block_scales)}",
-                    str(out_dtype),
-                    f"bias{int(has_bias)}",
-                    f"m{bucket_m}",
-                )
-            )
-            config = tuning.pick(
-                key,
-                _candidates(bucket_m, meta),
-                lambda config, m=bucket_m: _timed_launch(weight_copies(), meta, out_dtype, has_bias, device, m, config),
-                encode=ScaledMMConfig.as_tuple,
-                decode=ScaledMMConfig.from_tuple,
-            )
-        else:
-            config = default_config(bucket_m, meta)
-        buckets.append((first, last, config.as_tuple()))
-    return tuple(common.flatten_plan(buckets))
+    return tuning.bucket_plan(
+        "scaled_mm", __file__, f"n{meta.n}k{meta.k}i{int(meta.int8)}b{int(meta.block_scales)}", out_dtype, has_bias,
+        device, tune, lambda bucket_m: _candidates(bucket_m, meta),
+        lambda m, config: _timed_launch(weight_copies(), meta, out_dtype, has_bias, device, m, config),
+        lambda bucket_m: default_config(bucket_m, meta), ScaledMMConfig,
+    )  # fmt: skip
 
 
 def _timed_launch(weights, meta, out_dtype, has_bias, device, m, config) -> Callable[[], None]:

@@ -118,3 +118,54 @@ def pick(
     _store(path, key, encode(best))
     _memory[key] = best
     return best
+
+
+def bucket_plan(
+    family: str,
+    source: str,
+    shape_key: str,
+    out_dtype: torch.dtype,
+    has_bias: bool,
+    device: torch.device,
+    tune: bool,
+    candidates: Callable[[int], Sequence[Any]],
+    make_launch: Callable[[int, Any], Callable[[], None]],
+    default: Callable[[int], Any],
+    config_type: Any,
+    tunes_bucket: Callable[[int | None], bool] = lambda last: True,
+) -> tuple[int, ...]:
+    """A kernel family's plan: one config per M bucket (`common.M_BUCKETS`), flattened into the op's
+    `int[]` argument. With `tune`, each bucket that `tunes_bucket(last row)` accepts is tuned (`pick`,
+    keyed by family, GPU, Triton, the kernel's `source` file, `shape_key`, dtype, bias and bucket);
+    the others take `default(bucket_m)`. `make_launch(bucket_m, config)` builds a timed launch;
+    `config_type` has `as_tuple` / `from_tuple`."""
+    import triton
+
+    from lowbit_compile.kernels import common
+
+    buckets = []
+    for first, last, bucket_m in common.M_BUCKETS:
+        if tune and tunes_bucket(last):
+            key = "|".join(
+                (
+                    family,
+                    torch.cuda.get_device_name(device),
+                    triton.__version__,
+                    source_digest(source),
+                    shape_key,
+                    str(out_dtype),
+                    f"bias{int(has_bias)}",
+                    f"m{bucket_m}",
+                )
+            )
+            config = pick(
+                key,
+                candidates(bucket_m),
+                lambda config, m=bucket_m: make_launch(m, config),
+                encode=config_type.as_tuple,
+                decode=config_type.from_tuple,
+            )
+        else:
+            config = default(bucket_m)
+        buckets.append((first, last, config.as_tuple()))
+    return tuple(common.flatten_plan(buckets))

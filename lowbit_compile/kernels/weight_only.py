@@ -562,32 +562,13 @@ def _plan(meta: WeightMeta, dtype: torch.dtype, has_bias: bool, device: torch.de
         weight_bytes = meta.n * meta.k * meta.bits // 8
         return [_random_weight(meta, device) for _ in range(max(1, min(8, -(-common.L2_BYTES // weight_bytes))))]
 
-    flat: list[int] = []
-    for first, last, bucket_m in common.M_BUCKETS:
-        if tune:
-            key = "|".join(
-                (
-                    "weight_only",
-                    torch.cuda.get_device_name(device),
-                    triton.__version__,
-                    tuning.source_digest(__file__),
-                    f"n{meta.n}k{meta.k}b{meta.bits}g{meta.group}f{int(meta.float_codes)}z{int(meta.zero_point)}",
-                    str(dtype),
-                    f"bias{int(has_bias)}",
-                    f"m{bucket_m}",
-                )
-            )
-            config = tuning.pick(
-                key,
-                _candidates(bucket_m, meta),
-                lambda config, m=bucket_m: _timed_launch(weight_copies(), meta, dtype, has_bias, device, m, config),
-                encode=WeightOnlyConfig.as_tuple,
-                decode=WeightOnlyConfig.from_tuple,
-            )
-        else:
-            config = default_config(bucket_m, meta)
-        flat += [first, -1 if last is None else last, *config.as_tuple()]
-    return tuple(flat)
+    return tuning.bucket_plan(
+        "weight_only", __file__,
+        f"n{meta.n}k{meta.k}b{meta.bits}g{meta.group}f{int(meta.float_codes)}z{int(meta.zero_point)}", dtype, has_bias,
+        device, tune, lambda bucket_m: _candidates(bucket_m, meta),
+        lambda m, config: _timed_launch(weight_copies(), meta, dtype, has_bias, device, m, config),
+        lambda bucket_m: default_config(bucket_m, meta), WeightOnlyConfig,
+    )  # fmt: skip
 
 
 def _timed_launch(weights, meta, dtype, has_bias, device, m, config) -> Callable[[], None]:
