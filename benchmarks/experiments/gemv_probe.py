@@ -59,11 +59,37 @@ def _and_or(v, MASK: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
+def _tile_loads(w_ptr, s_ptr, z_ptr, kw0, kw_end, offs_n, n_mask, N, GROUP: tl.constexpr, ZERO_POINT: tl.constexpr,
+                EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+    """The words [BLOCK_KW, BLOCK_N] at kw0 and their scales and zero points: [1, BLOCK_N] when the
+    tile lies in one group (one row, loaded straight into the tile's layout), else per word."""
+    kw = kw0 + tl.arange(0, BLOCK_KW)
+    if EVEN:
+        mask = n_mask[None, :]
+    else:
+        mask = (kw < kw_end)[:, None] & n_mask[None, :]
+    w = tl.load(w_ptr + kw[:, None] * N + offs_n[None, :], mask=mask, other=0)
+    if BLOCK_KW * 8 <= GROUP:
+        s_offs = (kw0 * 8 // GROUP) * N + offs_n[None, :]
+        s_mask = n_mask[None, :] & ((offs_n * 0 + kw0) < kw_end)[None, :]
+    else:
+        s_offs = (kw * 8 // GROUP)[:, None] * N + offs_n[None, :]
+        s_mask = mask
+    s = tl.load(s_ptr + s_offs, mask=s_mask, other=0.0)
+    if ZERO_POINT:
+        z = tl.load(z_ptr + s_offs, mask=s_mask, other=0.0)
+    else:
+        z = s
+    return w, s, z
+
+
+@triton.jit
 def gemv4_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr,
     M, N, K, stride_xm, stride_om, KW_SLICE,
     GROUP: tl.constexpr, ZERO_POINT: tl.constexpr, EVEN: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr, ASM: tl.constexpr,
+    PREFETCH: tl.constexpr = False, STAGES: tl.constexpr = 1,
 ):  # fmt: skip
     pid = tl.program_id(0)
     pid_k = pid % SPLIT_K
@@ -78,18 +104,18 @@ def gemv4_kernel(
     kw_end = tl.minimum(kw_begin + KW_SLICE, KW)
     x_row = x_ptr + pid_m * stride_xm
     acc = tl.zeros((BLOCK_KW, BLOCK_N), tl.float32)
-    for kw0 in range(kw_begin, kw_end, BLOCK_KW):
+    if PREFETCH:  # registers hold the next tile's loads while this one computes
+        w_next, s_next, z_next = _tile_loads(w_ptr, s_ptr, z_ptr, kw_begin, kw_end, offs_n, n_mask, N, GROUP, ZERO_POINT, False, BLOCK_N, BLOCK_KW)
+    for kw0 in tl.range(kw_begin, kw_end, BLOCK_KW, num_stages=STAGES):
         kw = kw0 + tl.arange(0, BLOCK_KW)
-        g = kw * 8 // GROUP
         x_ptrs = x_row + kw * 8  # x as [BLOCK_KW, 1]: fewer elements than threads, so the compiler
         # loads it straight into the weight tile's layout (each thread its own K positions) instead of
         # converting a tile through shared memory
-        if EVEN:
-            kw_mask = n_mask[None, :]
+        if PREFETCH:
+            w, s, z = w_next, s_next, z_next
+            w_next, s_next, z_next = _tile_loads(w_ptr, s_ptr, z_ptr, kw0 + BLOCK_KW, kw_end, offs_n, n_mask, N, GROUP, ZERO_POINT, False, BLOCK_N, BLOCK_KW)
         else:
-            kw_mask = (kw < kw_end)[:, None] & n_mask[None, :]
-        w = tl.load(w_ptr + kw[:, None] * N + offs_n[None, :], mask=kw_mask, other=0)
-        s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=kw_mask, other=0.0)
+            w, s, z = _tile_loads(w_ptr, s_ptr, z_ptr, kw0, kw_end, offs_n, n_mask, N, GROUP, ZERO_POINT, EVEN, BLOCK_N, BLOCK_KW)
         # sum_j c_j x_j = (lo - 2**23 x_lo) / 2**12 + (hi - 2**23 x_hi) / 2**16, where lo / hi collect the
         # nibbles placed at mantissa bit 12 / 16. Scales are stored times 2**-16 and zero points times
         # 2**16 (exact), so a word adds s' * (16 lo + hi - 2**23 (16 x_lo + x_hi) - z' (x_lo + x_hi)).
@@ -106,7 +132,6 @@ def gemv4_kernel(
                 x_hi += xj
         magic = -8388608.0 * (16.0 * x_lo + x_hi)
         if ZERO_POINT:
-            z = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=kw_mask, other=0.0)
             hi = magic - z * (x_lo + x_hi)
         else:
             hi = tl.broadcast_to(magic - 524288.0 * (x_lo + x_hi), (BLOCK_KW, BLOCK_N))  # z' = 8 * 2**16
@@ -159,7 +184,7 @@ def to_kmajor(data: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None
 _workspace: dict = {}
 
 
-def gemv4(x, words, scale_t, zero_t, group, block_n, block_kw, split_k, num_warps=4, out=None):
+def gemv4(x, words, scale_t, zero_t, group, block_n, block_kw, split_k, num_warps=4, out=None, prefetch=False, stages=1):
     m, k = x.shape
     n = words.shape[1]
     kw_total = k // 8
@@ -178,7 +203,7 @@ def gemv4(x, words, scale_t, zero_t, group, block_n, block_kw, split_k, num_warp
         x, words, scale_t, zero_t if zero_t is not None else scale_t, out, part, count,
         m, n, k, x.stride(0), out.stride(0), kw_slice,
         GROUP=group, ZERO_POINT=zero_t is not None, EVEN=kw_total % kw_slice == 0 and kw_slice % block_kw == 0,
-        BLOCK_N=block_n, BLOCK_KW=block_kw, SPLIT_K=split_k, ASM=os.environ.get("TRITON_INTERPRET") != "1", num_warps=num_warps,
+        BLOCK_N=block_n, BLOCK_KW=block_kw, SPLIT_K=split_k, ASM=os.environ.get("TRITON_INTERPRET") != "1", PREFETCH=prefetch, STAGES=stages, num_warps=num_warps,
     )  # fmt: skip
     return out
 
@@ -188,17 +213,18 @@ def check() -> None:
     from lowbit_compile.report import sqnr
 
     torch.manual_seed(0)
-    for fmt, (n, k), (bn, bkw, split) in itertools.product(
-        ("int4_g128_asym", "int4_g32"), ((40, 256), (24, 384)), ((16, 4, 1), (8, 8, 3), (32, 16, 2))
+    for fmt, (n, k), cfg in itertools.product(
+        ("int4_g128_asym", "int4_g32"), ((40, 256), (24, 384)), ((16, 4, 1, 0), (8, 8, 3, 1), (32, 16, 2, 1), (16, 2, 1, 1))
     ):
+        bn, bkw, split, prefetch = cfg
         group = 128 if "g128" in fmt else 32
         w = torch.randn(n, k)
         q = reference.quantize(w, fmt)
         x = torch.randn(2, k).to(torch.float16)
         want = x.float() @ reference.dequantize(q, fmt, torch.float32).t()
         words, s_t, z_t = to_kmajor(q.data, q.scale, q.zero_point)
-        got = gemv4(x, words, s_t, z_t, group, bn, bkw, split).float()
-        print(fmt, n, k, (bn, bkw, split), f"{sqnr(want, got):.1f} dB")
+        got = gemv4(x, words, s_t, z_t, group, bn, bkw, split, prefetch=bool(prefetch)).float()
+        print(fmt, n, k, (bn, bkw, split, prefetch), f"{sqnr(want, got):.1f} dB")
         assert sqnr(want, got) > 50, "gemv4 mismatch"
 
 
@@ -254,7 +280,7 @@ def sweep(out_dir: Path) -> None:
             floor_best = None
             wflat = [c[0].view(torch.int32) for c in ref_copies]
             sz = [torch.cat([c[1], c[2]], 1) if c[2].numel() else torch.cat([c[1], c[1]], 1) for c in ref_copies]
-            for bn, bkb, split, warps in itertools.product((2, 8), (128, 512), (1, 4), (4, 8)):
+            for bn, bkb, split, warps in itertools.product((8, 16), (128, 256), (2, 4, 8), (4,)):
                 if (k // 8) % bkb or bn * bkb < warps * 32 * 4:
                     continue
                 o = torch.zeros(n, device="cuda")
@@ -265,33 +291,57 @@ def sweep(out_dir: Path) -> None:
             res["floor_us"], res["floor_cfg"] = floor_best[0] * 1e3, str(floor_best[1])
             # gemv4 on the K-major word layout
             g_all = []
-            for bn, bkw, split, warps in itertools.product((64, 128, 256), (8, 16, 32), (1, 2, 4, 8, 16), (4, 8)):
-                if bn * bkw < warps * 32 * 4 or (k // 8) // bkw < split:
+            configs = []
+            for bn, bkw, split, warps, prefetch in itertools.product((64, 128), (8, 16, 32), (2, 4, 8, 16, 32), (4, 8), (0, 1)):
+                iters = (k // 8) // bkw // split
+                if bn * bkw < warps * 32 * 4 or iters < 1 or (prefetch and iters < 2) or bn * bkw > 4096:
                     continue
+                configs.append((bn, bkw, split, warps, prefetch, 1))
+            configs += [(64, 8, 16, 4, 0, 3), (64, 16, 8, 4, 0, 3), (128, 16, 4, 4, 0, 3), (64, 16, 4, 4, 0, 3)]
+            for bn, bkw, split, warps, prefetch, stages in configs:
                 out = torch.empty(1, n, dtype=torch.bfloat16, device="cuda")
+                kw_args = dict(out=out, prefetch=bool(prefetch), stages=stages)
                 try:
-                    got = gemv4(x, *km[0], 128, bn, bkw, split, warps, out=out).float()
+                    got = gemv4(x, *km[0], 128, bn, bkw, split, warps, **kw_args).float()
                     db = sqnr(want, got)
-                    t = bench_rotating([lambda c=c: gemv4(x, *c, 128, bn, bkw, split, warps, out=out) for c in km])
+                    t = bench_rotating([lambda c=c: gemv4(x, *c, 128, bn, bkw, split, warps, **kw_args) for c in km])
                 except Exception as e:  # noqa: BLE001
-                    say("gemv4", (bn, bkw, split, warps), "failed", str(e)[:300])
+                    say("gemv4", (bn, bkw, split, warps, prefetch, stages), "failed", str(e)[:300])
                     continue
-                g_all.append((t, (bn, bkw, split, warps), db))
+                g_all.append((t, (bn, bkw, split, warps, prefetch, stages), db))
             g_all.sort()
             res["gemv4_us"], res["gemv4_cfg"], res["gemv4_db"] = g_all[0][0] * 1e3, str(g_all[0][1]), g_all[0][2]
             res["gemv4_min_db"] = min(d for _, _, d in g_all)
-            res["gemv4_top"] = [(round(t * 1e3, 2), c) for t, c, _ in g_all[:6]]
+            res["gemv4_top"] = [(round(t * 1e3, 2), c) for t, c, _ in g_all[:8]]
+            res["gemv4_best_no_prefetch"] = next((round(t * 1e3, 2), c) for t, c, _ in g_all if not c[4])
+            res["gemv4_best_stages"] = min(((round(t * 1e3, 2), c) for t, c, _ in g_all if c[5] > 1), default=None)
+            # symmetric codes (no zero points), the top configs only
+            if fmt == "int4_g128_asym":
+                qs = reference.quantize(w, "int4_g128")
+                want_s = x.float() @ reference.dequantize(qs, "int4_g128", torch.float32).t()
+                kms = [to_kmajor(qs.data.clone(), qs.scale.clone(), None) for _ in range(copies)]
+                sym = []
+                for _, (bn, bkw, split, warps, prefetch, stages), _ in g_all[:8]:
+                    out = torch.empty(1, n, dtype=torch.bfloat16, device="cuda")
+                    kw_args = dict(out=out, prefetch=bool(prefetch), stages=stages)
+                    db = sqnr(want_s, gemv4(x, *kms[0], 128, bn, bkw, split, warps, **kw_args).float())
+                    t = bench_rotating([lambda c=c: gemv4(x, *c, 128, bn, bkw, split, warps, **kw_args) for c in kms])
+                    sym.append((t, (bn, bkw, split, warps, prefetch, stages), db))
+                sym.sort()
+                res["sym_us"], res["sym_cfg"], res["sym_db"] = sym[0][0] * 1e3, str(sym[0][1]), sym[0][2]
+                del kms
             say(json.dumps(res))
             rows.append(res)
             del wb, ref_copies, km
             torch.cuda.empty_cache()
     (out_dir / "gemv_probe.json").write_text(json.dumps(rows, indent=1))
-    say("| fmt | N x K | bf16 us | main (x bf16) | floor (x bf16) | gemv4 (x bf16) | gemv4 cfg | SQNR dB (min) |")
-    say("|---|---|---|---|---|---|---|---|")
+    say("| fmt | N x K | bf16 us | main (x bf16) | floor (x bf16) | gemv4 (x bf16) | gemv4 cfg | no prefetch | SQNR dB (min) | sym g128 |")
+    say("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         b = r["bf16_us"]
         say(f"| {r['fmt']} | {r['n']}x{r['k']} | {b:.1f} | {b / r['main_us']:.2f}x | {b / r['floor_us']:.2f}x | "
-            f"{b / r['gemv4_us']:.2f}x | {r['gemv4_cfg']} | {r['gemv4_db']:.1f} ({r['gemv4_min_db']:.1f}) |")
+            f"{b / r['gemv4_us']:.2f}x | {r['gemv4_cfg']} | {b / r['gemv4_best_no_prefetch'][0]:.2f}x | "
+            f"{r['gemv4_db']:.1f} ({r['gemv4_min_db']:.1f}) | {b / r.get('sym_us', float('nan')):.2f}x |")
 
 
 def main() -> None:
