@@ -174,6 +174,134 @@ def gemv4_kernel(
             tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
+@triton.jit
+def gemv4_rows_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr,
+    M, N, K, stride_xm, stride_wn, stride_sn, stride_om, KW_SLICE,
+    GROUP: tl.constexpr, ZERO_POINT: tl.constexpr, EVEN: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr, ASM: tl.constexpr,
+    FINISH: tl.constexpr,  # split-K: 1 = the last program sums the partials (counter), 0 = a second kernel does
+):  # fmt: skip
+    """The same GEMV on the reference layout: w (N, K/2) bytes read as int32 words (N, K/8), scales
+    and zero points (N, K/G). Tiles [BLOCK_N, BLOCK_KW] words; x as [1, BLOCK_KW] rows and scales
+    as [BLOCK_N, 1] columns (fewer elements than threads: loaded straight into the tile's layout)."""
+    pid = tl.program_id(0)
+    pid_k = pid % SPLIT_K
+    tile = pid // SPLIT_K
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    pid_n = tile % tiles_n
+    pid_m = tile // tiles_n
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_n = tl.where(n_mask, offs_n, 0)  # rows past N read row 0 (contiguity is along K here)
+    KW = K // 8
+    kw_begin = pid_k * KW_SLICE
+    kw_end = tl.minimum(kw_begin + KW_SLICE, KW)
+    x_row = x_ptr + pid_m * stride_xm
+    acc = tl.zeros((BLOCK_N, BLOCK_KW), tl.float32)
+    for kw0 in range(kw_begin, kw_end, BLOCK_KW):
+        kw = kw0 + tl.arange(0, BLOCK_KW)
+        if EVEN:
+            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kw[None, :])
+        else:
+            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kw[None, :], mask=(kw < kw_end)[None, :], other=0)
+        if BLOCK_KW * 8 <= GROUP:
+            s_offs = offs_n[:, None] * stride_sn + kw0 * 8 // GROUP
+        else:
+            s_offs = offs_n[:, None] * stride_sn + (kw * 8 // GROUP)[None, :]
+        s = tl.load(s_ptr + s_offs) * (1.0 / 65536.0)
+        x_ptrs = x_row + kw[None, :] * 8
+        x_lo = tl.zeros((1, BLOCK_KW), tl.float32)
+        x_hi = tl.zeros((1, BLOCK_KW), tl.float32)
+        for j in tl.static_range(8):
+            if EVEN:
+                xj = tl.load(x_ptrs + j).to(tl.float32)
+            else:
+                xj = tl.load(x_ptrs + j, mask=(kw < kw_end)[None, :], other=0.0).to(tl.float32)
+            if j == 0 or j == 1 or j == 3 or j == 5:
+                x_lo += xj
+            else:
+                x_hi += xj
+        magic = -8388608.0 * (16.0 * x_lo + x_hi)
+        if ZERO_POINT:
+            z = tl.load(z_ptr + s_offs) * 65536.0
+            hi = magic - z * (x_lo + x_hi)
+        else:
+            hi = tl.broadcast_to(magic - 524288.0 * (x_lo + x_hi), (BLOCK_N, BLOCK_KW))
+        lo = tl.zeros((BLOCK_N, BLOCK_KW), tl.float32)
+        for j in tl.static_range(8):
+            if EVEN:
+                xj = tl.load(x_ptrs + j).to(tl.float32)
+            else:
+                xj = tl.load(x_ptrs + j, mask=(kw < kw_end)[None, :], other=0.0).to(tl.float32)
+            if j == 0:
+                v = w << 12
+            elif j <= 2:
+                v = w << 8
+            elif j <= 4:
+                v = w
+            elif j <= 6:
+                v = w >> 8
+            else:
+                v = w >> 12
+            if j == 0 or j == 1 or j == 3 or j == 5:
+                lo += _and_or(v, 0xF000, ASM).to(tl.float32, bitcast=True) * xj
+            else:
+                hi += _and_or(v, 0xF0000, ASM).to(tl.float32, bitcast=True) * xj
+        acc += s * (16.0 * lo + hi)
+    total = tl.sum(acc, axis=1)
+    out_ptrs = out_ptr + pid_m * stride_om + offs_n
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=n_mask)
+    elif FINISH == 0:  # partials [SPLIT_K, M, N], summed by common.splitk_sum_kernel
+        tl.store(part_ptr + (pid_k * M + pid_m) * N + offs_n, total, mask=n_mask)
+    else:
+        tl.store(part_ptr + (tile * SPLIT_K + pid_k) * BLOCK_N + tl.arange(0, BLOCK_N), total)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            summed = tl.zeros((BLOCK_N,), tl.float32)
+            for i in tl.static_range(SPLIT_K):
+                summed += tl.load(part_ptr + (tile * SPLIT_K + i) * BLOCK_N + tl.arange(0, BLOCK_N), cache_modifier=".cg")
+            tl.store(out_ptrs, summed.to(out_ptr.dtype.element_ty), mask=n_mask)
+            tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+
+def gemv4_rows(x, data, scale, zero, group, block_n, block_kw, split_k, num_warps=4, out=None, finish=1):
+    """x (M, K) @ int4 weight in the reference layout: data (N, K/2) uint8, scale / zero (N, K/G)."""
+    from lowbit_compile.kernels import common
+
+    m, k = x.shape
+    n = data.shape[0]
+    words = data.view(torch.int32)
+    kw_total = k // 8
+    kw_slice = triton.cdiv(triton.cdiv(kw_total, block_kw), split_k) * block_kw
+    tiles = m * triton.cdiv(n, block_n)
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if split_k > 1 and not finish:
+        part = torch.empty(split_k * m * n, dtype=torch.float32, device=x.device)
+        count = part
+    else:
+        key = (x.device, tiles, split_k, block_n)
+        if key not in _workspace:
+            _workspace[key] = (
+                torch.empty(tiles * split_k * block_n, dtype=torch.float32, device=x.device),
+                torch.zeros(tiles, dtype=torch.int32, device=x.device),
+            )
+        part, count = _workspace[key]
+    gemv4_rows_kernel[(tiles * split_k,)](
+        x, words, scale, zero if zero is not None else scale, out, part, count,
+        m, n, k, x.stride(0), words.stride(0), scale.stride(0), out.stride(0), kw_slice,
+        GROUP=group, ZERO_POINT=zero is not None, EVEN=kw_total % kw_slice == 0 and kw_slice % block_kw == 0,
+        BLOCK_N=block_n, BLOCK_KW=block_kw, SPLIT_K=split_k, ASM=os.environ.get("TRITON_INTERPRET") != "1",
+        FINISH=finish, num_warps=num_warps,
+    )  # fmt: skip
+    if split_k > 1 and not finish:
+        common.sum_partials(part, out, split_k, m * n)
+    return out
+
+
 def to_kmajor(data: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None):
     """Reference layout (N, K/2) uint8 -> int32 words [K/8, N]; scales / zeros (N, K/G) -> [K/G, N]."""
     words = data.contiguous().view(torch.int32).t().contiguous()
@@ -226,6 +354,12 @@ def check() -> None:
         got = gemv4(x, words, s_t, z_t, group, bn, bkw, split, prefetch=bool(prefetch)).float()
         print(fmt, n, k, (bn, bkw, split, prefetch), f"{sqnr(want, got):.1f} dB")
         assert sqnr(want, got) > 50, "gemv4 mismatch"
+        rows_bn, rows_bkw = bkw * 2, bn // 2
+        if rows_bkw * 8 > group:
+            rows_bkw = group // 8
+        got = gemv4_rows(x, q.data, q.scale, q.zero_point, group, rows_bn, rows_bkw, split, finish=prefetch).float()
+        print("  rows", (rows_bn, rows_bkw, split, prefetch), f"{sqnr(want, got):.1f} dB")
+        assert sqnr(want, got) > 50, "gemv4_rows mismatch"
 
 
 def sweep(out_dir: Path) -> None:
@@ -344,9 +478,72 @@ def sweep(out_dir: Path) -> None:
             f"{r['gemv4_db']:.1f} ({r['gemv4_min_db']:.1f}) | {b / r.get('sym_us', float('nan')):.2f}x |")
 
 
+def sweep_rows(out_dir: Path) -> None:
+    """The reference-layout GEMV against the K-major one (best configs of the first sweeps), with
+    split-K finished by the counter or by a second kernel."""
+    import sys
+
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from _sweep import bench_rotating
+
+    from lowbit_compile import reference
+    from lowbit_compile.kernels import common
+    from lowbit_compile.report import sqnr
+
+    torch.manual_seed(0)
+    log = open(out_dir / "gemv_rows.log", "w")
+    table = []
+
+    def say(*a):
+        print(*a, flush=True)
+        print(*a, file=log, flush=True)
+
+    fmt = "int4_g128_asym"
+    for n, k in ((4096, 4096), (14336, 4096), (4096, 14336)):
+        w = torch.randn(n, k, device="cuda") / k**0.5
+        q = reference.quantize(w, fmt)
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        want = x.float() @ reference.dequantize(q, fmt, torch.float32).t()
+        copies = common.L2_BYTES // (n * k // 2) + 2
+        rows = [(q.data.clone(), q.scale.clone(), q.zero_point.clone()) for _ in range(copies)]
+        km = [to_kmajor(q.data, q.scale, q.zero_point) for _ in range(copies)]
+        wb = [w.to(torch.bfloat16).clone() for _ in range(common.L2_BYTES // (n * k * 2) + 2)]
+        t_bf16 = bench_rotating([lambda wb=t: F.linear(x, wb) for t in wb])
+        out = torch.empty(1, n, dtype=torch.bfloat16, device="cuda")
+        results = []
+        for bn, bkw, split, warps in ((64, 16, 16, 4), (64, 16, 4, 4), (64, 16, 8, 4), (64, 32, 8, 4)):
+            t = bench_rotating([lambda c=c: gemv4(x, *c, 128, bn, bkw, split, warps, out=out) for c in km])
+            results.append((t, "kmajor", (bn, bkw, split, warps), sqnr(want, gemv4(x, *km[0], 128, bn, bkw, split, warps).float())))
+        for bn, bkw, split, warps, finish in itertools.product((32, 64, 128), (8, 16), (2, 4, 8, 16), (4, 8), (1, 0)):
+            if bn * bkw < warps * 32 * 4 or (k // 8) // bkw < split or bn * bkw > 2048:
+                continue
+            try:
+                db = sqnr(want, gemv4_rows(x, *rows[0], 128, bn, bkw, split, warps, finish=finish).float())
+                t = bench_rotating([lambda c=c: gemv4_rows(x, *c, 128, bn, bkw, split, warps, out=out, finish=finish) for c in rows])
+            except Exception as e:  # noqa: BLE001
+                say("rows", (bn, bkw, split, warps, finish), "failed", str(e)[:300])
+                continue
+            results.append((t, f"rows finish={finish}", (bn, bkw, split, warps), db))
+        results.sort()
+        for t, kind, cfg, db in results[:12]:
+            say(f"{n}x{k} {kind} {cfg} {t * 1e3:.2f} us {t_bf16 / t:.2f}x {db:.1f} dB")
+        for kind in ("kmajor", "rows finish=1", "rows finish=0"):
+            best = next(r for r in results if r[1] == kind)
+            table.append((f"{n}x{k}", kind, best[2], t_bf16 / best[0], best[3]))
+        del rows, km, wb
+        torch.cuda.empty_cache()
+    say("| N x K | kernel | config (BN, BKW, split, warps) | x bf16 | SQNR dB |")
+    say("|---|---|---|---|---|")
+    for shape, kind, cfg, ratio, db in table:
+        say(f"| {shape} | {kind} | {cfg} | {ratio:.2f}x | {db:.1f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--check", action="store_true")
+    parser.add_argument("--rows", action="store_true")
     parser.add_argument("--out", default="benchmarks/out")
     args = parser.parse_args()
     if args.check:
@@ -354,7 +551,7 @@ def main() -> None:
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    sweep(out)
+    (sweep_rows if args.rows else sweep)(out)
 
 
 if __name__ == "__main__":
