@@ -146,3 +146,26 @@ def test_dynamic_m_one_graph_every_bucket():
             expected = _reference(x, data, scale, zero, layer.bias, "int4_g128_asym")
             assert sqnr(expected, compiled(x).float()) >= 45, m
     assert counters["stats"]["unique_graphs"] == 1
+
+
+# The K-major int4 GEMV (weight_only.gemv_kmajor_kernel; its inline-asm unpacking runs only here).
+@pytest.mark.parametrize("fmt_name", ("int4_g32", "int4_g64_asym", "int4_g128", "int4_g128_asym"))
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+def test_gemv_kmajor_every_candidate_matches_reference(fmt_name, dtype):
+    from lowbit_compile.kernels import weight_only
+
+    torch.manual_seed(1)
+    group = get_format(fmt_name).group_size
+    for n, k in ((200, 384), (4096, 4096 + 128)):  # N not a multiple of BLOCK_N; K not of every slice
+        data, scale, zero = _weight(fmt_name, n, k)
+        words, scale_t, zero_t = weight_only.pack_kmajor(data, scale, zero)
+        bias = torch.randn(n, device="cuda", dtype=dtype)
+        for config in (*weight_only.KMAJOR_GEMV_CANDIDATES, weight_only.KMajorGemvConfig(64, 16, 1)):
+            for m in (1, 3):
+                x = torch.randn(m, k, device="cuda", dtype=dtype)
+                for _ in range(2):  # twice: the split-K counters must be ready for the next call
+                    out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+                    weight_only.launch_gemv_kmajor(x, words, scale_t, zero_t, bias, out, group, config)
+                    quality = sqnr(_reference(x, data, scale, zero, bias, fmt_name), out.float())
+                    assert quality >= 45, (config, n, k, m, quality)
+                assert not scale_t[-1].any(), config

@@ -209,3 +209,66 @@ def test_lowering_leaves_calls_without_a_kernel_to_the_reference(device, dtype, 
     graph = _fused_graph(device, dtype, fmt_name)
     assert ops.use_device_kernels(graph) == {}
     assert _targets(graph) == [torch.ops.lowbit.weight_only_mm.default]
+
+
+# -- the K-major int4 GEMV (weight_only.gemv_kmajor_kernel) ---------------------------------------
+
+INT4_FORMATS = ("int4_g32", "int4_g64_asym", "int4_g128", "int4_g128_asym")
+KC = weight_only.KMajorGemvConfig
+
+
+@pytest.mark.parametrize("fmt_name", INT4_FORMATS)
+def test_kmajor_packing_round_trips_exactly(fmt_name):
+    data, scale, zero = _weight(fmt_name, 24, 256)
+    words, scale_t, zero_t = weight_only.pack_kmajor(data, scale, zero)
+    group = get_format(fmt_name).group_size
+    assert words.dtype == torch.int32 and words.shape == (256 // 8, 24)
+    assert scale_t.shape == (256 // group + 1, 24) and not scale_t[-1].any()  # the counters row
+    back = weight_only.unpack_kmajor(words, scale_t, zero_t)
+    for before, after in zip((data, scale, zero), back):
+        assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("fmt_name", INT4_FORMATS)
+@pytest.mark.parametrize(
+    "m, dtype, config, with_bias",
+    [
+        (1, torch.bfloat16, KC(16, 4, 1), True),  # one slice, tiles inside every group
+        (1, torch.float16, KC(8, 8, 3), False),  # split 3: uneven slices, last program sums
+        (3, torch.bfloat16, KC(32, 16, 2), True),  # 3 rows; tiles span g32 / g64 groups
+        (1, torch.float16, KC(16, 4, 16), True),  # more slices than tiles: empty slices
+    ],
+)
+def test_gemv_kmajor_matches_reference(fmt_name, m, dtype, config, with_bias):
+    torch.manual_seed(m + config.SPLIT_K)
+    n, k = 40, 384  # N not a multiple of BLOCK_N, K a multiple of the group but not of every tile
+    data, scale, zero = _weight(fmt_name, n, k)
+    words, scale_t, zero_t = weight_only.pack_kmajor(data, scale, zero)
+    x = torch.randn(m, k).to(dtype)
+    bias = torch.randn(n).to(dtype) if with_bias else None
+    out = torch.full((m, n), float("nan"), dtype=dtype)
+    weight_only.launch_gemv_kmajor(x, words, scale_t, zero_t, bias, out, get_format(fmt_name).group_size, config)
+    expected = _reference(x, data, scale, zero, bias, fmt_name)
+    assert not out.isnan().any()
+    assert sqnr(expected, out.float()) > (45 if dtype is torch.bfloat16 else 60)
+    assert not scale_t[-1].any(), "split-K counters must be back at zero after the call"
+
+
+def test_gemv_kmajor_zero_rows_stay_zero_and_nan_stays_in_its_row():
+    data, scale, zero = _weight("int4_g128_asym", 24, 256)
+    words, scale_t, zero_t = weight_only.pack_kmajor(data, scale, zero)
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    x[0] = 0
+    x[2, 5] = float("nan")
+    out = torch.empty(3, 24, dtype=torch.bfloat16)
+    weight_only.launch_gemv_kmajor(x, words, scale_t, zero_t, None, out, 128, KC(8, 8, 2))
+    assert torch.equal(out[0], torch.zeros(24, dtype=torch.bfloat16))
+    assert out[2].isnan().all() and not out[1].isnan().any()
+
+
+def test_gemv_kmajor_rejects_a_mismatched_weight():
+    data, scale, zero = _weight("int4_g128", 24, 256)
+    words, scale_t, zero_t = weight_only.pack_kmajor(data, scale, zero)
+    x = torch.randn(1, 512, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="do not match K = 512"):
+        weight_only.launch_gemv_kmajor(x, words, scale_t, zero_t, None, torch.empty(1, 24), 128, KC(8, 8))

@@ -181,6 +181,7 @@ def gemv4_rows_kernel(
     GROUP: tl.constexpr, ZERO_POINT: tl.constexpr, EVEN: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr, ASM: tl.constexpr,
     FINISH: tl.constexpr,  # split-K: 1 = the last program sums the partials (counter), 0 = a second kernel does
+    ONE_WORD: tl.constexpr = False,  # 4-byte loads: a thread holds one word of several rows (x shared by them)
 ):  # fmt: skip
     """The same GEMV on the reference layout: w (N, K/2) bytes read as int32 words (N, K/8), scales
     and zero points (N, K/G). Tiles [BLOCK_N, BLOCK_KW] words; x as [1, BLOCK_KW] rows and scales
@@ -200,7 +201,10 @@ def gemv4_rows_kernel(
     x_row = x_ptr + pid_m * stride_xm
     acc = tl.zeros((BLOCK_N, BLOCK_KW), tl.float32)
     for kw0 in range(kw_begin, kw_end, BLOCK_KW):
-        kw = kw0 + tl.arange(0, BLOCK_KW)
+        if ONE_WORD:
+            kw = kw0 + (tl.arange(0, BLOCK_KW) ^ 0)
+        else:
+            kw = kw0 + tl.arange(0, BLOCK_KW)
         if EVEN:
             w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kw[None, :])
         else:
@@ -267,7 +271,7 @@ def gemv4_rows_kernel(
             tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
-def gemv4_rows(x, data, scale, zero, group, block_n, block_kw, split_k, num_warps=4, out=None, finish=1):
+def gemv4_rows(x, data, scale, zero, group, block_n, block_kw, split_k, num_warps=4, out=None, finish=1, one_word=False):
     """x (M, K) @ int4 weight in the reference layout: data (N, K/2) uint8, scale / zero (N, K/G)."""
     from lowbit_compile.kernels import common
 
@@ -295,7 +299,7 @@ def gemv4_rows(x, data, scale, zero, group, block_n, block_kw, split_k, num_warp
         m, n, k, x.stride(0), words.stride(0), scale.stride(0), out.stride(0), kw_slice,
         GROUP=group, ZERO_POINT=zero is not None, EVEN=kw_total % kw_slice == 0 and kw_slice % block_kw == 0,
         BLOCK_N=block_n, BLOCK_KW=block_kw, SPLIT_K=split_k, ASM=os.environ.get("TRITON_INTERPRET") != "1",
-        FINISH=finish, num_warps=num_warps,
+        FINISH=finish, ONE_WORD=one_word, num_warps=num_warps,
     )  # fmt: skip
     if split_k > 1 and not finish:
         common.sum_partials(part, out, split_k, m * n)
@@ -540,10 +544,64 @@ def sweep_rows(out_dir: Path) -> None:
         say(f"| {shape} | {kind} | {cfg} | {ratio:.2f}x | {db:.1f} |")
 
 
+def time_package(out_dir: Path) -> None:
+    """The package's K-major GEMV (`weight_only.launch_gemv_kmajor`, every candidate) against bf16
+    and the reference-layout kernel's candidates, int4 g128 with and without zero points, M=1."""
+    import sys
+
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from _sweep import bench_rotating
+
+    from lowbit_compile import reference
+    from lowbit_compile.formats import get_format
+    from lowbit_compile.kernels import common, weight_only
+    from lowbit_compile.report import sqnr
+
+    torch.manual_seed(0)
+    log = open(out_dir / "gemv_package.log", "w")
+    lines = ["| format | N x K | reference layout (best) | K-major GEMV (best) | config | SQNR dB |", "|---|---|---|---|---|---|"]
+    for fmt in ("int4_g128_asym", "int4_g128"):
+        for n, k in ((4096, 4096), (14336, 4096), (4096, 14336)):
+            w = torch.randn(n, k, device="cuda") / k**0.5
+            q = reference.quantize(w, fmt)
+            zero = q.zero_point if q.zero_point is not None else torch.empty(0, device="cuda")
+            x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+            want = x.float() @ reference.dequantize(q, fmt, torch.float32).t()
+            copies = common.L2_BYTES // (n * k // 2) + 2
+            rows = [(q.data.clone(), q.scale.clone(), zero.clone()) for _ in range(copies)]
+            packed = [weight_only.pack_kmajor(*c) for c in rows]
+            wb = [w.to(torch.bfloat16).clone() for _ in range(common.L2_BYTES // (n * k * 2) + 2)]
+            t_bf16 = bench_rotating([lambda t=t: F.linear(x, t) for t in wb])
+            out = torch.empty(1, n, dtype=torch.bfloat16, device="cuda")
+            meta = weight_only.WeightMeta.of(get_format(fmt), q.data)
+            t_main = min(
+                bench_rotating([lambda c=c: weight_only.launch(x, *c, None, out, meta, cfg) for c in rows])
+                for cfg in weight_only._candidates(1, meta)
+            )
+            best = None
+            for cfg in weight_only.KMAJOR_GEMV_CANDIDATES:
+                t = bench_rotating([lambda c=c: weight_only.launch_gemv_kmajor(x, *c, None, out, 128, cfg) for c in packed])
+                if best is None or t < best[0]:
+                    best = (t, cfg)
+            weight_only.launch_gemv_kmajor(x, *packed[0], None, out, 128, best[1])
+            db = sqnr(want, out.float())
+            line = f"| {fmt} | {n}x{k} | {t_bf16 / t_main:.2f}x | {t_bf16 / best[0]:.2f}x | {best[1]} | {db:.1f} |"
+            print(line, flush=True)
+            print(line, file=log, flush=True)
+            lines.append(line)
+            del rows, packed, wb
+            torch.cuda.empty_cache()
+    print("\n".join(lines))
+    print("\n".join(lines), file=log)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--rows", action="store_true")
+    parser.add_argument("--package", action="store_true")
     parser.add_argument("--out", default="benchmarks/out")
     args = parser.parse_args()
     if args.check:
@@ -551,7 +609,7 @@ def main() -> None:
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (sweep_rows if args.rows else sweep)(out)
+    (time_package if args.package else sweep_rows if args.rows else sweep)(out)
 
 
 if __name__ == "__main__":

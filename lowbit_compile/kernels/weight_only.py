@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -360,6 +361,122 @@ if triton is not None:
             out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
+    # -- int4 GEMV on the K-major word layout (`pack_kmajor`) ------------------------------------
+
+    @triton.jit
+    def _and_or_magic(v, MASK: tl.constexpr, ASM: tl.constexpr):
+        """(v & MASK) | the bits of 2**23: one LOP3 (Triton's code is two, an and and an or)."""
+        if ASM:
+            return tl.inline_asm_elementwise(
+                f"lop3.b32 $0, $1, {MASK}, 1258291200, 0xea;", "=r,r", [v], dtype=tl.int32, is_pure=True, pack=1
+            )
+        else:
+            return (v & MASK) | 0x4B000000
+
+    @triton.jit
+    def gemv_kmajor_kernel(
+        x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr,
+        M, N, K, stride_xm, stride_om, KW_SLICE,
+        GROUP: tl.constexpr, ZERO_POINT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr, ASM: tl.constexpr,
+    ):  # fmt: skip
+        """y[m, n] = sum_k x[m, k] (c[k, n] - z) s for int4 codes packed K-major (`pack_kmajor`):
+        w int32 [K/8, N] (word i of column n: elements 8i..8i+7, nibble j = element 8i + j), scales
+        [K/G + 1, N] fp32 times 2**-16 (the last row: split-K counters, zero between calls), zero
+        points [K/G, N] times 2**16. Programs take [BLOCK_KW, BLOCK_N] word tiles; a thread holds
+        words of one K position for several columns, so x is loaded once per thread for all of them
+        (as a [BLOCK_KW, 1] tensor: fewer elements than threads, so no layout conversion). A nibble
+        becomes 2**23 + c * 2**p by one and-or (p = 12 or 16, placed by one of four shifts of the
+        word); the 2**23 x terms and the zero point are subtracted once per word:
+            sum_j c_j x_j = (16 lo + hi - 2**23 (16 x_lo + x_hi)) / 2**16
+        with lo / hi the products of the nibbles at bit 12 / 16 and x_lo / x_hi the sums of their
+        activations. SPLIT_K > 1: programs write fp32 partials and the last to finish a tile (an
+        atomic counter) sums them and writes the output, so there is one launch."""
+        pid = tl.program_id(0)
+        pid_k = pid % SPLIT_K
+        tile = pid // SPLIT_K
+        tiles_n = tl.cdiv(N, BLOCK_N)
+        pid_n = tile % tiles_n
+        pid_m = tile // tiles_n
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        KW = K // 8
+        kw_begin = pid_k * KW_SLICE
+        kw_end = tl.minimum(kw_begin + KW_SLICE, KW)
+        x_row = x_ptr + pid_m * stride_xm
+        acc = tl.zeros((BLOCK_KW, BLOCK_N), tl.float32)
+        for kw0 in range(kw_begin, kw_end, BLOCK_KW):
+            kw = kw0 + tl.arange(0, BLOCK_KW)
+            if EVEN:
+                mask = n_mask[None, :]
+                kw_ok = kw >= 0
+            else:
+                kw_ok = kw < kw_end
+                mask = kw_ok[:, None] & n_mask[None, :]
+            w = tl.load(w_ptr + kw[:, None] * N + offs_n[None, :], mask=mask, other=0)
+            if BLOCK_KW * 8 <= GROUP:  # one group: a row of scales, loaded straight into the tile's layout
+                s_offs = (kw0 * 8 // GROUP) * N + offs_n[None, :]
+                s_mask = n_mask[None, :] & ((offs_n * 0 + kw0) < kw_end)[None, :]
+            else:
+                s_offs = (kw * 8 // GROUP)[:, None] * N + offs_n[None, :]
+                s_mask = mask
+            s = tl.load(s_ptr + s_offs, mask=s_mask, other=0.0)
+            x_ptrs = x_row + kw * 8
+            x_lo = tl.zeros((BLOCK_KW, 1), tl.float32)
+            x_hi = tl.zeros((BLOCK_KW, 1), tl.float32)
+            for j in tl.static_range(8):
+                xj = tl.load(x_ptrs + j, mask=kw_ok, other=0.0).to(tl.float32)[:, None]
+                if j == 0 or j == 1 or j == 3 or j == 5:
+                    x_lo += xj
+                else:
+                    x_hi += xj
+            magic = -8388608.0 * (16.0 * x_lo + x_hi)
+            if ZERO_POINT:
+                z = tl.load(z_ptr + s_offs, mask=s_mask, other=0.0)
+                hi = magic - z * (x_lo + x_hi)
+            else:  # symmetric codes are stored as code + 8: z' = 8 * 2**16
+                hi = tl.broadcast_to(magic - 524288.0 * (x_lo + x_hi), (BLOCK_KW, BLOCK_N))
+            lo = tl.zeros((BLOCK_KW, BLOCK_N), tl.float32)
+            for j in tl.static_range(8):
+                xj = tl.load(x_ptrs + j, mask=kw_ok, other=0.0).to(tl.float32)[:, None]  # (loaded once)
+                if j == 0:
+                    v = w << 12
+                elif j <= 2:
+                    v = w << 8
+                elif j <= 4:
+                    v = w
+                elif j <= 6:
+                    v = w >> 8
+                else:
+                    v = w >> 12
+                if j == 0 or j == 1 or j == 3 or j == 5:  # nibble now at bit 12
+                    lo += _and_or_magic(v, 0xF000, ASM).to(tl.float32, bitcast=True) * xj
+                else:  # at bit 16
+                    hi += _and_or_magic(v, 0xF0000, ASM).to(tl.float32, bitcast=True) * xj
+            acc += s * (16.0 * lo + hi)
+        total = tl.sum(acc, axis=0)
+        out_ptrs = out_ptr + pid_m * stride_om + offs_n
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=n_mask)
+        else:
+            # partials [tiles, SPLIT_K, BLOCK_N]; the last program of the tile to arrive sums them
+            # (the barrier and the release order every thread's partial before the counter)
+            tl.store(part_ptr + (tile * SPLIT_K + pid_k) * BLOCK_N + tl.arange(0, BLOCK_N), total)
+            tl.debug_barrier()
+            count_ptr = (s_ptr + (K // GROUP) * N).to(tl.pointer_type(tl.int32), bitcast=True) + tile
+            arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT_K - 1:
+                summed = tl.zeros((BLOCK_N,), tl.float32)
+                for i in tl.static_range(SPLIT_K):  # .cg: past L1, which may hold stale lines
+                    part = part_ptr + (tile * SPLIT_K + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+                    summed += tl.load(part, cache_modifier=".cg")
+                if HAS_BIAS:
+                    summed += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                tl.store(out_ptrs, summed.to(out_ptr.dtype.element_ty), mask=n_mask)
+                tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")  # ready for the next call
+
 
 # -- launch parameters ----------------------------------------------------------------------------
 
@@ -526,6 +643,84 @@ def launch(
     )
     if config.SPLIT_K > 1:
         common.sum_partials(target, out, config.SPLIT_K, split_stride, active=active, wrap=wrap)
+
+
+# -- the K-major int4 layout and its GEMV (measured, not yet dispatched: see the module docstring) --
+
+KMAJOR_SCALE = 2.0**-16  # K-major scales are stored times this and zero points divided by it (exact)
+
+
+def pack_kmajor(data: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
+    """The reference int4 layout -> the K-major GEMV's, exactly (`unpack_kmajor` inverts it):
+    data (N, K/2) uint8 -> int32 words [K/8, N]; scale (N, K/G) -> [K/G + 1, N] times 2**-16, the
+    last row zeros (the split-K counters, zero again after every call); zero (N, K/G) -> [K/G, N]
+    times 2**16 (an empty zero point stays empty)."""
+    n, half_k = data.shape
+    if half_k % 4:
+        raise ValueError(f"K-major packing needs K % 8 == 0, got K = {2 * half_k}")
+    words = data.contiguous().view(torch.int32).t().contiguous()
+    scale_t = torch.cat([scale.t() * KMAJOR_SCALE, scale.new_zeros(1, n)]).contiguous()
+    zero_t = (zero.t() / KMAJOR_SCALE).contiguous() if zero.numel() else zero
+    return words, scale_t, zero_t
+
+
+def unpack_kmajor(words: torch.Tensor, scale_t: torch.Tensor, zero_t: torch.Tensor):
+    """`pack_kmajor`'s inverse: (data (N, K/2) uint8, scale (N, K/G), zero (N, K/G) or empty)."""
+    data = words.t().contiguous().view(torch.uint8)
+    scale = (scale_t[:-1] / KMAJOR_SCALE).t().contiguous()
+    zero = (zero_t * KMAJOR_SCALE).t().contiguous() if zero_t.numel() else zero_t
+    return data, scale, zero
+
+
+@dataclass(frozen=True)
+class KMajorGemvConfig:
+    BLOCK_N: int  # columns per program
+    BLOCK_KW: int  # 32-bit words (8 elements each) along K per step
+    SPLIT_K: int = 1  # programs per column tile, each a K slice (> 1: the last sums the partials)
+    num_warps: int = 4
+
+
+# Best configs of benchmarks/experiments/gemv_probe.py on H100 (RESULTS.md 2026-11-24, fifth session)
+KMAJOR_GEMV_CANDIDATES = tuple(
+    KMajorGemvConfig(*c) for c in ((64, 16, 16, 4), (64, 16, 4, 4), (64, 16, 8, 4), (64, 32, 8, 4), (64, 8, 16, 4))
+)
+
+
+def launch_gemv_kmajor(
+    x2d: torch.Tensor,
+    words: torch.Tensor,
+    scale_t: torch.Tensor,
+    zero_t: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    group: int,
+    config: KMajorGemvConfig,
+    wrap=None,
+) -> None:
+    """out (M, N) = x2d (M, K) @ the K-major int4 weight (`pack_kmajor`) + bias, one launch."""
+    m, k = x2d.shape
+    n = words.shape[1]
+    if words.shape[0] * 8 != k or scale_t.shape != (k // group + 1, n):
+        raise ValueError(f"K-major int4 weight {tuple(words.shape)} / scales {tuple(scale_t.shape)} do not match K = {k}")
+    tiles = m * triton.cdiv(n, config.BLOCK_N)
+    if config.SPLIT_K > 1 and tiles > n:
+        raise ValueError(f"split-K GEMV: {tiles} tiles need more counters than the scale tensor's last row has ({n})")
+    kw_total = k // 8
+    kw_slice = triton.cdiv(triton.cdiv(kw_total, config.BLOCK_KW), config.SPLIT_K) * config.BLOCK_KW
+    if config.SPLIT_K > 1:
+        part = torch.empty(tiles * config.SPLIT_K * config.BLOCK_N, dtype=torch.float32, device=out.device)
+    else:
+        part = scale_t  # unused
+    kernel = common.runner(gemv_kmajor_kernel, config.num_warps, 1)
+    if wrap is not None:
+        kernel = wrap(kernel)
+    kernel[(tiles * config.SPLIT_K,)](
+        x2d, words, scale_t, zero_t if zero_t.numel() else scale_t, bias if bias is not None else scale_t, out, part,
+        m, n, k, x2d.stride(0), out.stride(0), kw_slice,
+        GROUP=group, ZERO_POINT=zero_t.numel() > 0, HAS_BIAS=bias is not None,
+        EVEN=kw_total % kw_slice == 0, BLOCK_N=config.BLOCK_N, BLOCK_KW=config.BLOCK_KW, SPLIT_K=config.SPLIT_K,
+        ASM=os.environ.get("TRITON_INTERPRET") != "1",
+    )  # fmt: skip
 
 
 def _random_weight(meta: WeightMeta, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
