@@ -28,6 +28,12 @@ Code paths, chosen per M bucket by tile config (`WeightOnlyConfig`):
   out^T = W @ x^T, the weight tile being the MMA's A operand in natural order (faster at M <= 128).
 - SPLIT_K > 1 (any path): programs take K slices and write fp32 partials, which
   `common.splitk_sum_kernel` sums into the output.
+
+A second int4 GEMV, `gemv_kmajor_kernel`, reads a K-major packing of the same weight
+(`pack_kmajor`: int32 words [K/8, N], scales and zero points [K/G, N]); it is 1.15-1.4x faster than
+the GEMV above at M = 1 (RESULTS.md, 2026-11-24 fifth session) but the op does not dispatch to it
+yet: every M bucket reads one folded weight, so it waits for fold-time packing and for tensor-core
+tiles that read K-major words (NOTES-weight-only.md v11).
 """
 
 from __future__ import annotations
