@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lowbit_compile.kernels.weight_only import _add_nibble_products
+
 
 @triton.jit
 def floor_kernel(w_ptr, s_ptr, out_ptr, N, KB, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, SPLIT_K: tl.constexpr):
@@ -45,17 +47,6 @@ def floor_kernel(w_ptr, s_ptr, out_ptr, N, KB, G: tl.constexpr, BLOCK_N: tl.cons
         sacc += tl.sum(tl.load(s_ptr + offs_n[:, None] * (KB * 8 // G) + offs_g[None, :]), axis=1)
     total = tl.sum(acc, axis=1).to(tl.float32) + sacc
     tl.atomic_add(out_ptr + offs_n, total, sem="relaxed")
-
-
-@triton.jit
-def _and_or(v, MASK: tl.constexpr, ASM: tl.constexpr):
-    """(v & MASK) | bits of 2**23, as one LOP3 (the compiler emits two: and, then or)."""
-    if ASM:
-        return tl.inline_asm_elementwise(
-            f"lop3.b32 $0, $1, {MASK}, 1258291200, 0xea;", "=r,r", [v], dtype=tl.int32, is_pure=True, pack=1
-        )
-    else:
-        return (v & MASK) | 0x4B000000
 
 
 @triton.jit
@@ -141,21 +132,7 @@ def gemv4_kernel(
                 xj = tl.load(x_ptrs + j).to(tl.float32)[:, None]
             else:
                 xj = tl.load(x_ptrs + j, mask=kw < kw_end, other=0.0).to(tl.float32)[:, None]
-            # nibble j sits at bits 4j..4j+3; one shift moves it (and a neighbour) to bit 12 or 16
-            if j == 0:
-                v = w << 12
-            elif j <= 2:
-                v = w << 8
-            elif j <= 4:
-                v = w
-            elif j <= 6:
-                v = w >> 8
-            else:
-                v = w >> 12
-            if j == 0 or j == 1 or j == 3 or j == 5:
-                lo += _and_or(v, 0xF000, ASM).to(tl.float32, bitcast=True) * xj  # 2**23 + c * 2**12
-            else:
-                hi += _and_or(v, 0xF0000, ASM).to(tl.float32, bitcast=True) * xj  # 2**23 + c * 2**16
+            lo, hi = _add_nibble_products(lo, hi, w, xj, j, ASM)
         acc += s * (16.0 * lo + hi)
     total = tl.sum(acc, axis=0)
     out_ptrs = out_ptr + pid_m * stride_om + offs_n
@@ -238,20 +215,7 @@ def gemv4_rows_kernel(
                 xj = tl.load(x_ptrs + j).to(tl.float32)
             else:
                 xj = tl.load(x_ptrs + j, mask=(kw < kw_end)[None, :], other=0.0).to(tl.float32)
-            if j == 0:
-                v = w << 12
-            elif j <= 2:
-                v = w << 8
-            elif j <= 4:
-                v = w
-            elif j <= 6:
-                v = w >> 8
-            else:
-                v = w >> 12
-            if j == 0 or j == 1 or j == 3 or j == 5:
-                lo += _and_or(v, 0xF000, ASM).to(tl.float32, bitcast=True) * xj
-            else:
-                hi += _and_or(v, 0xF0000, ASM).to(tl.float32, bitcast=True) * xj
+            lo, hi = _add_nibble_products(lo, hi, w, xj, j, ASM)
         acc += s * (16.0 * lo + hi)
     total = tl.sum(acc, axis=1)
     out_ptrs = out_ptr + pid_m * stride_om + offs_n

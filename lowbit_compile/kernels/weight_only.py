@@ -380,6 +380,26 @@ if triton is not None:
             return (v & MASK) | 0x4B000000
 
     @triton.jit
+    def _add_nibble_products(lo, hi, w, xj, J: tl.constexpr, ASM: tl.constexpr):
+        """Nibble J of the words `w` as 2**23 + c * 2**p, times xj, added to `lo` (p = 12) or `hi`
+        (p = 16): one of four shifts of the word moves the nibble (and a neighbour) to bit 12 or 16."""
+        if J == 0:
+            v = w << 12
+        elif J <= 2:
+            v = w << 8
+        elif J <= 4:
+            v = w
+        elif J <= 6:
+            v = w >> 8
+        else:
+            v = w >> 12
+        if J == 0 or J == 1 or J == 3 or J == 5:  # now at bit 12
+            lo += _and_or_magic(v, 0xF000, ASM).to(tl.float32, bitcast=True) * xj
+        else:  # at bit 16
+            hi += _and_or_magic(v, 0xF0000, ASM).to(tl.float32, bitcast=True) * xj
+        return lo, hi
+
+    @triton.jit
     def gemv_kmajor_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, part_ptr,
         M, N, K, stride_xm, stride_om, KW_SLICE,
@@ -445,20 +465,7 @@ if triton is not None:
             lo = tl.zeros((BLOCK_KW, BLOCK_N), tl.float32)
             for j in tl.static_range(8):
                 xj = tl.load(x_ptrs + j, mask=kw_ok, other=0.0).to(tl.float32)[:, None]  # (loaded once)
-                if j == 0:
-                    v = w << 12
-                elif j <= 2:
-                    v = w << 8
-                elif j <= 4:
-                    v = w
-                elif j <= 6:
-                    v = w >> 8
-                else:
-                    v = w >> 12
-                if j == 0 or j == 1 or j == 3 or j == 5:  # nibble now at bit 12
-                    lo += _and_or_magic(v, 0xF000, ASM).to(tl.float32, bitcast=True) * xj
-                else:  # at bit 16
-                    hi += _and_or_magic(v, 0xF0000, ASM).to(tl.float32, bitcast=True) * xj
+                lo, hi = _add_nibble_products(lo, hi, w, xj, j, ASM)
             acc += s * (16.0 * lo + hi)
         total = tl.sum(acc, axis=0)
         out_ptrs = out_ptr + pid_m * stride_om + offs_n
