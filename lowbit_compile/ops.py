@@ -40,8 +40,52 @@ def _present(t: Tensor) -> Tensor | None:
 def quantized_tensor(
     data: Tensor, scale: Tensor, zero_point: Tensor, global_scale: Tensor
 ) -> reference.QuantizedTensor:
-    """The op-level parts (0-element tensors for absent ones) as a reference `QuantizedTensor`."""
+    """The op-level parts (0-element tensors for absent ones) as a reference `QuantizedTensor`;
+    parts packed for a kernel (`pack_weight`) are unpacked first."""
+    data, scale, zero_point = unpacked(data, scale, zero_point)
     return reference.QuantizedTensor(data, scale, _present(zero_point), _present(global_scale))
+
+
+# -- packed weight layouts --------------------------------------------------------------------------
+# A kernel may read a folded weight in a layout of its own. The fold stage asks `weight_packing`
+# which one a site's weight gets and applies `pack_weight` wherever it quantizes that weight; the
+# packed parts say what they are (K-major int4 data is int32, the reference layout's is uint8), so
+# every op and its reference read both. Packings by name:
+#   "kmajor": `kernels/weight_only.pack_kmajor`: data int32 words [K/8, N], scales [K/G + 1, N]
+#                  times 2**-16 (the last row: the GEMV's split-K counters), zero points [K/G, N] times 2**16.
+
+PACKINGS = ("kmajor",)
+
+
+def weight_packing(kernel: str, x_dtype: torch.dtype, device: torch.device, w_fmt: str) -> str | None:
+    """The packing a weight folded for a `kernel` site (a `policy.Kernel` value) gets on `device`
+    with activations of `x_dtype`, or None (the reference layout). Only where the kernel that runs
+    reads it: int4 weight-only GEMMs on CUDA (their decode GEMV is faster on K-major words,
+    benchmarks/RESULTS.md 2026-11-24 fifth session); `auto_mm`'s int4 x fp8 kernel reads the reference layout."""
+    if kernel != "weight_only_mm" or weight_only_kernel(x_dtype, device, w_fmt) is None:
+        return None
+    return "kmajor" if get_format(w_fmt).element is ElementType.INT4 else None
+
+
+def pack_weight(packing: str | None, parts: list[Tensor]) -> list[Tensor]:
+    """A folded weight's (data, scale, zero_point, global_scale) in `packing`'s layout (None: as is)."""
+    if packing is None:
+        return parts
+    if packing != "kmajor":
+        raise ValueError(f"unknown weight packing {packing!r}; known: {', '.join(PACKINGS)}")
+    from lowbit_compile.kernels.weight_only import pack_kmajor
+
+    data, scale, zero_point, global_scale = parts
+    return [*pack_kmajor(data, scale, zero_point), global_scale]
+
+
+def unpacked(data: Tensor, scale: Tensor, zero_point: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(data, scale, zero_point) in the reference layout, whatever packing they are in."""
+    if data.dtype != torch.int32:
+        return data, scale, zero_point
+    from lowbit_compile.kernels.weight_only import unpack_kmajor
+
+    return unpack_kmajor(data, scale, zero_point)
 
 
 # -- quantize / dequantize (decomposable) --------------------------------------------------------
@@ -90,7 +134,7 @@ def _linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None, out_dtype:
 
 
 def _out_features(w_data: Tensor) -> int:
-    return w_data.shape[0]
+    return w_data.shape[1] if w_data.dtype == torch.int32 else w_data.shape[0]  # K-major int4: [K/8, N]
 
 
 @torch.library.custom_op("lowbit::weight_only_mm", mutates_args=())

@@ -23,6 +23,7 @@ import torch
 import torch.fx
 from torch.utils.weak import WeakIdKeyDictionary
 
+from lowbit_compile import ops
 from lowbit_compile.passes.qdq import QUANTIZED_PARTS
 from lowbit_compile.passes.state import PipelineState, Site, quantize_weight, remove_dead_code
 
@@ -41,11 +42,13 @@ class FoldedSource:
     path: str = ""  # the parameter's module path, for messages
     search: bool = True  # QuantSpec.weight_search: int4 scales searched (see passes.state.quantize_weight)
     calibration: Any = None  # calibration.SiteCalibration of the site(s) reading it, or None
+    packing: str | None = None  # the kernel's layout (`ops.weight_packing`), or None: the reference layout
 
     @property
-    def key(self) -> tuple[bool, str, bool, str | None]:
-        """How this weight is quantized: its released copies are kept under this key."""
-        return (self.transposed, self.fmt, self.search, None if self.calibration is None else self.calibration.key)
+    def key(self) -> tuple[bool, str, bool, str | None, str | None]:
+        """How this weight is quantized and packed: its released copies are kept under this key."""
+        calibration_key = None if self.calibration is None else self.calibration.key
+        return (self.transposed, self.fmt, self.search, calibration_key, self.packing)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,7 +65,9 @@ class FoldedSource:
 class _Released:
     path: str
     nbytes: int  # the storage size before release (restored for load_state_dict)
-    copies: dict[tuple[bool, str, bool, str | None], list[torch.Tensor]] = field(default_factory=dict)  # by .key
+    copies: dict[tuple[bool, str, bool, str | None, str | None], list[torch.Tensor]] = field(
+        default_factory=dict
+    )  # by FoldedSource.key
 
 
 _RELEASED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> _Released
@@ -93,24 +98,32 @@ def released_inputs(values: Sequence[Any]) -> list[str]:
 
 
 def _kept_copy(
-    parameter: torch.Tensor, transposed: bool, fmt: str, search: bool = True, calibration_key: str | None = None
+    parameter: torch.Tensor,
+    transposed: bool,
+    fmt: str,
+    search: bool = True,
+    calibration_key: str | None = None,
+    packing: str | None = None,
 ) -> list[torch.Tensor] | None:
     """The quantized copy kept for a released parameter (None if it is not released); raises if the
     copy needed was not kept."""
     record = released_record(parameter)
     if record is None:
         return None
-    copy = record.copies.get((transposed, fmt, search, calibration_key))
+    copy = record.copies.get((transposed, fmt, search, calibration_key, packing))
     if copy is None:
-        kept = ", ".join(f"{f}{' transposed' if t else ''}{' calibrated' if c else ''}" for t, f, _, c in record.copies)
+        kept = ", ".join(
+            f"{f}{' transposed' if t else ''}{' calibrated' if c else ''}{f' packed {p}' if p else ''}"
+            for t, f, _, c, p in record.copies
+        )
         kept = kept or "none"
-        layout = " transposed" if transposed else ""
+        layout = (" transposed" if transposed else "") + (f" packed {packing}" if packing else "")
         raise released_error(record.path, f"this compile needs it quantized as {fmt}{layout}, and only {kept} was kept")
     return copy
 
 
 def _release_parameter(
-    parameter: torch.Tensor, path: str, key: tuple[bool, str, bool, str | None], parts: list[torch.Tensor]
+    parameter: torch.Tensor, path: str, key: tuple[bool, str, bool, str | None, str | None], parts: list[torch.Tensor]
 ) -> bool:
     """Free a parameter's storage, keeping `parts` (its quantized copy) for other graphs."""
     storage = parameter.untyped_storage()
@@ -345,11 +358,12 @@ class FoldedWeights:
         ]
         for source, parameter, calibration in zip(self.sources, parameters, calibrations):
             kept = _kept_copy(
-                parameter, source.transposed, source.fmt, source.search, calibration and calibration.key
+                parameter, source.transposed, source.fmt, source.search, calibration and calibration.key, source.packing
             )
             if kept is None:
                 extra = {} if calibration is None else {"calibration": calibration}
                 kept = quantize_weight(parameter, source.transposed, source.fmt, source.search, **extra)
+                kept = ops.pack_weight(source.packing, kept)
             tensors.extend(kept)
         tensors.extend(self._constants(calibrations))
         for tensor in tensors:
@@ -395,10 +409,22 @@ class FoldedWeights:
             _protect_owners(released)
 
 
-def _compile_time_copy(state: PipelineState, site: Site, parameter: torch.Tensor) -> list[torch.Tensor]:
+def _compile_time_copy(
+    state: PipelineState, site: Site, parameter: torch.Tensor, packing: str | None
+) -> list[torch.Tensor]:
     calibration_key = None if site.calibration is None else site.calibration.key
-    kept = _kept_copy(parameter, site.weight_layout == "kn", site.spec.weight, site.spec.weight_search, calibration_key)
-    return kept if kept is not None else state.quantized_weight(site)
+    transposed = site.weight_layout == "kn"
+    kept = _kept_copy(parameter, transposed, site.spec.weight, site.spec.weight_search, calibration_key, packing)
+    return kept if kept is not None else ops.pack_weight(packing, state.quantized_weight(site))
+
+
+def _packing(site: Site, parameter: torch.Tensor) -> str | None:
+    """The layout the op layer wants for this site's folded weight (`ops.weight_packing`)."""
+    x = site.inputs.get("x")
+    x_val = x.meta.get("val") if x is not None else None
+    if not isinstance(x_val, torch.Tensor):
+        return None
+    return ops.weight_packing(site.kernel.value, x_val.dtype, parameter.device, site.spec.weight)
 
 
 def _bytes(tensors: list[torch.Tensor]) -> int:
@@ -411,8 +437,8 @@ def fold_weight_quantization(state: PipelineState) -> None:
     last_placeholder = state.placeholders()[-1]
     # Calibration constants (qdq stage) stay the last inputs: the weights go before them.
     constant_nodes = [node for node in state.placeholders() if "lowbit_constant" in node.meta]
-    folded: dict[tuple[str, bool, str, bool, str | None], list[torch.fx.Node]] = {}
-    source_index: dict[tuple[str, bool, str, bool, str | None], int] = {}
+    folded: dict[tuple[str, bool, str, bool, str | None, str | None], list[torch.fx.Node]] = {}
+    source_index: dict[tuple[str, bool, str, bool, str | None, str | None], int] = {}
     # Each calibration constant is read from the SiteCalibration of the weight its site folds, so
     # that another parameter set (for_call) brings its own factors and scales.
     constant_source: dict[torch.fx.Node, tuple[int, str]] = {}
@@ -429,12 +455,15 @@ def fold_weight_quantization(state: PipelineState) -> None:
         fmt = site.spec.weight
         transposed = site.weight_layout == "kn"
         search = site.spec.weight_search
-        key = (weight.name, transposed, fmt, search, None if site.calibration is None else site.calibration.key)
         parameter = state.parameters[weight.name].tensor
+        packing = _packing(site, parameter)
+        calibration_key = None if site.calibration is None else site.calibration.key
+        key = (weight.name, transposed, fmt, search, calibration_key, packing)
         if key not in folded:
-            tensors = _compile_time_copy(state, site, parameter)
+            tensors = _compile_time_copy(state, site, parameter, packing)
             nodes = []
-            prefix = re.sub(r"\W", "_", f"folded_{site.weight_path}{'_t' if transposed else ''}_{fmt}")
+            layout = ("_t" if transposed else "") + ("_" + packing if packing else "")
+            prefix = re.sub(r"\W", "_", f"folded_{site.weight_path}{layout}_{fmt}")
             for part, tensor in zip(QUANTIZED_PARTS, tensors):
                 if constant_nodes:
                     place = graph.inserting_before(constant_nodes[0])
@@ -451,7 +480,13 @@ def fold_weight_quantization(state: PipelineState) -> None:
             source_index[key] = len(sources)
             sources.append(
                 FoldedSource(
-                    input_index[weight], transposed, fmt, site.weight_path or weight.name, search, site.calibration
+                    input_index[weight],
+                    transposed,
+                    fmt,
+                    site.weight_path or weight.name,
+                    search,
+                    site.calibration,
+                    packing,
                 )
             )
             source_parameters.append(parameter)
@@ -477,6 +512,7 @@ def fold_weight_quantization(state: PipelineState) -> None:
     state.folded = FoldedWeights(
         sources, source_parameters, tensors_in_order, [constant_source[node] for node in constant_nodes]
     )
+    state.forget_quantized_weights()
     if folded:
         log.info(
             "quantized %d weights once at compile time: %.2f MiB -> %.2f MiB",

@@ -197,6 +197,11 @@ class PipelineState:
             )
         return self._quantized_weights[key]
 
+    def forget_quantized_weights(self) -> None:
+        """Drop the cache of `quantized_weight` (the fold stage, its last reader, is done): copies
+        that folding packed into another layout are freed here, not at the end of the compile."""
+        self._quantized_weights.clear()
+
     def attach_calibration(self) -> None:
         """Give each quantized linear site its weight's calibration (`calibration.SiteCalibration`);
         a site that gets a static activation scale takes the per-tensor activation format."""

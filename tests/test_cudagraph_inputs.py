@@ -127,18 +127,24 @@ def test_lowbit_marks_the_same_dynamo_inputs_static_as_plain_inductor(monkeypatc
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_static_kv_cache_decode_runs_in_cuda_graphs() -> None:
-    model = _model(batch=2, device="cuda", dtype=torch.bfloat16)
+@pytest.mark.parametrize(
+    "policy, batch, floor",
+    # w4a16 at batch 1: decode runs the K-major int4 GEMV, whose split-K counters live in the folded
+    # scales (written and reset inside every call, under capture too)
+    [("w8a16", 2, 25), ("w4a16", 1, 10)],
+)
+def test_static_kv_cache_decode_runs_in_cuda_graphs(policy: str, batch: int, floor: float) -> None:
+    model = _model(batch=batch, device="cuda", dtype=torch.bfloat16)
     reference = copy.deepcopy(model)
-    steps = _steps(2, "cuda", decode_steps=6)
-    options = {"policy": "w8a16", "inductor_config": {"triton.cudagraphs": True}}
+    steps = _steps(batch, "cuda", decode_steps=6)
+    options = {"policy": policy, "inductor_config": {"triton.cudagraphs": True}}
     compiled = torch.compile(model, backend="lowbit", options=options)
     with torch.no_grad():
         for tokens, positions in steps:
             expected = reference(tokens, positions)
             torch.compiler.cudagraph_mark_step_begin()
             got = compiled(tokens, positions)
-            assert 25 < sqnr(expected, got) < 60
+            assert floor < sqnr(expected, got) < 60
     assert counters["inductor"]["cudagraph_skips"] == 0
     # The decode graph was captured (the prefill, run once, only warms up), copying the tokens and
     # positions on replay, never the weights, folded weights or caches (40+ inputs per capture).
@@ -147,7 +153,7 @@ def test_static_kv_cache_decode_runs_in_cuda_graphs() -> None:
     assert counters["stats"]["unique_graphs"] == 2
     written = PREFILL + 6
     for ours, theirs in zip(model.layers, reference.layers):
-        assert 20 < sqnr(theirs.attn.k_cache[:, :, :written].float(), ours.attn.k_cache[:, :, :written].float())
+        assert floor - 5 < sqnr(theirs.attn.k_cache[:, :, :written].float(), ours.attn.k_cache[:, :, :written].float())
 
 
 @pytest.mark.gpu

@@ -325,3 +325,75 @@ def test_a_whole_model_keeps_only_packed_weights_and_what_it_reads_unquantized(t
     assert "embed_tokens.weight" not in released  # the embedding lookup reads it
     assert ("lm_head.weight" in released) == (not tie)  # tied: it is the embedding
     assert not any("norm" in name for name in released)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed layouts: on CUDA, int4 weight-only sites fold K-major (ops.weight_packing). Forced here on
+# CPU, where the op's reference unpacks them: the same outputs, packed copies kept and re-made.
+
+
+@pytest.fixture
+def kmajor_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lowbit_compile.ops as ops
+
+    real = ops.weight_packing
+
+    def everywhere(kernel: str, x_dtype: torch.dtype, device: torch.device, w_fmt: str) -> str | None:
+        return real(kernel, torch.bfloat16, torch.device("cuda"), w_fmt)  # as if on a GPU
+
+    monkeypatch.setattr(ops, "weight_packing", everywhere)
+
+
+def test_weight_packing_is_decided_by_the_op_layer() -> None:
+    from lowbit_compile.ops import weight_packing
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert weight_packing("weight_only_mm", torch.bfloat16, cuda, "int4_g128_asym") == "kmajor"
+    assert weight_packing("weight_only_mm", torch.float16, cuda, "int4_g32") == "kmajor"
+    assert weight_packing("weight_only_mm", torch.bfloat16, cpu, "int4_g128_asym") is None  # no kernel on CPU
+    assert weight_packing("weight_only_mm", torch.float32, cuda, "int4_g128_asym") is None  # the reference runs
+    assert weight_packing("weight_only_mm", torch.bfloat16, cuda, "int8_row") is None
+    assert weight_packing("auto_mm", torch.bfloat16, cuda, "int4_g128_asym") is None  # int4 x fp8 reads rows
+
+
+@pytest.mark.parametrize("inductor", [False, True])
+def test_kmajor_packed_weights_give_the_reference_layouts_output(
+    monkeypatch: pytest.MonkeyPatch, kmajor_everywhere: None, inductor: bool
+) -> None:
+    import lowbit_compile.ops as ops
+    from lowbit_compile.testing import run_and_get_graphs
+
+    torch.manual_seed(0)
+    model = Block().eval()
+    x = torch.randn(4, 128)
+    out, graphs = run_and_get_graphs(model, x, policy="w4a16", options={"inductor": inductor})
+    assert "i32[16, 128]" in graphs["folded"] and "kmajor" in graphs["folded"]  # words [K/8, N]
+    monkeypatch.setattr(ops, "weight_packing", lambda *args: None)  # the reference layout
+    same, graphs = run_and_get_graphs(model, x, policy="w4a16", options={"inductor": inductor})
+    assert "kmajor" not in graphs["folded"]
+    torch.testing.assert_close(out, same, rtol=0, atol=0)  # one quantized weight; the reference unpacks exactly
+
+
+def test_kmajor_packed_weights_are_packed_again_for_new_parameters(kmajor_everywhere: None) -> None:
+    torch.manual_seed(0)
+    model, other = Block().eval(), Block().eval()
+    x = torch.randn(4, 128)
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="lowbit", options=_options(policy="w4a16", release=False))
+        first = compiled(x)
+        model.load_state_dict(other.state_dict())
+        second = compiled(x)  # the per-call check quantizes and packs the new weights
+        assert 15 < sqnr(other(x), second) < 60 and not torch.equal(first, second)
+
+
+def test_released_kmajor_copies_serve_a_recompile(kmajor_everywhere: None) -> None:
+    torch.manual_seed(0)
+    model = Block().eval()
+    x, wide = torch.randn(4, 128), torch.randn(6, 128)
+    with torch.no_grad():
+        expected = model(wide)
+        compiled = torch.compile(model, backend="lowbit", options=_options(policy="w4a16"))
+        compiled(x)
+        assert model.fc.weight.untyped_storage().nbytes() == 0
+        assert 15 < sqnr(expected, compiled(wide)) < 60  # a second graph, from the kept packed copy
+    assert counters["stats"]["unique_graphs"] == 2

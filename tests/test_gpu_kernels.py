@@ -46,22 +46,28 @@ def _default_configs(monkeypatch):
 
 # Every candidate config (each is one compile) for the formats that exercise each code path.
 @pytest.mark.parametrize(
-    "fmt_name, dtype",
+    "fmt_name, dtype, kmajor",
     [
-        ("int4_g128_asym", torch.bfloat16),
-        ("int4_g32", torch.bfloat16),
-        ("int8_row", torch.bfloat16),
-        ("int4_g64_asym", torch.float16),
-        ("fp8_e4m3_row", torch.float16),
+        ("int4_g128_asym", torch.bfloat16, False),
+        ("int4_g32", torch.bfloat16, False),
+        ("int8_row", torch.bfloat16, False),
+        ("int4_g64_asym", torch.float16, False),
+        ("fp8_e4m3_row", torch.float16, False),
+        # int4 as folding packs it on CUDA (`ops.weight_packing`): the K-major GEMV at M = 1, the
+        # tensor-core tiles reading K-major words above
+        ("int4_g128_asym", torch.bfloat16, True),
+        ("int4_g32", torch.float16, True),
     ],
 )
-def test_every_candidate_config_matches_reference(fmt_name, dtype):
+def test_every_candidate_config_matches_reference(fmt_name, dtype, kmajor):
     from lowbit_compile.kernels import common, weight_only
 
     torch.manual_seed(0)
     n, k = 200, 384  # N and K not multiples of the tiles; K a multiple of every group size
     data, scale, zero = _weight(fmt_name, n, k)
-    meta = weight_only.WeightMeta.of(get_format(fmt_name), data)
+    packed = weight_only.pack_kmajor(data, scale, zero) if kmajor else (data, scale, zero)
+    meta = weight_only.WeightMeta.of(get_format(fmt_name), packed[0])
+    assert meta.kmajor == kmajor
     bias = torch.randn(n, device="cuda", dtype=dtype)
     too_large = []
     for first, last, bucket_m in common.M_BUCKETS:
@@ -71,7 +77,7 @@ def test_every_candidate_config_matches_reference(fmt_name, dtype):
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
                 out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
                 try:
-                    weight_only.launch(x, data, scale, zero, bias, out, meta, config)
+                    weight_only.launch(x, *packed, bias, out, meta, config)
                 except triton.runtime.errors.OutOfResources:
                     assert index > 0, f"the default config {config} must fit"
                     too_large.append(config)  # the tuner skips these
@@ -126,6 +132,9 @@ def test_llama_output_code_holds_the_kernel_not_the_reference(name):
     logits, graphs = run_and_get_graphs(model, tokens, policy=name)
     code = graphs["output_code"]
     FileCheck().check("@triton.jit").check("def weight_only_kernel(").run(code)
+    if name == "w4a16":  # folded K-major (ops.weight_packing): M = 1 runs the K-major GEMV
+        FileCheck().check("def gemv_kmajor_kernel(").run(code)
+        assert "kmajor" in graphs["folded"]
     assert "torch.ops.lowbit.weight_only_mm.default(" not in code
     assert f"weight_only_mm [triton:{'w4a16' if name == 'w4a16' else 'w8a16'}]" in graphs["report"]
     assert sqnr(expected, logits) > (8 if name == "w4a16" else 25)

@@ -272,3 +272,55 @@ def test_gemv_kmajor_rejects_a_mismatched_weight():
     x = torch.randn(1, 512, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="do not match K = 512"):
         weight_only.launch_gemv_kmajor(x, words, scale_t, zero_t, None, torch.empty(1, 24), 128, KC(8, 8))
+
+
+# -- the op's kernels on K-major weights (what folding packs for int4 weight-only sites on CUDA) --
+
+
+@pytest.mark.parametrize("fmt_name", INT4_FORMATS)
+@pytest.mark.parametrize(
+    "m, dtype, config",
+    [
+        (1, torch.bfloat16, C(1, 16, 64, 4, 1, 2)),  # the K-major GEMV (BLOCK_K = 8 words), split 2
+        (3, torch.float16, C(16, 32, 128, 4, 3)),  # tensor-core tile, inside a g128 group
+        (17, torch.float16, C(16, 32, 64, 4, 3, 2)),  # two row tiles, split-K
+        (37, torch.float16, C(32, 16, 256, 4, 3)),  # tiles span groups: dequantize in registers
+        (3, torch.float16, C(16, 32, 128, 4, 3, 1, 1)),  # swapped (out^T = W @ x^T)
+        (37, torch.float16, C(32, 16, 64, 4, 3, 2, 2)),  # swapped, scale after the dot at 32 rows
+        (37, torch.float16, C(32, 16, 256, 4, 3, 1, 1)),  # swapped, tiles span groups
+    ],
+)
+def test_kernels_read_kmajor_weights(fmt_name, m, dtype, config):
+    torch.manual_seed(m + config.BLOCK_K)
+    n, k = 40, 384  # N not a multiple of BLOCK_N, K a multiple of the group but not of every BLOCK_K
+    data, scale, zero = _weight(fmt_name, n, k)
+    words, scale_t, zero_t = weight_only.pack_kmajor(data, scale, zero)
+    meta = weight_only.WeightMeta.of(get_format(fmt_name), words)
+    assert meta.kmajor and (meta.n, meta.k) == (n, k)
+    assert weight_only.config_is_valid(config, meta), f"{config} does not fit {fmt_name}"
+    x = torch.randn(m, k).to(dtype)
+    bias = torch.randn(n).to(dtype)
+    out = torch.full((m, n), float("nan"), dtype=dtype)
+    weight_only.launch(x, words, scale_t, zero_t, bias, out, meta, config)
+    expected = _reference(x, data, scale, zero, bias, fmt_name)
+    assert not out.isnan().any()
+    assert sqnr(expected, out.float()) > (45 if dtype is torch.bfloat16 else 60)
+    assert not scale_t[-1].any()
+
+
+@pytest.mark.parametrize("m", [1, 2, 16, 17, 130])
+def test_op_body_on_kmajor_weights_launches_the_bucket_of_each_m(m):
+    torch.manual_seed(m)
+    n, k = 24, 256
+    data, scale, zero = _weight("int4_g128_asym", n, k)
+    words, scale_t, zero_t = weight_only.pack_kmajor(data, scale, zero)
+    meta = weight_only.WeightMeta.of(get_format("int4_g128_asym"), words)
+    flat = common.flatten_plan(
+        [(first, last, weight_only.default_config(bucket_m, meta).as_tuple()) for first, last, bucket_m in common.M_BUCKETS]
+    )
+    assert weight_only.unflatten_plan(flat)[0][2].BLOCK_M == 1  # the M = 1 bucket: the K-major GEMV
+    x = torch.randn(m, k, dtype=torch.float16)
+    out = weight_only.run(x, words, scale_t, zero_t, None, "int4_g128_asym", torch.float16, flat)
+    assert out.shape == (m, n)
+    expected = _reference(x, data, scale, zero, None, "int4_g128_asym")
+    assert sqnr(expected, out.float()) > 60

@@ -115,11 +115,32 @@ if triton is not None:
         return (q.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
 
     @triton.jit
+    def _kmajor_bytes(w_ptr, offs_n_safe, k0, K, stride_wk, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The [BLOCK_N, BLOCK_K/2] byte tile of the reference layout, read from K-major int32 words
+        [K/8, N] (byte b of word i of column n is reference byte 4i + b of row n): a [BLOCK_K/8,
+        BLOCK_N] word tile, transposed, its four bytes joined back in order."""
+        offs_kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        w_ptrs = w_ptr + offs_kw[:, None] * stride_wk + offs_n_safe[None, :]
+        if EVEN_K:
+            words = tl.load(w_ptrs)
+        else:
+            words = tl.load(w_ptrs, mask=(offs_kw < K // 8)[:, None], other=0)
+        words = tl.trans(words)
+        b0 = words & 0xFF
+        b1 = (words >> 8) & 0xFF
+        b2 = (words >> 16) & 0xFF
+        b3 = (words >> 24) & 0xFF
+        # join(join(b0, b2), join(b1, b3))[..., p, q] is byte 2p + q
+        both = tl.join(tl.join(b0, b2), tl.join(b1, b3))
+        return tl.reshape(both, (words.shape[0], BLOCK_K // 2)).to(tl.uint8)
+
+    @triton.jit
     def _load_step(
         w_ptr, x_ptr, scale_ptr, zero_ptr, offs_m, offs_n_safe, pid_m, k0, M, K,
-        stride_xm, stride_wn, stride_sn,
+        stride_xm, stride_wn, stride_sn, stride_sg,
         GROUP: tl.constexpr, BITS: tl.constexpr, ZERO_POINT: tl.constexpr, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
+        KMAJOR: tl.constexpr,
     ):  # fmt: skip
         """Every load of the K step at k0: weight codes [BLOCK_N, BLOCK_K (/2 for int4)], activations
         ([BLOCK_K] for the int4 GEMV, [BLOCK_N, BLOCK_K] broadcast for the 8-bit one, [BLOCK_K,
@@ -130,7 +151,9 @@ if triton is not None:
         channel, applied in the epilogue)."""
         HALF_K: tl.constexpr = BLOCK_K // 2
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        if BITS == 4:
+        if KMAJOR:  # int32 words [K/8, N] (`pack_kmajor`): stride_wn is a word row's stride
+            w = _kmajor_bytes(w_ptr, offs_n_safe, k0, K, stride_wn, EVEN_K, BLOCK_K)
+        elif BITS == 4:
             offs_kb = k0 // 2 + tl.arange(0, HALF_K)  # byte columns of this tile
             w_ptrs = w_ptr + offs_n_safe[:, None] * stride_wn + offs_kb[None, :]
             if EVEN_K:
@@ -171,20 +194,23 @@ if triton is not None:
                 x = tl.load(x_ptrs, mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0)
         if BITS == 4:
             if BLOCK_K <= GROUP:
-                s_offs = offs_n_safe * stride_sn + k0 // GROUP
+                s_offs = offs_n_safe * stride_sn + (k0 // GROUP) * stride_sg
                 s_mask = offs_n_safe >= 0  # (all true; one load form for both cases)
             else:
                 if BLOCK_M == 1:
                     offs_g = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
                 else:
                     offs_g = (k0 + 2 * tl.arange(0, HALF_K)) // GROUP
-                s_offs = offs_n_safe[:, None] * stride_sn + offs_g[None, :]
+                s_offs = offs_n_safe[:, None] * stride_sn + offs_g[None, :] * stride_sg
                 s_mask = (offs_g < K // GROUP)[None, :]  # the K tail has no scales
             s = tl.load(scale_ptr + s_offs, mask=s_mask, other=0.0)
             if ZERO_POINT:
                 z = tl.load(zero_ptr + s_offs, mask=s_mask, other=0.0)
             else:
                 z = s
+            if KMAJOR:  # stored times 2**-16 (scales) and 2**16 (zero points): exact
+                s = s * 65536.0
+                z = z * 0.0000152587890625
         else:
             s = tl.zeros((BLOCK_N,), dtype=tl.float32)
             z = s
@@ -202,8 +228,9 @@ if triton is not None:
         N,
         K,
         stride_xm,
-        stride_wn,
-        stride_sn,
+        stride_wn,  # the data's row stride: a row of N (K/2 bytes, or K), or of K-major words (N)
+        stride_sn,  # scales and zero points: between output channels
+        stride_sg,  # and between groups along K
         stride_om,
         stride_os,  # split-K: elements between the partial outputs of two K slices
         K_SLICE,  # split-K: K elements per slice, a multiple of BLOCK_K (K when SPLIT_K == 1)
@@ -220,6 +247,7 @@ if triton is not None:
         SPLIT_K: tl.constexpr,  # > 1: each program covers one K slice and writes fp32 partial sums
         SWAP_AB: tl.constexpr,  # tensor-core tiles compute out^T = W @ x^T (small M: W fills the MMA's M)
         SCALE_AFTER_ANY_M: tl.constexpr,  # int4 tiles inside one group scale after the dot at any BLOCK_M
+        KMAJOR: tl.constexpr = False,  # int4 read from `pack_kmajor`'s words and scaled scales
     ):
         DTYPE: tl.constexpr = x_ptr.dtype.element_ty
         MAGIC: tl.constexpr = 1024.0 if DTYPE == tl.float16 else 128.0
@@ -268,7 +296,8 @@ if triton is not None:
             # (Issuing step k+1's loads before step k's math was measured: no faster, more registers.)
             w_tile, x, s, z = _load_step(
                 w_ptr, x_ptr, scale_ptr, zero_ptr, offs_m, offs_n_safe, pid_m, k0, M, K,
-                stride_xm, stride_wn, stride_sn, GROUP, BITS, ZERO_POINT, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB,
+                stride_xm, stride_wn, stride_sn, stride_sg, GROUP, BITS, ZERO_POINT, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
+                SWAP_AB, KMAJOR,
             )  # fmt: skip
             if BITS == 4:
                 if not ZERO_POINT:
@@ -504,24 +533,24 @@ class WeightMeta:
     group: int  # 0: per channel
     float_codes: bool
     zero_point: bool
+    kmajor: bool = False  # int4 packed by `pack_kmajor` (int32 words [K/8, N])
 
     @classmethod
     def of(cls, fmt: Format, w_data: torch.Tensor) -> WeightMeta:
         bits = fmt.bits
-        k = w_data.shape[-1] * (2 if bits == 4 else 1)
         group = fmt.group_size if fmt.granularity is Granularity.GROUP else 0
-        return cls(
-            n=w_data.shape[0],
-            k=k,
-            bits=bits,
-            group=group,
-            float_codes=fmt.is_float,
-            zero_point=not fmt.symmetric,
-        )
+        kmajor = is_kmajor(w_data)
+        if kmajor:
+            n, k = w_data.shape[1], w_data.shape[0] * 8
+        else:
+            n, k = w_data.shape[0], w_data.shape[-1] * (2 if bits == 4 else 1)
+        return cls(n=n, k=k, bits=bits, group=group, float_codes=fmt.is_float, zero_point=not fmt.symmetric, kmajor=kmajor)
 
 
 def config_is_valid(config: WeightOnlyConfig, meta: WeightMeta) -> bool:
     """Whether the kernel can run `config` on this weight (tile/group compatibility, K coverage)."""
+    if meta.kmajor and config.BLOCK_M == 1:  # the K-major GEMV: whole words, any group
+        return config.BLOCK_K % 8 == 0 and config.BLOCK_K <= max(8, triton.next_power_of_2(meta.k))
     if config.BLOCK_K % 32 or config.BLOCK_K > max(32, triton.next_power_of_2(meta.k) if triton else meta.k):
         return False
     if meta.bits == 4:
@@ -578,7 +607,9 @@ def _candidates(bucket_m: int, meta: WeightMeta) -> list[WeightOnlyConfig]:
     # Measured on H100 (benchmarks/sweep_weight_only.py, RESULTS.md): decode wants wide K tiles
     # (the bytes in flight per K step are about N * BLOCK_K / 2 for int4, whatever BLOCK_N is);
     # tensor-core tiles win with the weight as the MMA's A operand (SWAP_AB) and split K.
-    if bucket_m == 1:
+    if bucket_m == 1 and meta.kmajor:  # `gemv_kmajor_kernel`: BLOCK_K = 8 * BLOCK_KW, one stage
+        configs = [C(1, c.BLOCK_N, 8 * c.BLOCK_KW, c.num_warps, 1, c.SPLIT_K) for c in KMAJOR_GEMV_CANDIDATES]
+    elif bucket_m == 1:
         configs = [C(1, 8, wide_k[1], 4, 3)]
         decode_tiles = ((8, 2048), (8, 4096), (4, 4096), (8, 1024), (4, 1024), (8, 512), (16, 256))
         configs += [C(1, bn, bk, 4, 2) for bn, bk in decode_tiles]
@@ -598,7 +629,7 @@ def _candidates(bucket_m: int, meta: WeightMeta) -> list[WeightOnlyConfig]:
         configs += [C(64, 256, 64, 8, 3), C(128, 128, 32, 4, 4), C(64, 128, 64, 4, 4)]
         configs += [C(128, 64, 128, 4, 3, 1, 1), C(128, 64, 128, 4, 3, 1, 2), C(128, 128, 128, 8, 3, 1, 1)]
     max_n = max(8 if bucket_m == 1 else 16, triton.next_power_of_2(meta.n))  # tl.dot needs N >= 16
-    max_k = max(32, triton.next_power_of_2(meta.k))
+    max_k = max(8 if bucket_m == 1 and meta.kmajor else 32, triton.next_power_of_2(meta.k))
     clamped = [dataclasses.replace(c, BLOCK_N=min(c.BLOCK_N, max_n), BLOCK_K=min(c.BLOCK_K, max_k)) for c in configs]
     return [c for c in dict.fromkeys(clamped) if config_is_valid(c, meta)]
 
@@ -624,6 +655,11 @@ def launch(
     """The launches for all rows of `x2d` into `out` (M, N, contiguous). `active` (0 or 1, possibly a
     SymInt) multiplies the grids: 0 launches nothing. `max_rows` bounds the rows a split-K config's
     fp32 partials hold (the bucket's last row). `wrap` is `torch.library.wrap_triton` when traced."""
+    if meta.kmajor and config.BLOCK_M == 1:
+        gemv = KMajorGemvConfig(config.BLOCK_N, config.BLOCK_K // 8, config.SPLIT_K, config.num_warps)
+        zero = w_zero_point if meta.zero_point else w_zero_point[:0]  # the GEMV reads zero points if present
+        launch_gemv_kmajor(x2d, w_data, w_scale, zero, bias, out, meta.group, gemv, active, max_rows, wrap)
+        return
     m = x2d.shape[0]
     kernel = common.runner(weight_only_kernel, config.num_warps, config.num_stages)
     if wrap is not None:
@@ -648,11 +684,12 @@ def launch(
         meta.k,
         x2d.stride(0),
         w_data.stride(0),
-        w_scale.stride(0),
+        *((1, meta.n) if meta.kmajor else (w_scale.stride(0), 1)),  # scales [K/G (+1), N] or (N, K/G)
         meta.n,
         split_stride,
         k_slice(meta, config),
         **constexprs,
+        **({"KMAJOR": True} if meta.kmajor else {}),
     )
     if config.SPLIT_K > 1:
         common.sum_partials(target, out, config.SPLIT_K, split_stride, active=active, wrap=wrap)
@@ -708,26 +745,31 @@ def launch_gemv_kmajor(
     out: torch.Tensor,
     group: int,
     config: KMajorGemvConfig,
+    active=1,
+    max_rows: int | None = None,
     wrap=None,
 ) -> None:
-    """out (M, N) = x2d (M, K) @ the K-major int4 weight (`pack_kmajor`) + bias, one launch."""
+    """out (M, N) = x2d (M, K) @ the K-major int4 weight (`pack_kmajor`) + bias, one launch. `active`
+    (0 or 1, possibly a SymInt) multiplies the grid; `max_rows` bounds M (the bucket's last row) for
+    the split-K partials; `wrap` is `torch.library.wrap_triton` when traced."""
     m, k = x2d.shape
     n = words.shape[1]
     if words.shape[0] * 8 != k or scale_t.shape != (k // group + 1, n):
         raise ValueError(f"K-major int4 weight {tuple(words.shape)} / scales {tuple(scale_t.shape)} do not match K = {k}")
-    tiles = m * triton.cdiv(n, config.BLOCK_N)
-    if config.SPLIT_K > 1 and tiles > n:
-        raise ValueError(f"split-K GEMV: {tiles} tiles need more counters than the scale tensor's last row has ({n})")
+    tiles_n = triton.cdiv(n, config.BLOCK_N)
+    rows = m if max_rows is None else torch.sym_min(m, max_rows)
+    if config.SPLIT_K > 1 and isinstance(rows, int) and rows * tiles_n > n:
+        raise ValueError(f"split-K GEMV: {rows * tiles_n} tiles need more counters than the scale tensor's last row has ({n})")
     kw_total = k // 8
     kw_slice = triton.cdiv(triton.cdiv(kw_total, config.BLOCK_KW), config.SPLIT_K) * config.BLOCK_KW
     if config.SPLIT_K > 1:
-        part = torch.empty(tiles * config.SPLIT_K * config.BLOCK_N, dtype=torch.float32, device=out.device)
+        part = torch.empty(rows * tiles_n * config.SPLIT_K * config.BLOCK_N, dtype=torch.float32, device=out.device)
     else:
         part = scale_t  # unused
     kernel = common.runner(gemv_kmajor_kernel, config.num_warps, 1)
     if wrap is not None:
         kernel = wrap(kernel)
-    kernel[(tiles * config.SPLIT_K,)](
+    kernel[(m * tiles_n * config.SPLIT_K * active,)](
         x2d, words, scale_t, zero_t if zero_t.numel() else scale_t, bias if bias is not None else scale_t, out, part,
         m, n, k, x2d.stride(0), out.stride(0), kw_slice,
         GROUP=group, ZERO_POINT=zero_t.numel() > 0, HAS_BIAS=bias is not None,
@@ -736,8 +778,14 @@ def launch_gemv_kmajor(
     )  # fmt: skip
 
 
+def is_kmajor(w_data: torch.Tensor) -> bool:
+    """Whether folded int4 data is `pack_kmajor`'s int32 words (the reference layout is uint8)."""
+    return w_data.dtype == torch.int32
+
+
 def _random_weight(meta: WeightMeta, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random data, scale and zero point of a weight like `meta`, for timing candidate configs."""
+    """Random data, scale and zero point of a weight like `meta` (packed as `meta` says), for
+    timing candidate configs."""
     groups = meta.k // meta.group if meta.group else 1
     if meta.bits == 4:
         data = torch.randint(0, 256, (meta.n, meta.k // 2), dtype=torch.uint8, device=device)
@@ -747,6 +795,8 @@ def _random_weight(meta: WeightMeta, device: torch.device) -> tuple[torch.Tensor
         data = torch.randint(-127, 128, (meta.n, meta.k), dtype=torch.int8, device=device)
     scale = torch.rand(meta.n, groups, device=device) / 64
     zero = torch.randint(0, 16, (meta.n, groups), device=device).float()
+    if meta.kmajor:
+        return pack_kmajor(data, scale, zero if meta.zero_point else zero[:, :0])
     return data, scale, zero
 
 
@@ -772,7 +822,8 @@ def _plan(meta: WeightMeta, dtype: torch.dtype, has_bias: bool, device: torch.de
 
     return tuning.bucket_plan(
         "weight_only", __file__,
-        f"n{meta.n}k{meta.k}b{meta.bits}g{meta.group}f{int(meta.float_codes)}z{int(meta.zero_point)}", dtype, has_bias,
+        f"n{meta.n}k{meta.k}b{meta.bits}g{meta.group}f{int(meta.float_codes)}z{int(meta.zero_point)}"
+        f"{'kmajor' if meta.kmajor else ''}", dtype, has_bias,
         device, tune, lambda bucket_m: _candidates(bucket_m, meta),
         lambda m, config: _timed_launch(weight_copies(), meta, dtype, has_bias, device, m, config),
         lambda bucket_m: default_config(bucket_m, meta), WeightOnlyConfig,
