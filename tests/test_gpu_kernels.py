@@ -132,9 +132,7 @@ def test_llama_output_code_holds_the_kernel_not_the_reference(name):
     logits, graphs = run_and_get_graphs(model, tokens, policy=name)
     code = graphs["output_code"]
     FileCheck().check("@triton.jit").check("def weight_only_kernel(").run(code)
-    if name == "w4a16":  # folded K-major (ops.weight_packing): M = 1 runs the K-major GEMV
-        FileCheck().check("def gemv_kmajor_kernel(").run(code)
-        assert "kmajor" in graphs["folded"]
+    assert ("kmajor" in graphs["folded"]) == (name == "w4a16")  # int4 folds K-major (ops.weight_packing)
     assert "torch.ops.lowbit.weight_only_mm.default(" not in code
     assert f"weight_only_mm [triton:{'w4a16' if name == 'w4a16' else 'w8a16'}]" in graphs["report"]
     assert sqnr(expected, logits) > (8 if name == "w4a16" else 25)
@@ -155,6 +153,20 @@ def test_dynamic_m_one_graph_every_bucket():
             expected = _reference(x, data, scale, zero, layer.bias, "int4_g128_asym")
             assert sqnr(expected, compiled(x).float()) >= 45, m
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_kmajor_weight_is_not_copied_per_call():
+    """One graph for every M holds the K-major GEMV (M = 1) and the tensor-core tiles; the GEMV
+    writes its split-K counters into the packed scales, and Inductor must not clone them for it
+    (a copy kernel per call): the writing launch is the last reader of the scales."""
+    layer = torch.nn.Linear(512, 320, bias=False).to("cuda", torch.bfloat16).eval()
+    x = torch.randn(3, 512, device="cuda", dtype=torch.bfloat16)
+    _, graphs = run_and_get_graphs(layer, x, policy="w4a16", dynamic=True)
+    code = graphs["output_code"]
+    assert "def weight_only_kernel(" in code and "def gemv_kmajor_kernel(" in code
+    call = code[code.index("def call(") :]
+    assert "triton_poi" not in code and "clone" not in call and "copy_" not in call, call
 
 
 # The K-major int4 GEMV (weight_only.gemv_kmajor_kernel; its inline-asm unpacking runs only here).

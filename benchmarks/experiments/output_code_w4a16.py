@@ -22,11 +22,12 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4096)
     parser.add_argument("--k", type=int, default=4096)
     parser.add_argument("--policy", default="w4a16")
+    parser.add_argument("--m", type=int, default=3, help="rows; M > 1 compiles one graph for every M (all buckets)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     layer = torch.nn.Linear(args.k, args.n, bias=False).to("cuda", torch.bfloat16).eval()
-    x = torch.randn(1, args.k, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(args.m, args.k, device="cuda", dtype=torch.bfloat16)
     _, graphs = run_and_get_graphs(layer, x, policy=args.policy, dynamic=True)
     code = graphs["output_code"]
     (out / f"output_code_{args.policy}.py").write_text(code)

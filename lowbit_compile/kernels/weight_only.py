@@ -878,6 +878,13 @@ def run(
 
 
 def launch_plan(x2d, w_data, w_scale, w_zero_point, bias, out, meta: WeightMeta, flat_plan: list[int], wrap=None) -> None:
-    """Each bucket's launch into `out` (M, N), with a grid that is empty unless M is in the bucket."""
-    for active, last, config in common.active_buckets(x2d.shape[0], unflatten_plan(flat_plan)):
+    """Each bucket's launch into `out` (M, N), with a grid that is empty unless M is in the bucket.
+
+    The K-major GEMV writes its split-K counters into the packed scales (and resets them). Under
+    Inductor a kernel that writes a graph input is given a copy of it unless nothing reads that
+    input after the kernel, so the writing launch goes last: no copy of the scales on any call."""
+    buckets = list(common.active_buckets(x2d.shape[0], unflatten_plan(flat_plan)))
+    writes_scales = [meta.kmajor and config.BLOCK_M == 1 and config.SPLIT_K > 1 for _, _, config in buckets]
+    order = sorted(range(len(buckets)), key=lambda i: writes_scales[i])  # stable: the writer last
+    for active, last, config in (buckets[i] for i in order):
         launch(x2d, w_data, w_scale, w_zero_point, bias, out, meta, config, active=active, max_rows=last, wrap=wrap)
