@@ -7,19 +7,25 @@ lowbit backend with each recipe, with CUDA-graph replay (`triton.testing.do_benc
 host overhead is excluded; inputs are rotated among buffers larger than L2, and by default each
 call starts with a cold L2 (flushed; the flush's time is measured alone and subtracted), as in a
 model whose weights do not stay in L2 (`--warm-l2`: the method of runs before 2026-11-23b). Prints speedup ratios
-over eager bf16, writes JSON and, if matplotlib is available, a PNG.
+over eager bf16, writes JSON and, if matplotlib is available, a PNG. A recipe written `w4a16@rows`
+keeps its folded weights in the reference layout (no kernel packing such as K-major int4), to
+compare the two layouts in one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
+import unittest.mock
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch._dynamo.utils import counters
+
+from lowbit_compile import ops as lowbit_ops
 
 SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))  # (N, K) of Llama-3-8B projections
 ROWS = (1, 16, 128, 2048, 8192)
@@ -68,6 +74,24 @@ def _time_ms(fn, inputs: list[torch.Tensor], cold_l2: bool = True) -> float:
     return total - do_bench_cudagraph(_flush_l2, rep=100, return_mode="median")
 
 
+def _time_variant(fn, name, rows, inputs, references, shape_rows, recipes, warm_l2: bool) -> None:
+    """Time `fn` at every M of one shape into `shape_rows`, with its error against bf16."""
+    for m in rows:
+        row = shape_rows[m]
+        start = time.perf_counter()
+        with torch.no_grad():
+            try:
+                row[f"{name}_ms"] = _time_ms(fn, inputs[m], cold_l2=not warm_l2)
+                error = (fn(inputs[m][0]).float() - references[m]).norm() / references[m].norm()
+                row[f"{name}_relerr"] = error.item()
+                if name in recipes and row[f"{name}_relerr"] == 0.0:
+                    row[f"{name}_error"] = "output identical to bf16: not quantized"
+            except Exception as failure:  # noqa: BLE001 - a benchmark row records the failure
+                row[f"{name}_ms"] = float("nan")
+                row[f"{name}_error"] = f"{type(failure).__name__}: {failure}"[:300]
+        row[f"{name}_wall_s"] = time.perf_counter() - start
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks/out")
@@ -100,23 +124,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
             elif name == "bf16-inductor":
                 fn = torch.compile(layer, dynamic=True)
             else:
+                policy = name.partition("@")[0]
                 fn = torch.compile(
-                    layer, backend="lowbit", dynamic=True, options={"policy": name, "compute_sqnr": False}
+                    layer, backend="lowbit", dynamic=True, options={"policy": policy, "compute_sqnr": False}
                 )
-            for m in rows:
-                row = shape_rows[m]
-                start = time.perf_counter()
-                with torch.no_grad():
-                    try:
-                        row[f"{name}_ms"] = _time_ms(fn, inputs[m], cold_l2=not args.warm_l2)
-                        error = (fn(inputs[m][0]).float() - references[m]).norm() / references[m].norm()
-                        row[f"{name}_relerr"] = error.item()
-                        if name in recipes and row[f"{name}_relerr"] == 0.0:
-                            row[f"{name}_error"] = "output identical to bf16: not quantized"
-                    except Exception as failure:  # noqa: BLE001 - a benchmark row records the failure
-                        row[f"{name}_ms"] = float("nan")
-                        row[f"{name}_error"] = f"{type(failure).__name__}: {failure}"[:300]
-                row[f"{name}_wall_s"] = time.perf_counter() - start
+            # "<recipe>@rows": folded weights stay in the reference layout (no kernel packing), to
+            # compare a packed layout with the one it replaced in the same run
+            packing = contextlib.nullcontext()
+            if name in recipes and name.endswith("@rows"):
+                packing = unittest.mock.patch.object(lowbit_ops, "weight_packing", lambda *args: None)
+            with packing:
+                _time_variant(fn, name, rows, inputs, references, shape_rows, recipes, args.warm_l2)
             if name in recipes:  # kernel tile tuning at compile time (kernels/tuning.py), all M of this shape
                 tuning[f"{n}x{k} {name}"] = {
                     "seconds": counters["lowbit"]["tuning_seconds_x1000"] / 1000,

@@ -247,7 +247,7 @@ if triton is not None:
         SPLIT_K: tl.constexpr,  # > 1: each program covers one K slice and writes fp32 partial sums
         SWAP_AB: tl.constexpr,  # tensor-core tiles compute out^T = W @ x^T (small M: W fills the MMA's M)
         SCALE_AFTER_ANY_M: tl.constexpr,  # int4 tiles inside one group scale after the dot at any BLOCK_M
-        KMAJOR: tl.constexpr = False,  # int4 read from `pack_kmajor`'s words and scaled scales
+        KMAJOR: tl.constexpr,  # int4 read from `pack_kmajor`'s words and scaled scales
     ):
         DTYPE: tl.constexpr = x_ptr.dtype.element_ty
         MAGIC: tl.constexpr = 1024.0 if DTYPE == tl.float16 else 128.0
@@ -578,6 +578,9 @@ def kernel_arguments(meta: WeightMeta, config: WeightOnlyConfig, has_bias: bool)
         SPLIT_K=config.SPLIT_K,
         SWAP_AB=bool(config.SWAP_AB) and config.BLOCK_M > 1,
         SCALE_AFTER_ANY_M=config.SWAP_AB == 2,
+        # every constexpr is passed, none left to its default: Inductor's launcher for a user kernel
+        # miscounts its arguments when one is left out ("launcher() missing ... '_grid_2'")
+        KMAJOR=meta.kmajor,
     )
 
 
@@ -689,7 +692,6 @@ def launch(
         split_stride,
         k_slice(meta, config),
         **constexprs,
-        **({"KMAJOR": True} if meta.kmajor else {}),
     )
     if config.SPLIT_K > 1:
         common.sum_partials(target, out, config.SPLIT_K, split_stride, active=active, wrap=wrap)
