@@ -7,8 +7,8 @@ lowbit backend with each recipe, with CUDA-graph replay (`triton.testing.do_benc
 host overhead is excluded; inputs are rotated among buffers larger than L2, and by default each
 call starts with a cold L2 (flushed; the flush's time is measured alone and subtracted), as in a
 model whose weights do not stay in L2 (`--warm-l2`: the method of runs before 2026-11-23b). Prints speedup ratios
-over eager bf16, writes JSON and, if matplotlib is available, a PNG. A recipe written `w4a16@rows`
-keeps its folded weights in the reference layout (no kernel packing such as K-major int4), to
+over eager bf16, writes JSON and, if matplotlib is available, a PNG. A recipe written `w4a16@kmajor`
+folds its int4 weights K-major (`LOWBIT_INT4_KMAJOR=1`, opt-in: see `ops.weight_packing`), to
 compare the two layouts in one run.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import time
 import unittest.mock
 from pathlib import Path
@@ -128,11 +129,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 fn = torch.compile(
                     layer, backend="lowbit", dynamic=True, options={"policy": policy, "compute_sqnr": False}
                 )
-            # "<recipe>@rows": folded weights stay in the reference layout (no kernel packing), to
-            # compare a packed layout with the one it replaced in the same run
+            # "<recipe>@kmajor": int4 weights folded K-major (opt-in), against the reference layout
             packing = contextlib.nullcontext()
-            if name in recipes and name.endswith("@rows"):
-                packing = unittest.mock.patch.object(lowbit_ops, "weight_packing", lambda *args: None)
+            if name in recipes and name.endswith("@kmajor"):
+                packing = unittest.mock.patch.dict(os.environ, {lowbit_ops.KMAJOR_ENV: "1"})
             with packing:
                 _time_variant(fn, name, rows, inputs, references, shape_rows, recipes, args.warm_l2)
             if name in recipes:  # kernel tile tuning at compile time (kernels/tuning.py), all M of this shape

@@ -16,6 +16,8 @@ every op has a fixed tensor signature. Formats are passed by registry name (`low
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.fx
 import torch.nn.functional as F
@@ -57,12 +59,21 @@ def quantized_tensor(
 PACKINGS = ("kmajor",)
 
 
+KMAJOR_ENV = "LOWBIT_INT4_KMAJOR"
+
+
 def weight_packing(kernel: str, x_dtype: torch.dtype, device: torch.device, w_fmt: str) -> str | None:
     """The packing a weight folded for a `kernel` site (a `policy.Kernel` value) gets on `device`
     with activations of `x_dtype`, or None (the reference layout). Only where the kernel that runs
-    reads it: int4 weight-only GEMMs on CUDA (their decode GEMV is faster on K-major words,
-    benchmarks/RESULTS.md 2026-11-24 fifth session); `auto_mm`'s int4 x fp8 kernel reads the reference layout."""
+    reads it: int4 weight-only GEMMs on CUDA; `auto_mm`'s int4 x fp8 kernel reads the reference layout.
+
+    K-major int4 is opt-in (`LOWBIT_INT4_KMAJOR=1`): on H100 (benchmarks/RESULTS.md, 2026-11-24
+    sixth session) it makes M = 1 decode 1.17-1.26x faster (2.11-2.65x of bf16) but its tensor-core
+    tiles are slower (M = 16: 0.92-1.01x of bf16 against 1.59-1.76x for the reference layout), and
+    one folded weight serves every M. Turn it on for batch-1 decode serving."""
     if kernel != "weight_only_mm" or weight_only_kernel(x_dtype, device, w_fmt) is None:
+        return None
+    if os.environ.get(KMAJOR_ENV, "0") != "1":
         return None
     return "kmajor" if get_format(w_fmt).element is ElementType.INT4 else None
 

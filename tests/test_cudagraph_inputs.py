@@ -133,7 +133,10 @@ def test_lowbit_marks_the_same_dynamo_inputs_static_as_plain_inductor(monkeypatc
     # scales (written and reset inside every call, under capture too)
     [("w8a16", 2, 25), ("w4a16", 1, 10)],
 )
-def test_static_kv_cache_decode_runs_in_cuda_graphs(policy: str, batch: int, floor: float) -> None:
+def test_static_kv_cache_decode_runs_in_cuda_graphs(
+    monkeypatch: pytest.MonkeyPatch, policy: str, batch: int, floor: float
+) -> None:
+    monkeypatch.setenv("LOWBIT_INT4_KMAJOR", "1")  # int4 folds K-major (opt-in, ops.weight_packing)
     model = _model(batch=batch, device="cuda", dtype=torch.bfloat16)
     reference = copy.deepcopy(model)
     steps = _steps(batch, "cuda", decode_steps=6)

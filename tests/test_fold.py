@@ -336,6 +336,7 @@ def test_a_whole_model_keeps_only_packed_weights_and_what_it_reads_unquantized(t
 def kmajor_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
     import lowbit_compile.ops as ops
 
+    monkeypatch.setenv(ops.KMAJOR_ENV, "1")
     real = ops.weight_packing
 
     def everywhere(kernel: str, x_dtype: torch.dtype, device: torch.device, w_fmt: str) -> str | None:
@@ -344,10 +345,13 @@ def kmajor_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ops, "weight_packing", everywhere)
 
 
-def test_weight_packing_is_decided_by_the_op_layer() -> None:
-    from lowbit_compile.ops import weight_packing
+def test_weight_packing_is_decided_by_the_op_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lowbit_compile.ops import KMAJOR_ENV, weight_packing
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.delenv(KMAJOR_ENV, raising=False)
+    assert weight_packing("weight_only_mm", torch.bfloat16, cuda, "int4_g128_asym") is None  # opt-in
+    monkeypatch.setenv(KMAJOR_ENV, "1")
     assert weight_packing("weight_only_mm", torch.bfloat16, cuda, "int4_g128_asym") == "kmajor"
     assert weight_packing("weight_only_mm", torch.float16, cuda, "int4_g32") == "kmajor"
     assert weight_packing("weight_only_mm", torch.bfloat16, cpu, "int4_g128_asym") is None  # no kernel on CPU

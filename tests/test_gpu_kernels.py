@@ -132,7 +132,6 @@ def test_llama_output_code_holds_the_kernel_not_the_reference(name):
     logits, graphs = run_and_get_graphs(model, tokens, policy=name)
     code = graphs["output_code"]
     FileCheck().check("@triton.jit").check("def weight_only_kernel(").run(code)
-    assert ("kmajor" in graphs["folded"]) == (name == "w4a16")  # int4 folds K-major (ops.weight_packing)
     assert "torch.ops.lowbit.weight_only_mm.default(" not in code
     assert f"weight_only_mm [triton:{'w4a16' if name == 'w4a16' else 'w8a16'}]" in graphs["report"]
     assert sqnr(expected, logits) > (8 if name == "w4a16" else 25)
@@ -156,13 +155,17 @@ def test_dynamic_m_one_graph_every_bucket():
 
 
 @pytest.mark.usefixtures("fresh_dynamo")
-def test_kmajor_weight_is_not_copied_per_call():
+def test_kmajor_weight_is_not_copied_per_call(monkeypatch):
     """Decode (M = 1, a graph of its own: Dynamo specialises sizes 0 and 1) runs the K-major GEMV,
     which writes its split-K counters into the packed scales; Inductor must not clone the scales
     for it (a copy kernel per call)."""
+    monkeypatch.setenv(ops.KMAJOR_ENV, "1")
     layer = torch.nn.Linear(4096, 512, bias=False).to("cuda", torch.bfloat16).eval()
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
-    _, graphs = run_and_get_graphs(layer, x, policy="w4a16", dynamic=True)
+    out, graphs = run_and_get_graphs(layer, x, policy="w4a16", dynamic=True)
+    assert "kmajor" in graphs["folded"]
+    data, scale, zero, _ = quantize_weight(layer.weight, False, "int4_g128_asym")
+    assert sqnr(_reference(x, data, scale, zero, None, "int4_g128_asym"), out.float()) >= 45
     code = graphs["output_code"]
     assert "def gemv_kmajor_kernel(" in code
     call = code[code.index("def call(") :]
