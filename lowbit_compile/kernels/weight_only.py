@@ -29,11 +29,12 @@ Code paths, chosen per M bucket by tile config (`WeightOnlyConfig`):
 - SPLIT_K > 1 (any path): programs take K slices and write fp32 partials, which
   `common.splitk_sum_kernel` sums into the output.
 
-A second int4 GEMV, `gemv_kmajor_kernel`, reads a K-major packing of the same weight
-(`pack_kmajor`: int32 words [K/8, N], scales and zero points [K/G, N]); it is 1.15-1.4x faster than
-the GEMV above at M = 1 (RESULTS.md, 2026-11-24 fifth session) but the op does not dispatch to it
-yet: every M bucket reads one folded weight, so it waits for fold-time packing and for tensor-core
-tiles that read K-major words (NOTES-weight-only.md v11).
+K-major int4 (opt-in, `LOWBIT_INT4_KMAJOR=1`; `ops.weight_packing` decides, folding packs with
+`pack_kmajor`: int32 words [K/8, N], scales [K/G + 1, N] x 2**-16 whose last row holds split-K
+counters, zero points [K/G, N] x 2**16). The M = 1 bucket then runs `gemv_kmajor_kernel` (1.17-1.26x
+faster than the GEMV above on H100) and the tensor-core tiles read the words (`KMAJOR`), which is
+slower than the reference layout at M >= 16 (RESULTS.md, 2026-11-24 sixth session); one folded
+weight serves every M, hence opt-in.
 """
 
 from __future__ import annotations
