@@ -92,11 +92,9 @@ def pack_weight(packing: str | None, parts: list[Tensor]) -> list[Tensor]:
 
 def unpacked(data: Tensor, scale: Tensor, zero_point: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(data, scale, zero_point) in the reference layout, whatever packing they are in."""
-    if data.dtype != torch.int32:
-        return data, scale, zero_point
-    from lowbit_compile.kernels.weight_only import unpack_kmajor
+    from lowbit_compile.kernels.weight_only import is_kmajor, unpack_kmajor
 
-    return unpack_kmajor(data, scale, zero_point)
+    return unpack_kmajor(data, scale, zero_point) if is_kmajor(data) else (data, scale, zero_point)
 
 
 # -- quantize / dequantize (decomposable) --------------------------------------------------------
@@ -145,7 +143,9 @@ def _linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None, out_dtype:
 
 
 def _out_features(w_data: Tensor) -> int:
-    return w_data.shape[1] if w_data.dtype == torch.int32 else w_data.shape[0]  # K-major int4: [K/8, N]
+    from lowbit_compile.kernels.weight_only import is_kmajor
+
+    return w_data.shape[1] if is_kmajor(w_data) else w_data.shape[0]  # K-major int4: [K/8, N]
 
 
 @torch.library.custom_op("lowbit::weight_only_mm", mutates_args=())

@@ -205,13 +205,14 @@ if triton is not None:
                 s_offs = offs_n_safe[:, None] * stride_sn + offs_g[None, :] * stride_sg
                 s_mask = (offs_g < K // GROUP)[None, :]  # the K tail has no scales
             s = tl.load(scale_ptr + s_offs, mask=s_mask, other=0.0)
-            if ZERO_POINT:
-                z = tl.load(zero_ptr + s_offs, mask=s_mask, other=0.0)
-            else:
-                z = s
             if KMAJOR:  # stored times 2**-16 (scales) and 2**16 (zero points): exact
                 s = s * 65536.0
-                z = z * 0.0000152587890625
+            if ZERO_POINT:
+                z = tl.load(zero_ptr + s_offs, mask=s_mask, other=0.0)
+                if KMAJOR:
+                    z = z * 0.0000152587890625
+            else:
+                z = s
         else:
             s = tl.zeros((BLOCK_N,), dtype=tl.float32)
             z = s
