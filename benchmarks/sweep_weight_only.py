@@ -32,6 +32,13 @@ C = weight_only.WeightOnlyConfig
 
 
 def exploratory(m: int, meta: weight_only.WeightMeta) -> list[weight_only.WeightOnlyConfig]:
+    if meta.kmajor:  # nibble-plane tiles (BLOCK_K >= 128); M = 1 runs the K-major GEMV's candidates only
+        if m == 1:
+            return []
+        tiles = [(16, 64), (16, 128), (32, 64), (32, 128)] if m <= 16 else [(64, 64), (128, 64), (128, 128), (256, 128)]
+        configs = [C(bm, bn, bk, 4 if bn == 64 else 8, st, s, 1) for (bm, bn), bk, st, s in itertools.product(tiles, (128, 256), (3, 4), (1, 2, 4))]
+        configs += [C(bm, bn, 128, 4, 3, s) for (bm, bn), s in itertools.product(tiles, (1, 2, 4)) if bm >= 32]
+        return configs
     if m == 1:
         configs = [C(1, bn, bk, w, 2, s) for bn, bk, w, s in itertools.product((2, 4, 8), (1024, 2048, 4096), (4, 8), (1, 2))]
         if meta.bits == 4:
@@ -49,11 +56,14 @@ def exploratory(m: int, meta: weight_only.WeightMeta) -> list[weight_only.Weight
     return configs
 
 
-def _weights(fmt: str, n: int, k: int, copies: int):
+def _weights(fmt: str, n: int, k: int, copies: int, kmajor: bool):
+    """The bf16 weight, its quantized parts (reference layout) and `copies` copies as the kernel reads them."""
     w = torch.randn(n, k, device="cuda") / k**0.5
     q = reference.quantize(w, fmt)
     zero = q.zero_point if q.zero_point is not None else torch.empty(0, device="cuda")
-    return w, [(q.data.clone(), q.scale.clone(), zero.clone()) for _ in range(copies)]
+    parts = (q.data, q.scale, zero)
+    packed = weight_only.pack_kmajor(*parts) if kmajor else parts
+    return w, parts, [tuple(t.clone() for t in packed) for _ in range(copies)]
 
 
 def main(argv=None):
@@ -62,6 +72,7 @@ def main(argv=None):
     parser.add_argument("--formats", default="int4_g128_asym,int8_row")
     parser.add_argument("--rows", default="1,16,128")
     parser.add_argument("--candidates-only", action="store_true")
+    parser.add_argument("--kmajor", action="store_true", help="int4 weights packed K-major (`pack_kmajor`)")
     args = parser.parse_args(argv)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -70,7 +81,7 @@ def main(argv=None):
     for fmt in args.formats.split(","):
         for n, k in SHAPES:
             copies = max(2, common.L2_BYTES // (n * k // (2 if "int4" in fmt else 1)) + 1)
-            w, weights = _weights(fmt, n, k, copies)
+            w, parts, weights = _weights(fmt, n, k, copies, args.kmajor and "int4" in fmt)
             w_bf16 = [w.to(torch.bfloat16).clone() for _ in range(max(2, common.L2_BYTES // (n * k * 2) + 1))]
             meta = weight_only.WeightMeta.of(get_format(fmt), weights[0][0])
             for m in (int(r) for r in args.rows.split(",")):
@@ -82,7 +93,7 @@ def main(argv=None):
                 if not args.candidates_only:
                     configs += [c for c in exploratory(m, meta) if weight_only.config_is_valid(c, meta)]
                 configs = list(dict.fromkeys(configs))
-                expected = _reference(x, fmt, weights[0])
+                expected = _reference(x, fmt, parts)
                 timed = []
                 out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
                 for config in configs:
@@ -110,6 +121,7 @@ def main(argv=None):
                 results.append(
                     dict(
                         format=fmt,
+                        kmajor=meta.kmajor,
                         n=n,
                         k=k,
                         m=m,
@@ -117,9 +129,9 @@ def main(argv=None):
                         configs=[dict(config=c.as_tuple(), us=t * 1e3, sqnr=q, tuner=c in tuner) for t, c, q in timed],
                     )
                 )
-            del weights, w_bf16
+            del weights, parts, w_bf16
             torch.cuda.empty_cache()
-    (out_dir / "sweep_weight_only.json").write_text(json.dumps(results, indent=1))
+    (out_dir / f"sweep_weight_only{'_kmajor' if args.kmajor else ''}.json").write_text(json.dumps(results, indent=1))
     write_compiled_facts(weight_only.weight_only_kernel, out_dir / "sweep_compiled.txt")
     print("summary (best ratio to bf16 per case; tuner candidates / all):")
     for r in results:
