@@ -32,13 +32,8 @@ C = weight_only.WeightOnlyConfig
 
 
 def exploratory(m: int, meta: weight_only.WeightMeta) -> list[weight_only.WeightOnlyConfig]:
-    if meta.kmajor:  # nibble-plane tiles (BLOCK_K >= 128); M = 1 runs the K-major GEMV's candidates only
-        if m == 1:
-            return []
-        tiles = [(16, 64), (16, 128), (32, 64), (32, 128)] if m <= 16 else [(64, 64), (128, 64), (128, 128), (256, 128)]
-        configs = [C(bm, bn, bk, 4 if bn == 64 else 8, st, s, 1) for (bm, bn), bk, st, s in itertools.product(tiles, (128, 256), (3, 4), (1, 2, 4))]
-        configs += [C(bm, bn, 128, 4, 3, s) for (bm, bn), s in itertools.product(tiles, (1, 2, 4)) if bm >= 32]
-        return configs
+    if meta.kmajor and m == 1:  # the K-major GEMV: its candidates only
+        return []
     if m == 1:
         configs = [C(1, bn, bk, w, 2, s) for bn, bk, w, s in itertools.product((2, 4, 8), (1024, 2048, 4096), (4, 8), (1, 2))]
         if meta.bits == 4:

@@ -116,87 +116,24 @@ if triton is not None:
         return (q.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
 
     @triton.jit
-    def _kmajor_planes_step(
-        acc, w_ptr, x_ptr, scale_ptr, zero_ptr, offs_m, offs_n_safe, k0, M, K, stride_xm, stride_wk, stride_sg,
-        GROUP: tl.constexpr, ZERO_POINT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, SCALE_AFTER: tl.constexpr,
-    ):  # fmt: skip
-        """One K step of a tensor-core tile on K-major int4 words, without re-ordering the weight:
-        nibble j of word row r holds element 32 (r // 4) + 4j + r % 4 (`pack_kmajor`), so the
-        [BLOCK_K/8, BLOCK_N] word tile is eight [K, N] planes, and plane j meets the activation
-        columns k0 + 32 (r // 4) + 4j + r % 4: runs of four, so x loads are vectorised and
-        pipelined like the words. Eight MMAs of K = BLOCK_K/8 (>= 16) per step, the weight plane
-        in registers. A word lies inside one 32-element block, hence inside one group: group
-        scales are one per word row, shared by the eight planes."""
-        DTYPE: tl.constexpr = x_ptr.dtype.element_ty
-        MAGIC: tl.constexpr = 1024.0 if DTYPE == tl.float16 else 128.0
-        MAGIC_BITS: tl.constexpr = 0x6400 if DTYPE == tl.float16 else 0x4300
-        BLOCK_KW: tl.constexpr = BLOCK_K // 8
-        offs_kw = k0 // 8 + tl.arange(0, BLOCK_KW)
-        kw_mask = offs_kw < K // 8
-        m_mask = offs_m < M
+    def _kmajor_bytes(w_ptr, offs_n_safe, k0, K, stride_wk, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The [BLOCK_N, BLOCK_K/2] byte tile of the reference layout, read from K-major int32 words
+        [K/8, N] (byte b of word i of column n is reference byte 4i + b of row n): a [BLOCK_K/8,
+        BLOCK_N] word tile, transposed, its four bytes joined back in order."""
+        offs_kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
         w_ptrs = w_ptr + offs_kw[:, None] * stride_wk + offs_n_safe[None, :]
         if EVEN_K:
             words = tl.load(w_ptrs)
         else:
-            words = tl.load(w_ptrs, mask=kw_mask[:, None], other=0)
-        if SCALE_AFTER:  # the tile lies in one group: [BLOCK_N] (stored x 2**-16, zero points x 2**16)
-            s_offs = (k0 // GROUP) * stride_sg + offs_n_safe
-            s = tl.load(scale_ptr + s_offs) * 65536.0
-        else:  # one group per word row: [BLOCK_KW, BLOCK_N]; the K tail reads zeros
-            s_offs = (offs_kw * 8 // GROUP)[:, None] * stride_sg + offs_n_safe[None, :]
-            s = tl.load(scale_ptr + s_offs, mask=kw_mask[:, None], other=0.0) * 65536.0
-        if ZERO_POINT:
-            if SCALE_AFTER:
-                z = tl.load(zero_ptr + s_offs) * 0.0000152587890625
-            else:
-                z = tl.load(zero_ptr + s_offs, mask=kw_mask[:, None], other=0.0) * 0.0000152587890625
-        else:
-            z = 8.0  # symmetric codes are stored as code + 8
-        part = tl.zeros(acc.shape, dtype=tl.float32)  # codes' products (SCALE_AFTER)
-        x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for j in tl.static_range(8):
-            r = tl.arange(0, BLOCK_KW)
-            offs_k = k0 + (r // 4) * 32 + r % 4 + 4 * j  # the columns of plane j
-            if SWAP_AB:  # x^T columns of plane j: [BLOCK_KW, BLOCK_M]
-                x_ptrs = x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None]
-                if EVEN_K:
-                    xj = tl.load(x_ptrs, mask=m_mask[None, :], other=0.0)
-                else:
-                    xj = tl.load(x_ptrs, mask=m_mask[None, :] & (offs_k < K)[:, None], other=0.0)
-            else:  # [BLOCK_M, BLOCK_KW]
-                x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
-                if EVEN_K:
-                    xj = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
-                else:
-                    xj = tl.load(x_ptrs, mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
-            nibble = (words >> (4 * j)) & 0xF  # [BLOCK_KW, BLOCK_N]
-            if SCALE_AFTER:  # raw codes on the tensor cores: MAGIC + c, exactly
-                wj = (nibble | MAGIC_BITS).to(tl.int16).to(DTYPE, bitcast=True)
-                if SWAP_AB:
-                    part = tl.dot(tl.trans(wj), xj, part)
-                    x_sum += tl.sum(xj.to(tl.float32), axis=0)
-                else:
-                    part = tl.dot(xj, wj, part)
-                    x_sum += tl.sum(xj.to(tl.float32), axis=1)
-            else:
-                wj = ((_codes_f32(nibble) - z) * s).to(DTYPE)
-                if SWAP_AB:
-                    acc = tl.dot(tl.trans(wj), xj, acc)
-                else:
-                    acc = tl.dot(xj, wj, acc)
-        if SCALE_AFTER:
-            if SWAP_AB:
-                if ZERO_POINT:
-                    acc += (part - (z + MAGIC)[:, None] * x_sum[None, :]) * s[:, None]
-                else:
-                    acc += (part - (z + MAGIC) * x_sum[None, :]) * s[:, None]
-            else:
-                if ZERO_POINT:
-                    acc += (part - x_sum[:, None] * (z + MAGIC)[None, :]) * s[None, :]
-                else:
-                    acc += (part - x_sum[:, None] * (z + MAGIC)) * s[None, :]
-        return acc
+            words = tl.load(w_ptrs, mask=(offs_kw < K // 8)[:, None], other=0)
+        words = tl.trans(words)
+        b0 = words & 0xFF
+        b1 = (words >> 8) & 0xFF
+        b2 = (words >> 16) & 0xFF
+        b3 = (words >> 24) & 0xFF
+        # join(join(b0, b2), join(b1, b3))[..., p, q] is byte 2p + q
+        both = tl.join(tl.join(b0, b2), tl.join(b1, b3))
+        return tl.reshape(both, (words.shape[0], BLOCK_K // 2)).to(tl.uint8)
 
     @triton.jit
     def _load_step(
@@ -204,6 +141,7 @@ if triton is not None:
         stride_xm, stride_wn, stride_sn, stride_sg,
         GROUP: tl.constexpr, BITS: tl.constexpr, ZERO_POINT: tl.constexpr, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
+        KMAJOR: tl.constexpr,
     ):  # fmt: skip
         """Every load of the K step at k0: weight codes [BLOCK_N, BLOCK_K (/2 for int4)], activations
         ([BLOCK_K] for the int4 GEMV, [BLOCK_N, BLOCK_K] broadcast for the 8-bit one, [BLOCK_K,
@@ -214,7 +152,9 @@ if triton is not None:
         channel, applied in the epilogue)."""
         HALF_K: tl.constexpr = BLOCK_K // 2
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        if BITS == 4:
+        if KMAJOR:  # int32 words [K/8, N] (`pack_kmajor`): stride_wn is a word row's stride
+            w = _kmajor_bytes(w_ptr, offs_n_safe, k0, K, stride_wn, EVEN_K, BLOCK_K)
+        elif BITS == 4:
             offs_kb = k0 // 2 + tl.arange(0, HALF_K)  # byte columns of this tile
             w_ptrs = w_ptr + offs_n_safe[:, None] * stride_wn + offs_kb[None, :]
             if EVEN_K:
@@ -265,8 +205,12 @@ if triton is not None:
                 s_offs = offs_n_safe[:, None] * stride_sn + offs_g[None, :] * stride_sg
                 s_mask = (offs_g < K // GROUP)[None, :]  # the K tail has no scales
             s = tl.load(scale_ptr + s_offs, mask=s_mask, other=0.0)
+            if KMAJOR:  # stored times 2**-16 (scales) and 2**16 (zero points): exact
+                s = s * 65536.0
             if ZERO_POINT:
                 z = tl.load(zero_ptr + s_offs, mask=s_mask, other=0.0)
+                if KMAJOR:
+                    z = z * 0.0000152587890625
             else:
                 z = s
         else:
@@ -305,7 +249,7 @@ if triton is not None:
         SPLIT_K: tl.constexpr,  # > 1: each program covers one K slice and writes fp32 partial sums
         SWAP_AB: tl.constexpr,  # tensor-core tiles compute out^T = W @ x^T (small M: W fills the MMA's M)
         SCALE_AFTER_ANY_M: tl.constexpr,  # int4 tiles inside one group scale after the dot at any BLOCK_M
-        KMAJOR: tl.constexpr,  # int4 words of `pack_kmajor` (tensor-core tiles, BLOCK_K >= 128)
+        KMAJOR: tl.constexpr,  # int4 read from `pack_kmajor`'s words and scaled scales
     ):
         DTYPE: tl.constexpr = x_ptr.dtype.element_ty
         MAGIC: tl.constexpr = 1024.0 if DTYPE == tl.float16 else 128.0
@@ -351,86 +295,80 @@ if triton is not None:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
         for k0 in range(k_begin, k_end, BLOCK_K):
-            if KMAJOR:  # eight nibble planes per word tile
-                acc = _kmajor_planes_step(
-                    acc, w_ptr, x_ptr, scale_ptr, zero_ptr, offs_m, offs_n_safe, k0, M, K, stride_xm, stride_wn,
-                    stride_sg, GROUP, ZERO_POINT, EVEN_K, BLOCK_M, BLOCK_K, SWAP_AB, SCALE_AFTER,
-                )  # fmt: skip
-            else:
-                # (Issuing step k+1's loads before step k's math was measured: no faster, more registers.)
-                w_tile, x, s, z = _load_step(
-                    w_ptr, x_ptr, scale_ptr, zero_ptr, offs_m, offs_n_safe, pid_m, k0, M, K,
-                    stride_xm, stride_wn, stride_sn, stride_sg, GROUP, BITS, ZERO_POINT, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
-                    SWAP_AB,
-                )  # fmt: skip
-                if BITS == 4:
-                    if not ZERO_POINT:
-                        z = 8.0  # symmetric codes are stored as code + 8
-                    low = w_tile & 0xF  # [BLOCK_N, HALF_K]: elements k0 + 2i
-                    high = w_tile >> 4  # elements k0 + 2i + 1
-                    if BLOCK_M == 1:
-                        x = x.to(tl.float32)
-                        x_even, x_odd = tl.split(tl.reshape(x, (HALF_K, 2)))
-                        if SCALE_AFTER:  # one scale per row in this tile: fold it into x
-                            acc_tile += _codes_f32(low) * (s[:, None] * x_even[None, :])
-                            acc_tile += _codes_f32(high) * (s[:, None] * x_odd[None, :])
-                            offset += z * s * tl.sum(x, axis=0)
-                        else:  # s, z: [BLOCK_N, groups in the tile]
-                            prod = _codes_f32(low) * x_even[None, :] + _codes_f32(high) * x_odd[None, :]
-                            GROUPS: tl.constexpr = BLOCK_K // GROUP
-                            per_group = tl.sum(tl.reshape(prod, (BLOCK_N, GROUPS, GROUP // 2)), axis=2)
-                            x_sum = tl.sum(tl.reshape(x, (GROUPS, GROUP)), axis=1)
-                            acc += tl.sum((per_group - z * x_sum[None, :]) * s, axis=1)
-                    elif SWAP_AB:  # acc[BLOCK_N, BLOCK_M] += W tile @ x tile^T: the weight tile is the
-                        # MMA's A operand in its natural order (low and high nibbles joined back), no
-                        # transposed weight tile and no split of x
-                        if SCALE_AFTER:
-                            w = tl.reshape(tl.join(_unpack_magic(low, DTYPE), _unpack_magic(high, DTYPE)), (BLOCK_N, BLOCK_K))
-                            part = tl.dot(w, x)
-                            x_sum = tl.sum(x.to(tl.float32), axis=0)
-                            if ZERO_POINT:
-                                acc += (part - (z + MAGIC)[:, None] * x_sum[None, :]) * s[:, None]
-                            else:
-                                acc += (part - (z + MAGIC) * x_sum[None, :]) * s[:, None]
+            # (Issuing step k+1's loads before step k's math was measured: no faster, more registers.)
+            w_tile, x, s, z = _load_step(
+                w_ptr, x_ptr, scale_ptr, zero_ptr, offs_m, offs_n_safe, pid_m, k0, M, K,
+                stride_xm, stride_wn, stride_sn, stride_sg, GROUP, BITS, ZERO_POINT, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
+                SWAP_AB, KMAJOR,
+            )  # fmt: skip
+            if BITS == 4:
+                if not ZERO_POINT:
+                    z = 8.0  # symmetric codes are stored as code + 8
+                low = w_tile & 0xF  # [BLOCK_N, HALF_K]: elements k0 + 2i
+                high = w_tile >> 4  # elements k0 + 2i + 1
+                if BLOCK_M == 1:
+                    x = x.to(tl.float32)
+                    x_even, x_odd = tl.split(tl.reshape(x, (HALF_K, 2)))
+                    if SCALE_AFTER:  # one scale per row in this tile: fold it into x
+                        acc_tile += _codes_f32(low) * (s[:, None] * x_even[None, :])
+                        acc_tile += _codes_f32(high) * (s[:, None] * x_odd[None, :])
+                        offset += z * s * tl.sum(x, axis=0)
+                    else:  # s, z: [BLOCK_N, groups in the tile]
+                        prod = _codes_f32(low) * x_even[None, :] + _codes_f32(high) * x_odd[None, :]
+                        GROUPS: tl.constexpr = BLOCK_K // GROUP
+                        per_group = tl.sum(tl.reshape(prod, (BLOCK_N, GROUPS, GROUP // 2)), axis=2)
+                        x_sum = tl.sum(tl.reshape(x, (GROUPS, GROUP)), axis=1)
+                        acc += tl.sum((per_group - z * x_sum[None, :]) * s, axis=1)
+                elif SWAP_AB:  # acc[BLOCK_N, BLOCK_M] += W tile @ x tile^T: the weight tile is the
+                    # MMA's A operand in its natural order (low and high nibbles joined back), no
+                    # transposed weight tile and no split of x
+                    if SCALE_AFTER:
+                        w = tl.reshape(tl.join(_unpack_magic(low, DTYPE), _unpack_magic(high, DTYPE)), (BLOCK_N, BLOCK_K))
+                        part = tl.dot(w, x)
+                        x_sum = tl.sum(x.to(tl.float32), axis=0)
+                        if ZERO_POINT:
+                            acc += (part - (z + MAGIC)[:, None] * x_sum[None, :]) * s[:, None]
                         else:
-                            if BLOCK_K <= GROUP:
-                                s = s[:, None]
-                                if ZERO_POINT:
-                                    z = z[:, None]
-                            w_even = ((_codes_f32(low) - z) * s).to(DTYPE)
-                            w_odd = ((_codes_f32(high) - z) * s).to(DTYPE)
-                            acc = tl.dot(tl.reshape(tl.join(w_even, w_odd), (BLOCK_N, BLOCK_K)), x, acc)
+                            acc += (part - (z + MAGIC) * x_sum[None, :]) * s[:, None]
                     else:
-                        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, HALF_K, 2)))
-                        if SCALE_AFTER:
-                            part = tl.dot(x_even, tl.trans(_unpack_magic(low, DTYPE)))
-                            part = tl.dot(x_odd, tl.trans(_unpack_magic(high, DTYPE)), part)
-                            x_sum = tl.sum(x.to(tl.float32), axis=1)
+                        if BLOCK_K <= GROUP:
+                            s = s[:, None]
                             if ZERO_POINT:
-                                acc += (part - x_sum[:, None] * (z + MAGIC)[None, :]) * s[None, :]
-                            else:
-                                acc += (part - x_sum[:, None] * (z + MAGIC)) * s[None, :]
+                                z = z[:, None]
+                        w_even = ((_codes_f32(low) - z) * s).to(DTYPE)
+                        w_odd = ((_codes_f32(high) - z) * s).to(DTYPE)
+                        acc = tl.dot(tl.reshape(tl.join(w_even, w_odd), (BLOCK_N, BLOCK_K)), x, acc)
+                else:
+                    x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, HALF_K, 2)))
+                    if SCALE_AFTER:
+                        part = tl.dot(x_even, tl.trans(_unpack_magic(low, DTYPE)))
+                        part = tl.dot(x_odd, tl.trans(_unpack_magic(high, DTYPE)), part)
+                        x_sum = tl.sum(x.to(tl.float32), axis=1)
+                        if ZERO_POINT:
+                            acc += (part - x_sum[:, None] * (z + MAGIC)[None, :]) * s[None, :]
                         else:
-                            if BLOCK_K <= GROUP:  # inside one group, many rows: one scale per row
-                                s = s[:, None]
-                                if ZERO_POINT:
-                                    z = z[:, None]
-                            # else the tile spans groups: s and z hold one value per element (gathered)
-                            w_even = ((_codes_f32(low) - z) * s).to(DTYPE)
-                            w_odd = ((_codes_f32(high) - z) * s).to(DTYPE)
-                            acc = tl.dot(x_even, tl.trans(w_even), acc)
-                            acc = tl.dot(x_odd, tl.trans(w_odd), acc)
-                else:  # 8-bit codes, one scale per output channel (applied in the epilogue)
-                    if FLOAT_CODES:  # fp8 e4m3 bytes (passed as uint8)
-                        w = w_tile.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+                            acc += (part - x_sum[:, None] * (z + MAGIC)) * s[None, :]
                     else:
-                        w = _int8_f32(w_tile)
-                    if BLOCK_M == 1:  # x: [BLOCK_N, BLOCK_K], loaded broadcast
-                        acc_tile += w * x.to(tl.float32)
-                    elif SWAP_AB:
-                        acc = tl.dot(w.to(DTYPE), x, acc)
-                    else:
-                        acc = tl.dot(x, tl.trans(w.to(DTYPE)), acc)
+                        if BLOCK_K <= GROUP:  # inside one group, many rows: one scale per row
+                            s = s[:, None]
+                            if ZERO_POINT:
+                                z = z[:, None]
+                        # else the tile spans groups: s and z hold one value per element (gathered)
+                        w_even = ((_codes_f32(low) - z) * s).to(DTYPE)
+                        w_odd = ((_codes_f32(high) - z) * s).to(DTYPE)
+                        acc = tl.dot(x_even, tl.trans(w_even), acc)
+                        acc = tl.dot(x_odd, tl.trans(w_odd), acc)
+            else:  # 8-bit codes, one scale per output channel (applied in the epilogue)
+                if FLOAT_CODES:  # fp8 e4m3 bytes (passed as uint8)
+                    w = w_tile.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+                else:
+                    w = _int8_f32(w_tile)
+                if BLOCK_M == 1:  # x: [BLOCK_N, BLOCK_K], loaded broadcast
+                    acc_tile += w * x.to(tl.float32)
+                elif SWAP_AB:
+                    acc = tl.dot(w.to(DTYPE), x, acc)
+                else:
+                    acc = tl.dot(x, tl.trans(w.to(DTYPE)), acc)
 
         if BLOCK_M == 1:
             acc += tl.sum(acc_tile, axis=1) - offset
@@ -500,7 +438,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr, ASM: tl.constexpr,
     ):  # fmt: skip
         """y[m, n] = sum_k x[m, k] (c[k, n] - z) s for int4 codes packed K-major (`pack_kmajor`):
-        w int32 [K/8, N] (nibble j of word i of column n: element 32 (i // 4) + 4j + i % 4), scales
+        w int32 [K/8, N] (word i of column n: elements 8i..8i+7, nibble j = element 8i + j), scales
         [K/G + 1, N] fp32 times 2**-16 (the last row: split-K counters, zero between calls), zero
         points [K/G, N] times 2**16. Programs take [BLOCK_KW, BLOCK_N] word tiles; a thread holds
         words of one K position for several columns, so x is loaded once per thread for all of them
@@ -540,11 +478,11 @@ if triton is not None:
                 s_offs = (kw * 8 // GROUP)[:, None] * N + offs_n[None, :]
                 s_mask = mask
             s = tl.load(s_ptr + s_offs, mask=s_mask, other=0.0)
-            x_ptrs = x_row + (kw // 4) * 32 + kw % 4  # nibble j of word kw: element 32 (kw // 4) + 4j + kw % 4
+            x_ptrs = x_row + kw * 8
             x_lo = tl.zeros((BLOCK_KW, 1), tl.float32)
             x_hi = tl.zeros((BLOCK_KW, 1), tl.float32)
             for j in tl.static_range(8):
-                xj = tl.load(x_ptrs + 4 * j, mask=kw_ok, other=0.0).to(tl.float32)[:, None]
+                xj = tl.load(x_ptrs + j, mask=kw_ok, other=0.0).to(tl.float32)[:, None]
                 if j == 0 or j == 1 or j == 3 or j == 5:
                     x_lo += xj
                 else:
@@ -557,7 +495,7 @@ if triton is not None:
                 hi = tl.broadcast_to(magic - 524288.0 * (x_lo + x_hi), (BLOCK_KW, BLOCK_N))
             lo = tl.zeros((BLOCK_KW, BLOCK_N), tl.float32)
             for j in tl.static_range(8):
-                xj = tl.load(x_ptrs + 4 * j, mask=kw_ok, other=0.0).to(tl.float32)[:, None]  # (loaded once)
+                xj = tl.load(x_ptrs + j, mask=kw_ok, other=0.0).to(tl.float32)[:, None]  # (loaded once)
                 lo, hi = _add_nibble_products(lo, hi, w, xj, j, ASM)
             acc += s * (16.0 * lo + hi)
         total = tl.sum(acc, axis=0)
@@ -615,11 +553,7 @@ def config_is_valid(config: WeightOnlyConfig, meta: WeightMeta) -> bool:
     """Whether the kernel can run `config` on this weight (tile/group compatibility, K coverage)."""
     if meta.kmajor and config.BLOCK_M == 1:  # the K-major GEMV: whole words, any group
         return config.BLOCK_K % 8 == 0 and config.BLOCK_K <= max(8, triton.next_power_of_2(meta.k))
-    # K-major tiles multiply eight nibble planes of K = BLOCK_K / 8 each, and tl.dot needs K >= 16
-    min_k = KMAJOR_MIN_BLOCK_K if meta.kmajor else 32
-    if config.BLOCK_K % 32 or config.BLOCK_K < min_k:
-        return False
-    if config.BLOCK_K > max(min_k, triton.next_power_of_2(meta.k) if triton else meta.k):
+    if config.BLOCK_K % 32 or config.BLOCK_K > max(32, triton.next_power_of_2(meta.k) if triton else meta.k):
         return False
     if meta.bits == 4:
         group = meta.group
@@ -666,37 +600,6 @@ def k_slice(meta: WeightMeta, config: WeightOnlyConfig) -> int:
 
 # -- M buckets and tuning -----------------------------------------------------------------------
 
-KMAJOR_MIN_BLOCK_K = 128
-
-_K = WeightOnlyConfig
-# Tensor-core tiles on K-major int4 by bucket (<= 16, <= 128, larger); the first is the default.
-_KMAJOR_TILE_CANDIDATES = {
-    16: (
-        _K(16, 64, 128, 4, 3, 2, 1),
-        *(_K(16, 64, 128, 4, 3, s, 1) for s in (1, 4, 8)),
-        *(_K(16, 128, 128, 4, 3, s, 1) for s in (2, 4)),
-        *(_K(16, 64, 256, 4, 3, s, 1) for s in (2, 4)),
-        *(_K(32, 64, 128, 4, 3, s) for s in (2, 4)),
-        _K(16, 64, 256, 4, 3, 4),
-    ),
-    128: (
-        _K(64, 64, 128, 4, 3, 1, 1),
-        *(_K(128, 64, 128, 4, 3, s, swap) for s in (1, 2) for swap in (1, 2)),
-        _K(128, 128, 128, 8, 3, 1, 1),
-        _K(64, 64, 128, 4, 3, 2, 1),
-        _K(32, 64, 128, 4, 3, 2),
-    ),
-    129: (
-        _K(128, 128, 128, 8, 3, 1, 1),
-        _K(128, 64, 128, 4, 3, 1, 1),
-        _K(128, 64, 128, 4, 3, 1, 2),
-        _K(256, 128, 128, 8, 3, 1, 1),
-        _K(128, 128, 128, 8, 4, 1, 1),
-        _K(256, 64, 128, 4, 3, 1, 1),
-    ),
-}
-
-
 def _candidates(bucket_m: int, meta: WeightMeta) -> list[WeightOnlyConfig]:
     """Tile configs worth trying for a bucket, pruned by shape: tiles are clamped to the weight
     (no BLOCK_N or BLOCK_K far beyond N or K), invalid ones dropped, duplicates removed."""
@@ -711,8 +614,6 @@ def _candidates(bucket_m: int, meta: WeightMeta) -> list[WeightOnlyConfig]:
     # tensor-core tiles win with the weight as the MMA's A operand (SWAP_AB) and split K.
     if bucket_m == 1 and meta.kmajor:  # `gemv_kmajor_kernel`: BLOCK_K = 8 * BLOCK_KW, one stage
         configs = [C(1, c.BLOCK_N, 8 * c.BLOCK_KW, c.num_warps, 1, c.SPLIT_K) for c in KMAJOR_GEMV_CANDIDATES]
-    elif meta.kmajor:  # nibble-plane tiles: BLOCK_K >= 128; swapped (wgmma) or not (mma.sync at BLOCK_M < 64)
-        configs = list(_KMAJOR_TILE_CANDIDATES[min(b for b in _KMAJOR_TILE_CANDIDATES if b >= min(bucket_m, 129))])
     elif bucket_m == 1:
         configs = [C(1, 8, wide_k[1], 4, 3)]
         decode_tiles = ((8, 2048), (8, 4096), (4, 4096), (8, 1024), (4, 1024), (8, 512), (16, 256))
@@ -733,7 +634,7 @@ def _candidates(bucket_m: int, meta: WeightMeta) -> list[WeightOnlyConfig]:
         configs += [C(64, 256, 64, 8, 3), C(128, 128, 32, 4, 4), C(64, 128, 64, 4, 4)]
         configs += [C(128, 64, 128, 4, 3, 1, 1), C(128, 64, 128, 4, 3, 1, 2), C(128, 128, 128, 8, 3, 1, 1)]
     max_n = max(8 if bucket_m == 1 else 16, triton.next_power_of_2(meta.n))  # tl.dot needs N >= 16
-    max_k = max((8 if bucket_m == 1 else KMAJOR_MIN_BLOCK_K) if meta.kmajor else 32, triton.next_power_of_2(meta.k))
+    max_k = max(8 if bucket_m == 1 and meta.kmajor else 32, triton.next_power_of_2(meta.k))
     clamped = [dataclasses.replace(c, BLOCK_N=min(c.BLOCK_N, max_n), BLOCK_K=min(c.BLOCK_K, max_k)) for c in configs]
     return [c for c in dict.fromkeys(clamped) if config_is_valid(c, meta)]
 
@@ -798,38 +699,28 @@ def launch(
         common.sum_partials(target, out, config.SPLIT_K, split_stride, active=active, wrap=wrap)
 
 
-# -- the K-major int4 layout and its GEMV ----------------------------------------------------------
+# -- the K-major int4 layout and its GEMV (measured, not yet dispatched: see the module docstring) --
 
 KMAJOR_SCALE = 2.0**-16  # K-major scales are stored times this and zero points divided by it (exact)
-KMAJOR_BLOCK = 32  # elements interleaved into four words (`pack_kmajor`)
 
 
 def pack_kmajor(data: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
-    """The reference int4 layout -> the K-major one, exactly (`unpack_kmajor` inverts it):
-    data (N, K/2) uint8 -> int32 words [K/8, N], nibble j of word i of a column holding element
-    32 (i // 4) + 4j + i % 4: each 32-element block is four words, interleaved so that nibble j of
-    consecutive words is a run of four consecutive elements (the tensor-core tiles' activation
-    loads are vectorised), and a word never leaves its block (so never its group: G >= 32).
-    scale (N, K/G) -> [K/G + 1, N] times 2**-16, the last row zeros (the split-K counters of the
-    GEMV, zero again after every call); zero (N, K/G) -> [K/G, N] times 2**16 (empty stays empty)."""
+    """The reference int4 layout -> the K-major GEMV's, exactly (`unpack_kmajor` inverts it):
+    data (N, K/2) uint8 -> int32 words [K/8, N]; scale (N, K/G) -> [K/G + 1, N] times 2**-16, the
+    last row zeros (the split-K counters, zero again after every call); zero (N, K/G) -> [K/G, N]
+    times 2**16 (an empty zero point stays empty)."""
     n, half_k = data.shape
-    if (2 * half_k) % KMAJOR_BLOCK:
-        raise ValueError(f"K-major packing needs K % {KMAJOR_BLOCK} == 0, got K = {2 * half_k}")
-    codes = torch.stack([data & 0xF, data >> 4], dim=-1).reshape(n, -1, 8, 4)  # [n, block, j, i]
-    nibbles = codes.transpose(2, 3).reshape(n, -1, 4, 2)  # [n, word, byte, low/high]
-    words = (nibbles[..., 0] | (nibbles[..., 1] << 4)).contiguous().view(torch.int32).squeeze(-1)  # [n, K/8]
+    if half_k % 4:
+        raise ValueError(f"K-major packing needs K % 8 == 0, got K = {2 * half_k}")
+    words = data.contiguous().view(torch.int32).t().contiguous()
     scale_t = torch.cat([scale.t() * KMAJOR_SCALE, scale.new_zeros(1, n)]).contiguous()
     zero_t = (zero.t() / KMAJOR_SCALE).contiguous() if zero.numel() else zero
-    return words.t().contiguous(), scale_t, zero_t
+    return words, scale_t, zero_t
 
 
 def unpack_kmajor(words: torch.Tensor, scale_t: torch.Tensor, zero_t: torch.Tensor):
     """`pack_kmajor`'s inverse: (data (N, K/2) uint8, scale (N, K/G), zero (N, K/G) or empty)."""
-    n = words.shape[1]
-    packed = words.t().contiguous().view(torch.uint8)  # [n, 4 * words]
-    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(n, -1, 4, 8)  # [n, block, i, j]
-    codes = codes.transpose(2, 3).reshape(n, -1, 2)  # elements in order, in pairs
-    data = (codes[..., 0] | (codes[..., 1] << 4)).contiguous()
+    data = words.t().contiguous().view(torch.uint8)
     scale = (scale_t[:-1] / KMAJOR_SCALE).t().contiguous()
     zero = (zero_t * KMAJOR_SCALE).t().contiguous() if zero_t.numel() else zero_t
     return data, scale, zero
