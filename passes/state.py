@@ -92,11 +92,16 @@ def _searched_weight(
     hit = None if entries is None else entries.get(key)
     if hit is not None and hit[0] == stamp:
         return hit[1]
+    importance = None if calibration is None else calibration.importance
     with torch.no_grad():
         source = _weight_source(parameter, transposed, calibration)
-        q = search_quantize(source, fmt, importance=None if calibration is None else calibration.importance)
-    absent = torch.empty(0, dtype=torch.float32, device=source.device)  # as lowbit.quantize gives it
-    parts = [q.data, q.scale, absent if q.zero_point is None else q.zero_point, absent.clone()]
+
+        def searched(rows: torch.Tensor) -> list[torch.Tensor]:
+            q = search_quantize(rows, fmt, importance=importance)
+            absent = torch.empty(0, dtype=torch.float32, device=rows.device)  # as lowbit.quantize gives it
+            return [q.data, q.scale, absent if q.zero_point is None else q.zero_point, absent.clone()]
+
+        parts = _by_row_chunks(searched, source, fmt)
     parts = [t.contiguous() for t in parts]
     if stamp is not None:
         if entries is None:
@@ -119,7 +124,32 @@ def quantize_weight(
         return _searched_weight(parameter, transposed, fmt, calibration)
     with torch.no_grad():
         source = _weight_source(parameter, transposed, calibration)
-        return [t.contiguous() for t in torch.ops.lowbit.quantize(source, fmt)]
+        parts = _by_row_chunks(lambda rows: list(torch.ops.lowbit.quantize(rows, fmt)), source, fmt)
+        return [t.contiguous() for t in parts]
+
+
+# Weights larger than this many elements are quantized in chunks of rows: quantizing works in fp32
+# with several full-size temporaries (the int4 search more), which for an LM head (128256 x 4096)
+# came to ~10 GB of GPU memory at compile time, more than the quantized model.
+QUANTIZE_CHUNK_ELEMENTS = 2**25
+
+
+def _by_row_chunks(quantize, source: torch.Tensor, fmt: str) -> list[torch.Tensor]:
+    """`quantize(rows)` -> (data, scale, zero_point, global_scale) of a 2-D (N, K) weight, run on
+    chunks of rows and concatenated where the format's scales are local to rows (per row, per group,
+    per block of `block_rows` rows): the same result as one call (every number depends on its own
+    rows only), with temporaries bounded by the chunk. Per-tensor and global-scale formats run whole."""
+    from lowbit_compile.formats import Granularity, get_format
+
+    f = get_format(fmt)
+    rows_local = f.granularity in (Granularity.ROW, Granularity.GROUP, Granularity.BLOCK) and not f.global_scale
+    if source.dim() != 2 or not rows_local or source.numel() <= QUANTIZE_CHUNK_ELEMENTS:
+        return quantize(source)
+    step = max(1, QUANTIZE_CHUNK_ELEMENTS // source.shape[1])
+    if f.granularity is Granularity.BLOCK:
+        step = max(f.block_rows, step // f.block_rows * f.block_rows)
+    chunks = [quantize(source[start : start + step]) for start in range(0, source.shape[0], step)]
+    return [torch.cat(parts) if parts[0].numel() else parts[0] for parts in zip(*chunks)]
 
 
 @dataclass

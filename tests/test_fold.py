@@ -401,3 +401,47 @@ def test_released_kmajor_copies_serve_a_recompile(kmajor_everywhere: None) -> No
         assert model.fc.weight.untyped_storage().nbytes() == 0
         assert 15 < sqnr(expected, compiled(wide)) < 60  # a second graph, from the kept packed copy
     assert counters["stats"]["unique_graphs"] == 2
+
+
+# -- large weights are quantized in chunks of rows (bounded compile-time memory) -------------------
+
+
+@pytest.mark.parametrize(
+    "fmt, search, chunked",
+    [
+        ("int4_g128_asym", True, True),  # the int4 search, per group
+        ("int4_g32", True, True),
+        ("int8_row", False, True),  # per row
+        ("fp8_e4m3_row", False, True),
+        ("mxfp4", False, True),  # e8m0 scales per 32 along K
+        ("fp8_e4m3_128x128", False, True),  # blocks of 128 rows: chunks stay whole blocks
+        ("fp8_e4m3_tensor", False, False),  # one scale for the tensor: quantized whole
+        ("nvfp4", False, False),  # a global scale: quantized whole
+    ],
+)
+def test_large_weights_quantize_in_row_chunks_with_the_same_result(monkeypatch, fmt, search, chunked):
+    import lowbit_compile.passes.state as state
+
+    torch.manual_seed(0)
+    weight = torch.randn(384, 256) * torch.linspace(0.1, 3.0, 384)[:, None]  # rows of different ranges
+    whole = quantize_weight(weight, False, fmt, search)
+    calls = []
+    real = torch.ops.lowbit.quantize
+    monkeypatch.setattr(state, "QUANTIZE_CHUNK_ELEMENTS", 100 * 256)  # 100 rows a chunk (128 for blocks)
+    monkeypatch.setattr(state, "search_quantize", _counting(state.search_quantize, calls))
+    monkeypatch.setattr(torch.ops.lowbit, "quantize", _counting(real, calls))
+    state._SEARCHED.clear()
+    parts = quantize_weight(weight.clone(), False, fmt, search)  # a new parameter: no cached search
+    assert len(calls) == (4 if chunked and fmt != "fp8_e4m3_128x128" else 3 if chunked else 1)
+    for before, after in zip(whole, parts):
+        assert before.shape == after.shape and before.dtype == after.dtype
+        assert torch.equal(before.view(torch.uint8) if before.dtype.itemsize == 1 else before,
+                           after.view(torch.uint8) if after.dtype.itemsize == 1 else after)  # fmt: skip
+
+
+def _counting(fn, calls):
+    def counted(rows, *args, **kwargs):
+        calls.append(rows.shape[0])
+        return fn(rows, *args, **kwargs)
+
+    return counted
