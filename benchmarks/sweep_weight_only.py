@@ -52,13 +52,13 @@ def exploratory(m: int, meta: weight_only.WeightMeta) -> list[weight_only.Weight
 
 
 def _weights(fmt: str, n: int, k: int, copies: int, kmajor: bool):
-    """The bf16 weight, its quantized parts (reference layout) and `copies` copies as the kernel reads them."""
+    """The bf16 weight and `copies` copies of its quantized parts as the kernel reads them (the
+    reference op reads either layout: `ops.quantized_tensor` unpacks K-major parts)."""
     w = torch.randn(n, k, device="cuda") / k**0.5
     q = reference.quantize(w, fmt)
     zero = q.zero_point if q.zero_point is not None else torch.empty(0, device="cuda")
-    parts = (q.data, q.scale, zero)
-    packed = weight_only.pack_kmajor(*parts) if kmajor else parts
-    return w, parts, [tuple(t.clone() for t in packed) for _ in range(copies)]
+    parts = weight_only.pack_kmajor(q.data, q.scale, zero) if kmajor else (q.data, q.scale, zero)
+    return w, [tuple(t.clone() for t in parts) for _ in range(copies)]
 
 
 def main(argv=None):
@@ -76,7 +76,7 @@ def main(argv=None):
     for fmt in args.formats.split(","):
         for n, k in SHAPES:
             copies = max(2, common.L2_BYTES // (n * k // (2 if "int4" in fmt else 1)) + 1)
-            w, parts, weights = _weights(fmt, n, k, copies, args.kmajor and "int4" in fmt)
+            w, weights = _weights(fmt, n, k, copies, args.kmajor and "int4" in fmt)
             w_bf16 = [w.to(torch.bfloat16).clone() for _ in range(max(2, common.L2_BYTES // (n * k * 2) + 1))]
             meta = weight_only.WeightMeta.of(get_format(fmt), weights[0][0])
             for m in (int(r) for r in args.rows.split(",")):
@@ -88,7 +88,7 @@ def main(argv=None):
                 if not args.candidates_only:
                     configs += [c for c in exploratory(m, meta) if weight_only.config_is_valid(c, meta)]
                 configs = list(dict.fromkeys(configs))
-                expected = _reference(x, fmt, parts)
+                expected = _reference(x, fmt, weights[0])
                 timed = []
                 out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
                 for config in configs:
@@ -124,7 +124,7 @@ def main(argv=None):
                         configs=[dict(config=c.as_tuple(), us=t * 1e3, sqnr=q, tuner=c in tuner) for t, c, q in timed],
                     )
                 )
-            del weights, parts, w_bf16
+            del weights, w_bf16
             torch.cuda.empty_cache()
     (out_dir / f"sweep_weight_only{'_kmajor' if args.kmajor else ''}.json").write_text(json.dumps(results, indent=1))
     write_compiled_facts(weight_only.weight_only_kernel, out_dir / "sweep_compiled.txt")

@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)  # lowbit_compile.passes.*: under TORCH_LOGS="
 
 RELEASE_OPTION = "release_weights"
 
+# How a weight is quantized and packed (`FoldedSource.key`): transposed, format, search, calibration
+# key, packing. A released parameter's quantized copies are kept under it.
+CopyKey = tuple[bool, str, bool, "str | None", "str | None"]
+
 
 @dataclass(frozen=True)
 class FoldedSource:
@@ -45,7 +49,7 @@ class FoldedSource:
     packing: str | None = None  # the kernel's layout (`ops.weight_packing`), or None: the reference layout
 
     @property
-    def key(self) -> tuple[bool, str, bool, str | None, str | None]:
+    def key(self) -> CopyKey:
         """How this weight is quantized and packed: its released copies are kept under this key."""
         calibration_key = None if self.calibration is None else self.calibration.key
         return (self.transposed, self.fmt, self.search, calibration_key, self.packing)
@@ -65,9 +69,7 @@ class FoldedSource:
 class _Released:
     path: str
     nbytes: int  # the storage size before release (restored for load_state_dict)
-    copies: dict[tuple[bool, str, bool, str | None, str | None], list[torch.Tensor]] = field(
-        default_factory=dict
-    )  # by FoldedSource.key
+    copies: dict[CopyKey, list[torch.Tensor]] = field(default_factory=dict)  # by FoldedSource.key
 
 
 _RELEASED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> _Released
@@ -123,7 +125,7 @@ def _kept_copy(
 
 
 def _release_parameter(
-    parameter: torch.Tensor, path: str, key: tuple[bool, str, bool, str | None, str | None], parts: list[torch.Tensor]
+    parameter: torch.Tensor, path: str, key: CopyKey, parts: list[torch.Tensor]
 ) -> bool:
     """Free a parameter's storage, keeping `parts` (its quantized copy) for other graphs."""
     storage = parameter.untyped_storage()

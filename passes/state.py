@@ -12,6 +12,7 @@ import torch
 import torch.fx
 from torch.utils.weak import WeakIdKeyDictionary
 
+from lowbit_compile.formats import Granularity, get_format
 from lowbit_compile.policy import Kernel, OpKind, Policy, QuantSpec
 from lowbit_compile.weight_search import search_quantize, searchable
 
@@ -139,8 +140,6 @@ def _by_row_chunks(quantize, source: torch.Tensor, fmt: str) -> list[torch.Tenso
     chunks of rows and concatenated where the format's scales are local to rows (per row, per group,
     per block of `block_rows` rows): the same result as one call (every number depends on its own
     rows only), with temporaries bounded by the chunk. Per-tensor and global-scale formats run whole."""
-    from lowbit_compile.formats import Granularity, get_format
-
     f = get_format(fmt)
     rows_local = f.granularity in (Granularity.ROW, Granularity.GROUP, Granularity.BLOCK) and not f.global_scale
     if source.dim() != 2 or not rows_local or source.numel() <= QUANTIZE_CHUNK_ELEMENTS:

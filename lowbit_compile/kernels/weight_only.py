@@ -699,7 +699,7 @@ def launch(
         common.sum_partials(target, out, config.SPLIT_K, split_stride, active=active, wrap=wrap)
 
 
-# -- the K-major int4 layout and its GEMV (measured, not yet dispatched: see the module docstring) --
+# -- the K-major int4 layout (opt-in, see the module docstring) and its GEMV -----------------------
 
 KMAJOR_SCALE = 2.0**-16  # K-major scales are stored times this and zero points divided by it (exact)
 
