@@ -44,7 +44,7 @@ def _read_kv_kernel(k_ptr, v_ptr, out_ptr, S, H_KV, split_len, stride_kb, stride
     tl.store(out_ptr + (pid_bh * tl.num_programs(2) + split) * HEAD_DIM + offs_d, tl.sum(acc, 0))
 
 
-def prefill(rows: list, fmt: str, causal: bool, s: int) -> None:
+def prefill(rows: list, fmt: str, causal: bool, s: int, variants: bool = False) -> None:
     q, k, v = _operands(4, 32, 32, s, s, 128)
     sdpa, _ = _sdpa(q, k, v, causal, False)
     bf16 = _time_ms(sdpa)
@@ -54,6 +54,20 @@ def prefill(rows: list, fmt: str, causal: bool, s: int) -> None:
     block_n = attention_format.formats[1].block_rows
     pre = _time_ms(lambda: A._quantize_kv(k, v, attention_format, block_n, constants, None))
     moved = k.numel() * 2 * 2 + k.numel() * 2  # read bf16 K and V, write 8-bit codes
+    if variants:
+        names = ("QUANTIZE_KV_SPLIT", "QUANTIZE_KV_BLOCKS_PER_PROGRAM", "QUANTIZE_KV_WARPS", "QUANTIZE_KV_MAXNREG")
+        old = {name: getattr(A, name) for name in names}
+        try:
+            for per_program in (2, 4, 8, 16):
+                for warps, maxnreg in ((8, None), (8, 128), (16, None)):
+                    for name, value in zip(names, (True, per_program, warps, maxnreg)):
+                        setattr(A, name, value)
+                    ms = _time_ms(lambda: A._quantize_kv(k, v, attention_format, block_n, constants, None))
+                    rows.append(dict(case=f"prepass S{s} per_program={per_program} w{warps} maxnreg={maxnreg}",
+                                     prepass_ms=ms, prepass_tbps=moved / ms / 1e9))  # fmt: skip
+        finally:
+            for name, value in old.items():
+                setattr(A, name, value)
     rows.append(dict(case=f"{'causal' if causal else 'full'} S{s} {fmt}", bf16_ms=bf16, op_ms=whole, prepass_ms=pre,
                      kernel_ms=whole - pre, op_x=bf16 / whole, kernel_x=bf16 / (whole - pre),
                      prepass_tbps=moved / pre / 1e9))  # fmt: skip
@@ -68,7 +82,7 @@ def decode(rows: list, fmt: str) -> None:
     old = (A.DECODE_PROGRAMS_PER_SM, A.MAX_SPLITS)
     A.MAX_SPLITS = 64
     try:
-        for per_sm in (1, 2, 4, 8, 16, 32):
+        for per_sm in (1, 2, 8):
             A.DECODE_PROGRAMS_PER_SM = per_sm
             splits = A._splits(batch, hkv, s, 128, q.device)
             ms = _time_ms(lambda: A.run(q, k, v, None, False, None, True, fmt, torch.bfloat16))
@@ -77,7 +91,7 @@ def decode(rows: list, fmt: str) -> None:
                              op_x=bf16 / ms, tbps=kv_bytes / ms / 1e9, config=str(cfg)))  # fmt: skip
         A.DECODE_PROGRAMS_PER_SM = 8
         for warps in (4, 8):
-            for stages in (1, 2, 3, 4):
+            for stages in (2,):
                 config = {"num_warps": warps, "num_stages": stages}
                 try:
                     ms = _time_ms(lambda: A.run(q, k, v, None, False, None, True, fmt, torch.bfloat16, config=config))
@@ -88,9 +102,9 @@ def decode(rows: list, fmt: str) -> None:
                                  tbps=kv_bytes / ms / 1e9))  # fmt: skip
     finally:
         A.DECODE_PROGRAMS_PER_SM, A.MAX_SPLITS = old
-    for splits in (1, 2, 4, 8, 16):
-        for warps in (4, 8):
-            for block_n in (64, 128):
+    for splits in (2,):
+        for warps in (8,):
+            for block_n in (128,):
                 out = torch.empty(batch * hkv * splits * 128, device="cuda")
                 split_len = triton.cdiv(s, splits)
 
@@ -109,15 +123,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     parser.add_argument("--skip-prefill", action="store_true")
+    parser.add_argument("--skip-decode", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
     rows: list = []
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
     if not args.skip_prefill:
         for fmt in ("attn_fp8_t128", "attn_int8_t128"):
-            prefill(rows, fmt, True, 4096)
+            prefill(rows, fmt, True, 4096, variants=fmt == "attn_fp8_t128")
         prefill(rows, "attn_fp8_t128", False, 8192)
-    for fmt in ("attn_fp8_t128", "attn_int8_t128"):
+    for fmt in () if args.skip_decode else ("attn_fp8_t128", "attn_int8_t128"):
         decode(rows, fmt)
     for row in rows:
         print(" | ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}" for key, value in row.items()))

@@ -248,3 +248,26 @@ def test_lowering_swaps_block_attention_for_the_triton_op_on_cuda():
 def test_lowering_leaves_what_the_kernel_cannot_run_to_the_reference(device, kv_heads, head_dim):
     graph = _attention_graph(device, kv_heads, head_dim)  # CPU; 8 q heads on 3 kv heads; D > 256
     assert ops.use_device_kernels(graph) == {}
+
+
+@pytest.mark.parametrize("split,per_program", [(True, 1), (True, 4), (False, 2)])
+def test_kv_prepass_codes_and_scales_match_the_reference(monkeypatch, split, per_program):
+    # 7 blocks of 16 keys, the last one partial: programs of 1, 2 and 4 blocks (the next block's
+    # tile is loaded before this one is quantized), K and V in programs of their own or together.
+    monkeypatch.setattr(kernel, "QUANTIZE_KV_SPLIT", split)
+    monkeypatch.setattr(kernel, "QUANTIZE_KV_BLOCKS_PER_PROGRAM", per_program)
+    k, v = heads_last(2, 3, 101, 32), heads_last(2, 3, 101, 32)
+    k[0, 1, 40:50, 3] += 30.0  # an outlier channel in one block only
+    attention_format = formats.get_attention_format(INT8)
+    constants = dict(HEAD_DIM=32, HEAD_DIM_V=32, SOFT_FP8=True)
+    k_codes, k_scales, v_codes, v_scales = kernel._quantize_kv(k, v, attention_format, 16, constants, None)
+    assert k_codes.shape == (6, 112, 32) and v_codes.shape == (6, 32, 112)
+    _, k_fmt, v_fmt = attention_format.formats
+    for codes, scales, x, fmt in (
+        (k_codes, k_scales, reference.smooth_keys(k, 16), k_fmt),
+        (v_codes.transpose(1, 2), v_scales, v.float(), v_fmt),
+    ):
+        dequantized = (codes.float().view(6, 7, 16, 32) * scales.view(6, 7, 1, 1)).view(6, 112, 32)
+        assert torch.all(dequantized[:, 101:] == 0)  # zero padding past S
+        expected = reference.fake_quantize(x, fmt).reshape(6, 101, 32)
+        torch.testing.assert_close(dequantized[:, :101], expected, rtol=0, atol=1e-6)

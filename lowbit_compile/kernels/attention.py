@@ -62,10 +62,13 @@ PREQUANTIZE_PREFILL = True
 # FOLD_V: PV accumulates in the MMA, acc kept in units of the V tile's scale (fewer registers) or
 # not (one multiply-add fewer per element): the prefill autotuner tries both; other launches use this.
 FOLD_V_SCALE = True
-# Decode: KV splits to give every SM this many programs (the in-loop quantization needs occupancy
-# to keep loads in flight).
-DECODE_PROGRAMS_PER_SM = 8  # measured: 2 -> 0.65x, 4 -> 0.70x, 8 -> 0.72-0.75x of bf16 (NOTES v3)
+# Decode: KV splits to give every SM this many programs (one program of the decode tile fills an
+# SM's shared memory; more splits add programs that wait, and combine work).
+DECODE_PROGRAMS_PER_SM = 1  # measured (NOTES v3, v6): 1 -> 0.74-0.77x of bf16, 2 -> 0.63x, 8 -> 0.71-0.74x
 QUANTIZE_KV_BLOCKS_PER_PROGRAM = 4
+QUANTIZE_KV_SPLIT = True  # K and V blocks in programs of their own
+QUANTIZE_KV_WARPS = 8  # for tiles over 8192 elements
+QUANTIZE_KV_MAXNREG = None  # a register cap (128: two 8-warp programs per SM)
 MAX_SPLITS = 16
 MASK_NONE, MASK_FLOAT, MASK_BOOL = 0, 1, 2
 
@@ -269,6 +272,45 @@ if triton is not None:
         return tl.math.div_rn(tl.sum(first, 0), count)
 
     @triton.jit
+    def _block_tile(src, block, last_block, S, stride_s, stride_d, DIM: tl.constexpr, DIM_VALID, BLOCK_N: tl.constexpr):
+        """The high-precision tile of one K or V block (zeros past S, past DIM_VALID, and for a
+        block at or past last_block) and its load mask."""
+        offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, DIM)
+        mask = (offs_n < S)[:, None] & (offs_d < DIM_VALID)[None, :] & (offs_n < last_block * BLOCK_N)[:, None]
+        return tl.load(src + offs_n[:, None] * stride_s + offs_d[None, :] * stride_d, mask=mask, other=0.0), mask
+
+    @triton.jit
+    def _quantize_blocks(
+        src, codes_ptr, scales_ptr, kv_row, first_block, last_block, S, S_PAD, stride_s, stride_d, mean,
+        x_next, mask,
+        IS_K: tl.constexpr, INT8: tl.constexpr, QMAX: tl.constexpr, SMOOTH: tl.constexpr, SOFT_FP8: tl.constexpr,
+        DIM: tl.constexpr, DIM_VALID, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        """Blocks [first_block, last_block) of one K or V (BLOCK_N tokens each): codes and one scale
+        per block; `x_next`, `mask`: the first block's tile (`_block_tile`), loaded by the caller
+        before its other loads. The next block's tile is loaded before this one is quantized, so a
+        load is in flight while the program reduces and casts (without that, a program's loads and
+        its math took turns: 1.77 TB/s on H100, benchmarks/NOTES-attention.md v6)."""
+        offs_d = tl.arange(0, DIM)
+        offs_n = first_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        for block in range(first_block, last_block):
+            x = x_next.to(tl.float32)
+            offs = offs_n
+            valid = mask
+            offs_n = offs_n + BLOCK_N
+            x_next, mask = _block_tile(src, block + 1, last_block, S, stride_s, stride_d, DIM, DIM_VALID, BLOCK_N)
+            if SMOOTH:
+                x = tl.where(valid, x - mean[None, :], 0.0)
+            scale = _tile_amax(x) * (1.0 / QMAX)
+            codes = _quantize(x, _inverse(scale), INT8, QMAX, SOFT_FP8)
+            if IS_K:  # (S_PAD, DIM)
+                tl.store(codes_ptr + (kv_row * S_PAD + offs[:, None]) * DIM + offs_d[None, :], codes)
+            else:  # transposed: (DIM, S_PAD)
+                tl.store(codes_ptr + (kv_row * DIM + offs_d[None, :]) * S_PAD + offs[:, None], codes)
+            tl.store(scales_ptr + kv_row * (S_PAD // BLOCK_N) + block, scale)
+
+    @triton.jit
     def quantize_kv_kernel(
         k_ptr, v_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr,
         S, D, DV, H_KV, S_PAD, blocks_per_program,
@@ -276,45 +318,48 @@ if triton is not None:
         stride_vb, stride_vh, stride_vs, stride_vd,
         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
         K_INT8: tl.constexpr, K_QMAX: tl.constexpr, V_QMAX: tl.constexpr, SMOOTH_K: tl.constexpr,
-        SOFT_FP8: tl.constexpr, BLOCK_N: tl.constexpr,
+        SOFT_FP8: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_KV: tl.constexpr,
     ):  # fmt: skip
         """K and V of one (batch, kv head), `blocks_per_program` token blocks from program_id(1) on,
         quantized once for every query block that reads them: K codes (S_PAD, HEAD_DIM) and V codes
         transposed (HEAD_DIM_V, S_PAD), both zero padded (the K-major operands of the 8-bit MMAs),
-        and one fp32 scale per block. The same arithmetic as the in-kernel path of `_attend_tiles`."""
+        and one fp32 scale per block. The same arithmetic as the in-kernel path of `_attend_tiles`.
+        SPLIT_KV: program_id(2) is 0 for K's blocks and 1 for V's (twice the programs), else a
+        program does both."""
         pid_bh = tl.program_id(0)
         b = pid_bh // H_KV
         kv_head = pid_bh % H_KV
-        offs_d = tl.arange(0, HEAD_DIM)
-        offs_dv = tl.arange(0, HEAD_DIM_V)
-        d_valid = offs_d < D
-        dv_valid = offs_dv < DV
-        k_base = k_ptr + b * stride_kb + kv_head * stride_kh
-        v_base = v_ptr + b * stride_vb + kv_head * stride_vh
         kv_row = pid_bh.to(tl.int64)
         blocks = S_PAD // BLOCK_N
-        if SMOOTH_K:
-            k_mean = _first_block_mean(k_base, S, stride_ks, stride_kd, offs_d, d_valid, HEAD_DIM, BLOCK_N)
         first_block = tl.program_id(1) * blocks_per_program
-        for block in range(first_block, tl.minimum(first_block + blocks_per_program, blocks)):
-            offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
-            kv_valid = offs_n < S
-            k_mask = kv_valid[:, None] & d_valid[None, :]
-            k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=k_mask, other=0.0)
-            k = k.to(tl.float32)
+        last_block = tl.minimum(first_block + blocks_per_program, blocks)
+        which = tl.program_id(2)
+        if SPLIT_KV:
+            do_k = which == 0
+            do_v = which == 1
+        else:
+            do_k = which == 0
+            do_v = which == 0
+        if do_k:
+            k_base = k_ptr + b * stride_kb + kv_head * stride_kh
+            k_first, k_mask = _block_tile(k_base, first_block, last_block, S, stride_ks, stride_kd, HEAD_DIM, D, BLOCK_N)
+            offs_d = tl.arange(0, HEAD_DIM)
             if SMOOTH_K:
-                k = tl.where(k_mask, k - k_mean[None, :], 0.0)
-            k_scale = _tile_amax(k) * (1.0 / K_QMAX)
-            k8 = _quantize(k, _inverse(k_scale), K_INT8, K_QMAX, SOFT_FP8)
-            tl.store(kc_ptr + (kv_row * S_PAD + offs_n[:, None]) * HEAD_DIM + offs_d[None, :], k8)
-            tl.store(ks_ptr + kv_row * blocks + block, k_scale)
-            v_mask = kv_valid[:, None] & dv_valid[None, :]
-            v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_dv[None, :] * stride_vd, mask=v_mask, other=0.0)
-            v = v.to(tl.float32)
-            v_scale = _tile_amax(v) * (1.0 / V_QMAX)
-            v8 = _quantize(v, _inverse(v_scale), False, V_QMAX, SOFT_FP8)
-            tl.store(vc_ptr + (kv_row * HEAD_DIM_V + offs_dv[None, :]) * S_PAD + offs_n[:, None], v8)
-            tl.store(vs_ptr + kv_row * blocks + block, v_scale)
+                k_mean = _first_block_mean(k_base, S, stride_ks, stride_kd, offs_d, offs_d < D, HEAD_DIM, BLOCK_N)
+            else:
+                k_mean = tl.zeros((HEAD_DIM,), dtype=tl.float32)
+            _quantize_blocks(
+                k_base, kc_ptr, ks_ptr, kv_row, first_block, last_block, S, S_PAD, stride_ks, stride_kd, k_mean,
+                k_first, k_mask, True, K_INT8, K_QMAX, SMOOTH_K, SOFT_FP8, HEAD_DIM, D, BLOCK_N,
+            )  # fmt: skip
+        if do_v:
+            v_base = v_ptr + b * stride_vb + kv_head * stride_vh
+            v_first, v_mask = _block_tile(v_base, first_block, last_block, S, stride_vs, stride_vd, HEAD_DIM_V, DV, BLOCK_N)
+            _quantize_blocks(
+                v_base, vc_ptr, vs_ptr, kv_row, first_block, last_block, S, S_PAD, stride_vs, stride_vd,
+                tl.zeros((HEAD_DIM_V,), dtype=tl.float32), v_first, v_mask,
+                False, False, V_QMAX, False, SOFT_FP8, HEAD_DIM_V, DV, BLOCK_N,
+            )  # fmt: skip
 
     @triton.jit
     def attention_kernel(
@@ -561,7 +606,7 @@ def decode_rows(query_len, group: int, q_block: int) -> int | None:
 
 
 def _splits(batch, kv_heads, kv_len, block_n: int, device: torch.device) -> int:
-    """KV splits of a decode launch: enough programs to fill the GPU twice, at least a tile each."""
+    """KV splits of a decode launch: DECODE_PROGRAMS_PER_SM programs per SM, at least a tile each."""
     if not all(isinstance(n, int) for n in (batch, kv_heads, kv_len)):
         return 8
     programs = max(1, batch * kv_heads)
@@ -590,13 +635,15 @@ def _quantize_kv(k4, v4, attention_format, block_n: int, constants: dict, wrap) 
     v_scales = torch.empty((rows * blocks,), dtype=torch.float32, device=device)
     per_program = QUANTIZE_KV_BLOCKS_PER_PROGRAM
     kernel = wrap(quantize_kv_kernel) if wrap is not None else quantize_kv_kernel
-    kernel[(rows, (blocks + per_program - 1) // per_program)](
+    kernel[(rows, (blocks + per_program - 1) // per_program, 2 if QUANTIZE_KV_SPLIT else 1)](
         k4, v4, k_codes, k_scales, v_codes, v_scales,
         kv_len, head_dim, value_dim, kv_heads, s_pad, per_program,
         *k4.stride(), *v4.stride(),
         HEAD_DIM=constants["HEAD_DIM"], HEAD_DIM_V=constants["HEAD_DIM_V"], K_INT8=k_int8,
         K_QMAX=float(k_fmt.qmax), V_QMAX=float(v_fmt.qmax), SMOOTH_K=attention_format.smooth_k,
-        SOFT_FP8=constants["SOFT_FP8"], BLOCK_N=block_n, num_warps=8 if block_n * constants["HEAD_DIM"] > 8192 else 4,
+        SOFT_FP8=constants["SOFT_FP8"], BLOCK_N=block_n, SPLIT_KV=QUANTIZE_KV_SPLIT,
+        num_warps=QUANTIZE_KV_WARPS if block_n * constants["HEAD_DIM"] > 8192 else 4,
+        **({} if QUANTIZE_KV_MAXNREG is None else {"maxnreg": QUANTIZE_KV_MAXNREG}),
     )  # fmt: skip
     return k_codes, k_scales, v_codes, v_scales
 
