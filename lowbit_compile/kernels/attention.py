@@ -65,10 +65,12 @@ FOLD_V_SCALE = True
 # Decode: KV splits to give every SM this many programs (one program of the decode tile fills an
 # SM's shared memory; more splits add programs that wait, and combine work).
 DECODE_PROGRAMS_PER_SM = 1  # measured (NOTES v3, v6): 1 -> 0.74-0.77x of bf16, 2 -> 0.63x, 8 -> 0.71-0.74x
-QUANTIZE_KV_BLOCKS_PER_PROGRAM = 4
+# The K/V pre-pass, measured on H100 at B4 H32 S4096 D128 (NOTES-attention.md v6): 16 blocks per
+# program and 128 registers (two 8-warp programs per SM) 2.73 TB/s; 4 blocks uncapped 2.49 TB/s.
+QUANTIZE_KV_BLOCKS_PER_PROGRAM = 16
 QUANTIZE_KV_SPLIT = True  # K and V blocks in programs of their own
 QUANTIZE_KV_WARPS = 8  # for tiles over 8192 elements
-QUANTIZE_KV_MAXNREG = None  # a register cap (128: two 8-warp programs per SM)
+QUANTIZE_KV_MAXNREG: int | None = 128  # a register cap (None: the compiler's choice)
 MAX_SPLITS = 16
 MASK_NONE, MASK_FLOAT, MASK_BOOL = 0, 1, 2
 
@@ -581,6 +583,17 @@ if triton is not None:
         attention_kernel
     )
 
+    _PREPASS_KERNELS: dict = {}
+
+    def quantize_kv_kernel_capped(num_warps: int, maxnreg: int):
+        """`quantize_kv_kernel` with a register cap: a one-config autotuner, the form in which
+        Inductor's wrapper passes `maxnreg` (a plain launch keyword would be taken for an argument)."""
+        key = (num_warps, maxnreg)
+        if key not in _PREPASS_KERNELS:
+            config = triton.Config({}, num_warps=num_warps, maxnreg=maxnreg)
+            _PREPASS_KERNELS[key] = triton.autotune(configs=[config], key=[])(quantize_kv_kernel)
+        return _PREPASS_KERNELS[key]
+
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -634,16 +647,19 @@ def _quantize_kv(k4, v4, attention_format, block_n: int, constants: dict, wrap) 
     k_scales = torch.empty((rows * blocks,), dtype=torch.float32, device=device)
     v_scales = torch.empty((rows * blocks,), dtype=torch.float32, device=device)
     per_program = QUANTIZE_KV_BLOCKS_PER_PROGRAM
-    kernel = wrap(quantize_kv_kernel) if wrap is not None else quantize_kv_kernel
+    num_warps = QUANTIZE_KV_WARPS if block_n * constants["HEAD_DIM"] > 8192 else 4
+    if QUANTIZE_KV_MAXNREG is None or interpreting():
+        kernel, launch = quantize_kv_kernel, {"num_warps": num_warps}
+    else:
+        kernel, launch = quantize_kv_kernel_capped(num_warps, QUANTIZE_KV_MAXNREG), {}
+    kernel = wrap(kernel) if wrap is not None else kernel
     kernel[(rows, (blocks + per_program - 1) // per_program, 2 if QUANTIZE_KV_SPLIT else 1)](
         k4, v4, k_codes, k_scales, v_codes, v_scales,
         kv_len, head_dim, value_dim, kv_heads, s_pad, per_program,
         *k4.stride(), *v4.stride(),
         HEAD_DIM=constants["HEAD_DIM"], HEAD_DIM_V=constants["HEAD_DIM_V"], K_INT8=k_int8,
         K_QMAX=float(k_fmt.qmax), V_QMAX=float(v_fmt.qmax), SMOOTH_K=attention_format.smooth_k,
-        SOFT_FP8=constants["SOFT_FP8"], BLOCK_N=block_n, SPLIT_KV=QUANTIZE_KV_SPLIT,
-        num_warps=QUANTIZE_KV_WARPS if block_n * constants["HEAD_DIM"] > 8192 else 4,
-        **({} if QUANTIZE_KV_MAXNREG is None else {"maxnreg": QUANTIZE_KV_MAXNREG}),
+        SOFT_FP8=constants["SOFT_FP8"], BLOCK_N=block_n, SPLIT_KV=QUANTIZE_KV_SPLIT, **launch,
     )  # fmt: skip
     return k_codes, k_scales, v_codes, v_scales
 
