@@ -15,7 +15,9 @@ import torch.fx
 
 from lowbit_compile.passes.state import Parameter, PipelineState, remove_dead_code
 
-_SOURCE_ROOT = re.compile(r"^[LG]\['[^']*'\]\.?")  # a local (L['self']) or a global (G['model']) root
+# The root module: a local (L['self']), a global (G['model']), or a wrapper's positional argument
+# (L['args'][0]: transformers >= 5.24 wraps `forward` in a `*args` decorator, so `self` arrives as one).
+_SOURCE_ROOT = re.compile(r"^[LG]\['[^']*'\](?:\[\d+\])?\.?")
 _SOURCE_KEY = re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]")
 _CONTAINERS = {"_modules", "_parameters", "_buffers"}
 _GRAD_MODE_SWITCHES = {torch._C._set_grad_enabled, torch.set_grad_enabled}

@@ -3,6 +3,8 @@ scalars, global models, autocast, and dynamic batch and length."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn as nn
@@ -128,6 +130,34 @@ def test_a_global_model_gets_module_paths_relative_to_it() -> None:
     )
     report = lowbit_compile.explain(f, torch.randn(3, 128), policy=policy)
     assert [(s.fqn, s.format is not None) for s in report.sites] == [("0", True), ("2", False)]
+
+
+def _args_wrapper(forward):  # a `*args` decorator: `self` reaches the frame as args[0]
+    @functools.wraps(forward)
+    def wrapper(*args, **kwargs):
+        return forward(*args, **kwargs)
+
+    return wrapper
+
+
+class WrappedForward(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(128, 128), nn.ReLU())
+        self.head = nn.Linear(128, 64)
+
+    @_args_wrapper
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def test_a_forward_wrapped_in_an_args_decorator_keeps_module_paths() -> None:
+    """transformers >= 5.24 wraps forward so; Dynamo then names the root module `L['args'][0]`."""
+    policy = lowbit_compile.Policy(
+        rules=(lowbit_compile.Rule(spec=None, fqn="head"),), default=lowbit_compile.QuantSpec("int8_row")
+    )
+    report = lowbit_compile.explain(WrappedForward().eval(), torch.randn(3, 128), policy=policy)
+    assert [(s.fqn, s.format is not None) for s in report.sites] == [("body.0", True), ("head", False)]
 
 
 @pytest.mark.parametrize("name", ["w8a16", "w8a8", "auto"])
