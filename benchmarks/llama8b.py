@@ -293,6 +293,8 @@ def run_variant(
     row["graphs"] = counters["stats"]["unique_graphs"]
     row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
     row["cudagraph_recorded_non_static_inputs"] = counters["inductor"]["cudagraph_recorded_non_static_inputs"]
+    if counters["lowbit"]:  # compile-time work: tuning seconds and runs, mutation-analysis cache
+        row["lowbit_counters"] = dict(counters["lowbit"])
     if cuda:
         row["peak_gb"] = _gb(torch.cuda.max_memory_allocated())
     return row

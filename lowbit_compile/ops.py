@@ -439,9 +439,14 @@ def _scaled_mm_plan(
 
 
 if HAS_TRITON:
+    from lowbit_compile.kernels import analysis_cache as _analysis_cache
     from lowbit_compile.kernels import common as _common
     from lowbit_compile.kernels import scaled_mm as _scaled
     from lowbit_compile.kernels import weight_only as _weight_only
+
+    # torch.compile re-derives which tensors a kernel writes at every launch it traces; ours are
+    # memoised by what that analysis reads (kernels/analysis_cache.py)
+    _analysis_cache.install()
 
     @torch.library.triton_op("lowbit::weight_only_mm_triton", mutates_args=())
     def weight_only_mm_triton(

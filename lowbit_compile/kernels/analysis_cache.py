@@ -1,0 +1,135 @@
+"""Torch's mutation analysis of this package's Triton kernels, memoised.
+
+At every `wrap_triton` launch it traces, torch.compile asks which tensors the kernel reads and
+writes (`torch._higher_order_ops.triton_kernel_wrap.identify_accessed_tensors`; older torch:
+`identify_mutated_tensors`): once in functionalization and again when Inductor lowers the launch
+(and when it re-checks a graph), each time by generating the kernel's TTIR from its source: 20-100
+ms per launch for our kernels. A model compiled whole has hundreds of quantized sites launching a
+handful of kernel variants, so the same analysis runs hundreds of times.
+
+The analysis is a function of the kernel and of what `generate_ttir` makes of each argument: a
+fake tensor or an Inductor `TensorBox` becomes an empty tensor of its dtype, a symbolic value a
+constant, anything else is passed on as it is. The cache key is exactly that (the dtype, "sym",
+or the value itself; an argument of any other kind is not cached), so a hit returns what the
+analysis would have returned. Only kernels defined in `lowbit_compile` go through the cache.
+`LOWBIT_ANALYSIS_CACHE=0` turns it off (before `lowbit_compile` is imported). Hits and misses
+count in `stats` and in `torch._dynamo.utils.counters["lowbit"]` (`analysis_cache_hits`, `..._misses`).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+from typing import Any, Callable
+
+import torch
+
+NAMES = ("identify_accessed_tensors", "identify_mutated_tensors")  # newer torch, older torch
+
+stats = {"hits": 0, "misses": 0}
+_cache: dict[tuple, tuple[Any, Any]] = {}  # key -> (kernel kept alive for its id, result)
+
+
+class _Uncacheable(Exception):
+    pass
+
+
+def _python_function(kernel: Any) -> Any:
+    """The Python function under a JITFunction / Autotuner / heuristics wrapper chain."""
+    for _ in range(8):
+        inner = getattr(kernel, "fn", None)
+        if inner is None:
+            break
+        kernel = inner
+    return kernel
+
+
+def is_ours(kernel: Any) -> bool:
+    return getattr(_python_function(kernel), "__module__", "").startswith("lowbit_compile.")
+
+
+def _argument_key(value: Any) -> tuple:
+    import sympy
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool, sympy.Expr)):
+        return ("sym",)
+    if isinstance(value, FakeTensor):
+        return ("tensor", value.dtype)
+    if isinstance(value, torch.Tensor):  # a real tensor goes to Triton as it is: its alignment counts
+        return ("real tensor", value.dtype, value.data_ptr() % 16 == 0)
+    try:
+        from torch._inductor.ir import TensorBox
+
+        if isinstance(value, TensorBox):
+            return ("tensor", value.dtype)
+    except ImportError:  # pragma: no cover - Inductor is part of torch
+        pass
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
+        return (type(value).__name__, value)
+    raise _Uncacheable
+
+
+def _key(kernel: Any, kwargs: dict[str, Any], tma_descriptor_metadata: Any) -> tuple:
+    if tma_descriptor_metadata:
+        raise _Uncacheable
+    arguments = tuple(sorted((name, _argument_key(value)) for name, value in kwargs.items()))
+    return (id(kernel), arguments)
+
+
+def _count(what: str) -> None:
+    from torch._dynamo.utils import counters
+
+    stats[what] += 1
+    counters["lowbit"][f"analysis_cache_{what}"] += 1
+
+
+def memoised(analysis: Callable) -> Callable:
+    @functools.wraps(analysis)
+    def cached(kernel: Any, kwargs: dict[str, Any], tma_descriptor_metadata: Any, *args: Any, **kw: Any) -> Any:
+        if args or kw or not is_ours(kernel):
+            return analysis(kernel, kwargs, tma_descriptor_metadata, *args, **kw)
+        try:
+            key = _key(kernel, kwargs, tma_descriptor_metadata)
+        except _Uncacheable:
+            return analysis(kernel, kwargs, tma_descriptor_metadata)
+        hit = _cache.get(key)
+        if hit is not None and hit[0] is kernel:
+            _count("hits")
+            return copy.deepcopy(hit[1])
+        _count("misses")
+        result = analysis(kernel, kwargs, tma_descriptor_metadata)
+        _cache[key] = (kernel, copy.deepcopy(result))
+        return result
+
+    cached.__wrapped_analysis__ = analysis  # type: ignore[attr-defined]
+    return cached
+
+
+def install() -> bool:
+    """Wrap torch's analysis (whichever name this torch has) once; False if there is none or the
+    cache is switched off."""
+    if os.environ.get("LOWBIT_ANALYSIS_CACHE", "1") == "0":
+        return False
+    try:
+        from torch._higher_order_ops import triton_kernel_wrap
+    except ImportError:  # pragma: no cover
+        return False
+    installed = False
+    for name in NAMES:
+        analysis = getattr(triton_kernel_wrap, name, None)
+        if analysis is None:
+            continue
+        if not hasattr(analysis, "__wrapped_analysis__"):
+            setattr(triton_kernel_wrap, name, memoised(analysis))
+        installed = True
+    return installed
+
+
+def clear() -> None:
+    _cache.clear()
+    stats.update(hits=0, misses=0)
+
+
+__all__ = ["NAMES", "clear", "install", "is_ours", "memoised", "stats"]

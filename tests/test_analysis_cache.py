@@ -1,0 +1,134 @@
+"""The memoised mutation analysis (kernels/analysis_cache.py): same answers as torch's own, one
+TTIR generation per distinct kernel variant, foreign kernels untouched.
+
+Torch's analysis generates TTIR, which needs JITFunctions (not under TRITON_INTERPRET=1, CI's
+setting) and a target (no GPU here: an sm_90 one is given), so it runs in a subprocess
+(tests/_sm90.py). The attention kernel is the subject because what it writes depends on a
+constexpr: the output at SPLITS == 1, the partial results and their statistics above."""
+
+from __future__ import annotations
+
+import pytest
+from _sm90 import compile_in_subprocess
+
+triton = pytest.importorskip("triton")
+
+SCRIPT = r'''
+import json, sys
+import sympy, torch, triton
+from triton.backends.compiler import GPUTarget
+
+
+class _Target:  # the analysis only needs a target to generate TTIR for
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+
+triton.runtime.driver.set_active(_Target())
+from torch._higher_order_ops import triton_kernel_wrap as tkw
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import lowbit_compile.ops  # noqa: F401  (installs the cache)
+from lowbit_compile.kernels import analysis_cache
+from lowbit_compile.kernels import attention as A
+
+name = next(n for n in analysis_cache.NAMES if hasattr(tkw, n))
+cached = getattr(tkw, name)
+raw = getattr(cached, "__wrapped_analysis__", None)
+generations = [0]
+generate_ttir = tkw.generate_ttir
+
+
+def counting_generate_ttir(*args, **kwargs):
+    generations[0] += 1
+    return generate_ttir(*args, **kwargs)
+
+
+tkw.generate_ttir = counting_generate_ttir
+fn = A.attention_kernel
+constexprs = {p.name for p in fn.params if p.is_constexpr}
+mode = FakeTensorMode()
+
+
+def attention_kwargs(splits, length, symbolic):
+    values = dict(
+        HEAD_DIM=64, HEAD_DIM_V=64, IS_CAUSAL=False, MASK_KIND=0, QK_INT8=False, QK_QMAX=448.0, V_QMAX=448.0,
+        SMOOTH_K=True, Q_SCALE_ROWS=1, PACK_ROWS=1, SPLITS=splits, SOFT_FP8=False, SCALE_FROM_D=False,
+        PREQUANT=False, FOLD_V=True, BLOCK_M=16, BLOCK_N=64, KV_SCALE_ROWS=64, qk_scale=0.125,
+    )
+    with mode:
+        for arg in fn.arg_names:
+            if arg.endswith("_ptr"):
+                dtype = torch.float32 if arg in ("partial_ptr", "stats_ptr") else torch.bfloat16
+                values[arg] = torch.empty(length, dtype=dtype)
+            elif arg not in values:
+                values[arg] = sympy.Symbol("s0") if (symbolic and arg == "S") else 64
+    assert set(values) == set(fn.arg_names), sorted(set(fn.arg_names) ^ set(values))
+    return values
+
+
+def writes(result):
+    accesses = getattr(result, "read_writes", None)
+    names = [dep.name for dep in accesses.writes] if accesses is not None else list(result)
+    return sorted(names)
+
+
+out = {"installed": raw is not None}
+for case in json.loads(sys.stdin.read()):
+    kw = attention_kwargs(case["splits"], case["length"], case["symbolic"])
+    before = dict(analysis_cache.stats), generations[0]
+    result = cached(fn, kw, {})
+    out.setdefault("calls", []).append(dict(
+        case=case, writes=writes(result), reference=writes(raw(fn, dict(kw), {})),
+        hit=analysis_cache.stats["hits"] - before[0]["hits"],
+        generated=generations[0] - before[1] - 1,  # less the reference's own generation
+    ))
+    if hasattr(result, "read_writes"):  # a caller changing its copy does not change the cache
+        result.read_writes.writes.clear()
+
+
+import importlib.util, pathlib, tempfile  # noqa: E401  (a kernel of another package: in a file)
+
+path = pathlib.Path(tempfile.mkdtemp()) / "foreign_kernels.py"
+path.write_text(
+    "import triton\nimport triton.language as tl\n\n@triton.jit\n"
+    "def foreign_kernel(x_ptr, y_ptr, N: tl.constexpr):\n"
+    "    tl.store(y_ptr + tl.arange(0, N), tl.load(x_ptr + tl.arange(0, N)))\n"
+)
+spec = importlib.util.spec_from_file_location("foreign_kernels", path)
+foreign_module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(foreign_module)
+foreign_kernel = foreign_module.foreign_kernel
+
+with mode:
+    foreign = {"x_ptr": torch.empty(4), "y_ptr": torch.empty(4), "N": 4}
+before = dict(analysis_cache.stats), generations[0]
+results = [writes(cached(foreign_kernel, dict(foreign), {})) for _ in range(2)]
+out["foreign"] = dict(writes=results, stats_changed=analysis_cache.stats != before[0],
+                      generated=generations[0] - before[1])
+print(json.dumps(out))
+'''
+
+
+def test_cached_analysis_answers_as_torch_and_generates_once_per_variant() -> None:
+    cases = [
+        {"splits": 1, "length": 8, "symbolic": False},
+        {"splits": 4, "length": 8, "symbolic": False},
+        {"splits": 1, "length": 1000, "symbolic": False},  # other sizes: the same variant
+        {"splits": 1, "length": 8, "symbolic": True},  # a symbolic length: generate_ttir's constant
+        {"splits": 4, "length": 24, "symbolic": True},
+        {"splits": 1, "length": 8, "symbolic": False},
+    ]
+    out = compile_in_subprocess(SCRIPT, cases)
+    assert out["installed"]
+    calls = out["calls"]
+    for call in calls:  # the cached answer is torch's, whatever was cached before it
+        assert call["writes"] == call["reference"], call
+        expected = ["out_ptr"] if call["case"]["splits"] == 1 else ["partial_ptr", "stats_ptr"]
+        assert call["writes"] == expected, call
+    # SPLITS is a constexpr: its two values are two entries; sizes and a symbolic S are not
+    assert [c["hit"] for c in calls] == [0, 0, 1, 0, 0, 1]
+    assert [c["generated"] for c in calls] == [1, 1, 0, 1, 1, 0]
+    foreign = out["foreign"]
+    assert foreign["writes"] == [["y_ptr"], ["y_ptr"]]
+    assert not foreign["stats_changed"] and foreign["generated"] == 2
