@@ -2,8 +2,10 @@
 
 A kernel family hands `pick` a key (what the best config depends on: GPU, Triton version, kernel
 source, shapes, dtypes, M bucket), its candidate configs and a function that builds a runnable
-launch for a config. The fastest candidate by CUDA-graph replay (`measure`, median) is stored in
-`$LOWBIT_CACHE_DIR/tuning.json` (default `~/.cache/lowbit_compile`). `LOWBIT_AUTOTUNE=0` skips
+launch for a config. Every candidate is timed briefly by CUDA-graph replay (`measure`, median over
+~`SCREEN_REP_MS` windows), the `FINALISTS` fastest again at full length (`FINAL_REP_MS`), and the
+fastest of those is stored in `$LOWBIT_CACHE_DIR/tuning.json` (default `~/.cache/lowbit_compile`);
+`LOWBIT_TUNING_SCREEN_MS=0` times every candidate at full length instead. `LOWBIT_AUTOTUNE=0` skips
 tuning and takes each family's default config. Time spent and cache hits are counted in
 `torch._dynamo.utils.counters["lowbit"]` (`tuning_seconds_x1000`, `tuning_runs`, `tuning_cache_hits`).
 """
@@ -66,8 +68,18 @@ def _store(path: Path, key: str, value: Any) -> None:
 
 _memory: dict[str, Any] = {}
 
+# Timing windows (ms of replay per sample). A full-length timing of a microsecond kernel captures a
+# graph of thousands of launches, a few tenths of a second per candidate: most of a compile's tuning.
+SCREEN_REP_MS = 4.0
+FINAL_REP_MS = 20.0
+FINALISTS = 3
 
-def measure(launch: Callable[[], None]) -> float:
+
+def _screen_rep_ms() -> float:
+    return float(os.environ.get("LOWBIT_TUNING_SCREEN_MS", SCREEN_REP_MS))
+
+
+def measure(launch: Callable[[], None], rep: float = FINAL_REP_MS) -> float:
     """Milliseconds per call of `launch`, by CUDA-graph replay: kernel time without the Python and
     launch overhead (which would hide the differences between configs, and which a served model
     run under CUDA graphs does not pay). Eager timing where a graph cannot be captured."""
@@ -76,10 +88,24 @@ def measure(launch: Callable[[], None]) -> float:
     launch()
     torch.cuda.synchronize()
     try:
-        return do_bench_cudagraph(launch, rep=20, return_mode="median")
+        return do_bench_cudagraph(launch, rep=rep, return_mode="median")
     except RuntimeError as error:  # e.g. called while another stream is capturing
         log.debug("CUDA-graph timing failed (%s); timing eagerly", error)
-        return do_bench(launch, warmup=5, rep=20, return_mode="median")
+        return do_bench(launch, warmup=5, rep=rep, return_mode="median")
+
+
+def _time_each(
+    key: str, indexed: Sequence[tuple[int, Any]], make_launch: Callable[[Any], Callable[[], None]], rep: float
+) -> list[tuple[float, int, Any]]:
+    """(ms, index, candidate) for each candidate that compiles and runs (ties go to the earlier)."""
+    timings = []
+    for index, candidate in indexed:
+        try:
+            launch = make_launch(candidate)
+            timings.append((measure(launch, rep), index, candidate))
+        except Exception as error:  # noqa: BLE001 - a config the compiler rejects (e.g. out of shared memory)
+            log.debug("config %s failed for %s: %s", candidate, key, error)
+    return timings
 
 
 def pick(
@@ -101,20 +127,19 @@ def pick(
         _memory[key] = decode(stored)
         return _memory[key]
     start = time.perf_counter()
-    timings = []
-    for candidate in candidates:
-        try:
-            launch = make_launch(candidate)
-            timings.append((measure(launch), candidate))
-        except Exception as error:  # noqa: BLE001 - a config the compiler rejects (e.g. out of shared memory)
-            log.debug("config %s failed for %s: %s", candidate, key, error)
+    screen = _screen_rep_ms()
+    indexed = list(enumerate(candidates))
+    if screen > 0 and len(indexed) > FINALISTS:
+        timings = _time_each(key, indexed, make_launch, screen)
+        indexed = [(index, candidate) for _, index, candidate in sorted(timings)[:FINALISTS]]
+    timings = _time_each(key, indexed, make_launch, FINAL_REP_MS)
     if not timings:
         raise RuntimeError(f"no candidate config ran for {key}")
-    best_ms, best = min(timings, key=lambda t: t[0])
+    best_ms, _, best = min(timings)
     elapsed = time.perf_counter() - start
     counters["lowbit"]["tuning_runs"] += 1
     counters["lowbit"]["tuning_seconds_x1000"] += int(elapsed * 1000)
-    log.info("tuned %s: %s (%.1f us) from %d configs in %.1f s", key, best, best_ms * 1e3, len(timings), elapsed)
+    log.info("tuned %s: %s (%.1f us) from %d configs in %.1f s", key, best, best_ms * 1e3, len(candidates), elapsed)
     _store(path, key, encode(best))
     _memory[key] = best
     return best

@@ -1,0 +1,74 @@
+"""`kernels.tuning.pick` without a GPU: `measure` replaced by a table of timings per (candidate,
+window). Checks the screen-then-confirm order, what is stored, and the failure paths."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from torch._dynamo.utils import counters
+
+from lowbit_compile.kernels import tuning
+
+
+@pytest.fixture
+def timed(monkeypatch, tmp_path):
+    """Candidates are names; `times[name]` is (screen ms, full ms); records each (name, rep)."""
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("LOWBIT_TUNING_SCREEN_MS", raising=False)
+    monkeypatch.setattr(tuning, "_memory", {})
+    calls: list[tuple[str, float]] = []
+    times: dict[str, tuple[float, float]] = {}
+
+    def make_launch(name):
+        if name not in times:
+            raise RuntimeError(f"{name}: out of shared memory")
+        return name
+
+    def measure(launch, rep=tuning.FINAL_REP_MS):
+        calls.append((launch, rep))
+        screen, full = times[launch]
+        return full if rep == tuning.FINAL_REP_MS else screen
+
+    monkeypatch.setattr(tuning, "measure", measure)
+    counters.clear()
+    return times, calls, make_launch, tmp_path
+
+
+def _pick(key, candidates, make_launch):
+    return tuning.pick(key, candidates, make_launch, encode=lambda c: c, decode=lambda c: c)
+
+
+def test_every_candidate_is_screened_and_the_fastest_three_are_timed_again(timed) -> None:
+    times, calls, make_launch, path = timed
+    # the screen ranks e, c, a, b, d; at full length a is the fastest of those three
+    times.update(a=(3.0, 1.0), b=(4.0, 0.5), c=(2.0, 3.0), d=(9.0, 0.1), e=(1.0, 2.0))
+    assert _pick("k", list("abcde"), make_launch) == "a"
+    screen = tuning.SCREEN_REP_MS
+    assert calls == [(n, screen) for n in "abcde"] + [(n, tuning.FINAL_REP_MS) for n in "eca"]
+    assert json.loads((path / "tuning.json").read_text()) == {"k": "a"}
+    assert counters["lowbit"]["tuning_runs"] == 1
+
+
+def test_few_candidates_and_a_zero_screen_time_everything_at_full_length(timed, monkeypatch) -> None:
+    times, calls, make_launch, _ = timed
+    times.update(a=(1.0, 2.0), b=(2.0, 1.0), c=(3.0, 3.0), d=(4.0, 0.5))
+    assert _pick("three", list("abc"), make_launch) == "b"
+    assert calls == [(n, tuning.FINAL_REP_MS) for n in "abc"]
+    calls.clear()
+    monkeypatch.setenv("LOWBIT_TUNING_SCREEN_MS", "0")
+    assert _pick("four", list("abcd"), make_launch) == "d"
+    assert calls == [(n, tuning.FINAL_REP_MS) for n in "abcd"]
+
+
+def test_failing_candidates_are_skipped_ties_go_to_the_first_and_results_are_cached(timed) -> None:
+    times, calls, make_launch, _ = timed
+    times.update(a=(1.0, 1.0), c=(1.0, 1.0), d=(5.0, 5.0), e=(6.0, 6.0))
+    assert _pick("k", list("abcde"), make_launch) == "a"  # b fails to build; a and c tie
+    calls.clear()
+    assert _pick("k", list("abcde"), make_launch) == "a" and calls == []  # memory
+    tuning._memory.clear()
+    assert _pick("k", list("abcde"), make_launch) == "a" and calls == []  # disk
+    assert counters["lowbit"]["tuning_cache_hits"] == 1
+    with pytest.raises(RuntimeError, match="no candidate config ran for none"):
+        _pick("none", ["x", "y"], make_launch)
