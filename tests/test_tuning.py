@@ -13,9 +13,10 @@ from lowbit_compile.kernels import tuning
 
 @pytest.fixture
 def timed(monkeypatch, tmp_path):
-    """Candidates are names; `times[name]` is (screen ms, full ms); records each (name, rep)."""
+    """Candidates are names; `times[name]` is (screen ms, full ms); records each (name, rep).
+    Screening on (4 ms windows) unless a test says otherwise."""
     monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("LOWBIT_TUNING_SCREEN_MS", raising=False)
+    monkeypatch.setenv("LOWBIT_TUNING_SCREEN_MS", "4")
     monkeypatch.setattr(tuning, "_memory", {})
     calls: list[tuple[str, float]] = []
     times: dict[str, tuple[float, float]] = {}
@@ -44,21 +45,26 @@ def test_every_candidate_is_screened_and_the_fastest_three_are_timed_again(timed
     # the screen ranks e, c, a, b, d; at full length a is the fastest of those three
     times.update(a=(3.0, 1.0), b=(4.0, 0.5), c=(2.0, 3.0), d=(9.0, 0.1), e=(1.0, 2.0))
     assert _pick("k", list("abcde"), make_launch) == "a"
-    screen = tuning.SCREEN_REP_MS
-    assert calls == [(n, screen) for n in "abcde"] + [(n, tuning.FINAL_REP_MS) for n in "eca"]
+    assert calls == [(n, 4.0) for n in "abcde"] + [(n, tuning.FINAL_REP_MS) for n in "eca"]
     assert json.loads((path / "tuning.json").read_text()) == {"k": "a"}
     assert counters["lowbit"]["tuning_runs"] == 1
 
 
 def test_few_candidates_and_a_zero_screen_time_everything_at_full_length(timed, monkeypatch) -> None:
+    """Also the default (no screening until measured on a GPU)."""
     times, calls, make_launch, _ = timed
     times.update(a=(1.0, 2.0), b=(2.0, 1.0), c=(3.0, 3.0), d=(4.0, 0.5))
     assert _pick("three", list("abc"), make_launch) == "b"
     assert calls == [(n, tuning.FINAL_REP_MS) for n in "abc"]
     calls.clear()
-    monkeypatch.setenv("LOWBIT_TUNING_SCREEN_MS", "0")
-    assert _pick("four", list("abcd"), make_launch) == "d"
-    assert calls == [(n, tuning.FINAL_REP_MS) for n in "abcd"]
+    for screen in ("0", None):
+        calls.clear()
+        if screen is None:
+            monkeypatch.delenv("LOWBIT_TUNING_SCREEN_MS")
+        else:
+            monkeypatch.setenv("LOWBIT_TUNING_SCREEN_MS", screen)
+        assert _pick(f"four{screen}", list("abcd"), make_launch) == "d"
+        assert calls == [(n, tuning.FINAL_REP_MS) for n in "abcd"]
 
 
 def test_failing_candidates_are_skipped_ties_go_to_the_first_and_results_are_cached(timed) -> None:

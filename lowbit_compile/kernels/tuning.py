@@ -2,10 +2,11 @@
 
 A kernel family hands `pick` a key (what the best config depends on: GPU, Triton version, kernel
 source, shapes, dtypes, M bucket), its candidate configs and a function that builds a runnable
-launch for a config. Every candidate is timed briefly by CUDA-graph replay (`measure`, median over
-~`SCREEN_REP_MS` windows), the `FINALISTS` fastest again at full length (`FINAL_REP_MS`), and the
-fastest of those is stored in `$LOWBIT_CACHE_DIR/tuning.json` (default `~/.cache/lowbit_compile`);
-`LOWBIT_TUNING_SCREEN_MS=0` times every candidate at full length instead. `LOWBIT_AUTOTUNE=0` skips
+launch for a config. Each candidate is timed by CUDA-graph replay (`measure`, median over
+`FINAL_REP_MS` windows) and the fastest is stored in `$LOWBIT_CACHE_DIR/tuning.json` (default
+`~/.cache/lowbit_compile`). With `LOWBIT_TUNING_SCREEN_MS=T` (off by default until measured on a
+GPU), every candidate is first timed over T ms windows and only the `FINALISTS` fastest are timed
+again at full length. `LOWBIT_AUTOTUNE=0` skips
 tuning and takes each family's default config. Time spent and cache hits are counted in
 `torch._dynamo.utils.counters["lowbit"]` (`tuning_seconds_x1000`, `tuning_runs`, `tuning_cache_hits`).
 """
@@ -69,8 +70,10 @@ def _store(path: Path, key: str, value: Any) -> None:
 _memory: dict[str, Any] = {}
 
 # Timing windows (ms of replay per sample). A full-length timing of a microsecond kernel captures a
-# graph of thousands of launches, a few tenths of a second per candidate: most of a compile's tuning.
-SCREEN_REP_MS = 4.0
+# graph of thousands of launches, a few tenths of a second per candidate; tuning is ~2/3 of a
+# w4a16 compile (RESULTS.md, ninth session). Screening (a short window first) is off until an A/B
+# on the GPU shows it saves time without worse picks.
+SCREEN_REP_MS = 0.0
 FINAL_REP_MS = 20.0
 FINALISTS = 3
 
