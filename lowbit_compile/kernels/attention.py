@@ -129,9 +129,10 @@ if triton is not None:
     def _tile_amax(x):
         """max |x| over a whole tile, NaN-propagating. One flat reduction (the order of a max does not
         change it): each thread folds its own elements first and the tile then costs one cross-lane
-        and one cross-warp step, where row-then-column reductions paid a shuffle tree per row."""
-        flat = tl.reshape(tl.abs(x), (x.shape[0] * x.shape[1],), can_reorder=True)
-        return tl.reduce(flat, 0, _max_nan)
+        and one cross-warp step, where row-then-column reductions paid a shuffle tree per row.
+        (`axis=None` flattens in any order inside Triton; `tl.reshape(can_reorder=True)`, which did
+        the same here, is deprecated and goes in Triton 3.10.)"""
+        return tl.reduce(tl.abs(x), None, _max_nan)
 
     @triton.jit
     def _inverse(scale):
