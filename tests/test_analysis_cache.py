@@ -132,3 +132,81 @@ def test_cached_analysis_answers_as_torch_and_generates_once_per_variant() -> No
     foreign = out["foreign"]
     assert foreign["writes"] == [["y_ptr"], ["y_ptr"]]
     assert not foreign["stats_changed"] and foreign["generated"] == 2
+
+
+# -- the memo's own logic, in process, with a stand-in analysis ---------------------------------------
+
+
+def _kernel(module: str):
+    def body() -> None:
+        pass
+
+    body.__module__ = module
+
+    class Kernel:  # a JITFunction / Autotuner stand-in: the chain of `.fn` ends at the Python function
+        fn = body
+
+    return Kernel()
+
+
+def test_the_memo_keys_on_dtype_sym_and_values_and_passes_the_rest_through(monkeypatch) -> None:
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lowbit_compile.kernels import analysis_cache
+
+    calls = []
+
+    def analysis(*args, **kwargs):
+        calls.append(args)
+        return [name for name, value in args[1].items() if isinstance(value, torch.Tensor)]
+
+    cached = analysis_cache.memoised(analysis)
+    ours, theirs = _kernel("lowbit_compile.kernels.fake"), _kernel("someone_else.kernels")
+    with FakeTensorMode():
+        x8, x1000, xb = torch.empty(8), torch.empty(1000), torch.empty(8, dtype=torch.bfloat16)
+    assert cached(ours, {"x": x8, "N": 4}, {}) == ["x"] and len(calls) == 1
+    result = cached(ours, {"x": x1000, "N": 4}, {})  # another size: the same analysis
+    assert result == ["x"] and len(calls) == 1
+    result.append("changed")  # the caller's copy
+    assert cached(ours, {"x": x8, "N": 4}, {}) == ["x"] and len(calls) == 1
+    cached(ours, {"x": xb, "N": 4}, {})  # another dtype
+    cached(ours, {"x": x8, "N": 8}, {})  # another value
+    cached(ours, {"x": x8, "N": True}, {})  # a bool is not the int 1
+    cached(ours, {"x": x8, "N": 1}, {})
+    assert len(calls) == 5
+    cached(ours, {"x": x8, "N": 1}, {})
+    assert len(calls) == 5
+    for args in (
+        (theirs, {"x": x8, "N": 4}, {}),  # another package's kernel
+        (ours, {"x": x8, "N": object()}, {}),  # an argument of a kind the key does not know
+        (ours, {"x": x8, "N": 4}, {"x": ("stable", ([8],))}),  # TMA descriptors
+        (ours, {"x": x8, "N": 4}),  # another call shape
+    ):
+        before = len(calls)
+        cached(*args)
+        cached(*args)
+        assert len(calls) == before + 2, args
+
+
+def test_install_wraps_once_and_can_be_switched_off(monkeypatch) -> None:
+    from torch._higher_order_ops import triton_kernel_wrap
+
+    from lowbit_compile.kernels import analysis_cache
+
+    present = [name for name in analysis_cache.NAMES if hasattr(triton_kernel_wrap, name)]
+    assert present, "torch renamed its Triton mutation analysis: update analysis_cache.NAMES"
+    for name in present:
+        monkeypatch.setattr(triton_kernel_wrap, name, getattr(triton_kernel_wrap, name))
+        original = getattr(getattr(triton_kernel_wrap, name), "__wrapped_analysis__", None)
+        if original is not None:  # lowbit_compile.ops installed it already
+            monkeypatch.setattr(triton_kernel_wrap, name, original)
+    monkeypatch.setenv("LOWBIT_ANALYSIS_CACHE", "0")
+    assert analysis_cache.install() is False
+    assert not any(hasattr(getattr(triton_kernel_wrap, n), "__wrapped_analysis__") for n in present)
+    monkeypatch.delenv("LOWBIT_ANALYSIS_CACHE")
+    assert analysis_cache.install() is True
+    wrapped = {n: getattr(triton_kernel_wrap, n) for n in present}
+    assert all(hasattr(w, "__wrapped_analysis__") for w in wrapped.values())
+    assert analysis_cache.install() is True
+    assert {n: getattr(triton_kernel_wrap, n) for n in present} == wrapped  # not wrapped twice

@@ -87,9 +87,12 @@ def _count(what: str) -> None:
 
 def memoised(analysis: Callable) -> Callable:
     @functools.wraps(analysis)
-    def cached(kernel: Any, kwargs: dict[str, Any], tma_descriptor_metadata: Any, *args: Any, **kw: Any) -> Any:
-        if args or kw or not is_ours(kernel):
-            return analysis(kernel, kwargs, tma_descriptor_metadata, *args, **kw)
+    def cached(*args: Any, **kw: Any) -> Any:
+        # (kernel, kwargs, tma_descriptor_metadata) as torch 2.11-2.13 call it; any other call shape
+        # (a later torch's) goes straight through
+        if len(args) != 3 or kw or not isinstance(args[1], dict) or not is_ours(args[0]):
+            return analysis(*args, **kw)
+        kernel, kwargs, tma_descriptor_metadata = args
         try:
             key = _key(kernel, kwargs, tma_descriptor_metadata)
         except _Uncacheable:
