@@ -89,17 +89,20 @@ def decode(rows: list, fmt: str) -> None:
             cfg = getattr(A.attention_kernel_decode, "best_config", None)
             rows.append(dict(case=f"decode {fmt} tuned per_sm={per_sm} splits={splits}", bf16_ms=bf16, op_ms=ms,
                              op_x=bf16 / ms, tbps=kv_bytes / ms / 1e9, config=str(cfg)))  # fmt: skip
-        A.DECODE_PROGRAMS_PER_SM = 8
-        for warps in (4, 8):
-            for stages in (2,):
-                config = {"num_warps": warps, "num_stages": stages}
+        # explicit configs; sm_90 compile (Triton 3.6): 4 warps uncapped 255 registers, ~100 KB of
+        # shared memory at 2 stages (one program per SM); 8 warps capped at 128 registers: 36 KB at
+        # 1 stage, 100 KB at 2 (two programs per SM either way; 30-40 spilled words)
+        for per_sm in (1, 2):
+            A.DECODE_PROGRAMS_PER_SM = per_sm
+            for warps, stages, maxnreg in ((4, 2, None), (4, 1, None), (8, 1, 128), (8, 2, 128)):
+                config = {"num_warps": warps, "num_stages": stages, "maxnreg": maxnreg}
+                case = f"decode {fmt} per_sm={per_sm} w{warps} s{stages} maxnreg={maxnreg}"
                 try:
                     ms = _time_ms(lambda: A.run(q, k, v, None, False, None, True, fmt, torch.bfloat16, config=config))
                 except Exception as error:  # out of shared memory and the like
-                    rows.append(dict(case=f"decode {fmt} w{warps} s{stages}", error=str(error)[:200]))
+                    rows.append(dict(case=case, error=str(error)[:200]))
                     continue
-                rows.append(dict(case=f"decode {fmt} w{warps} s{stages}", bf16_ms=bf16, op_ms=ms, op_x=bf16 / ms,
-                                 tbps=kv_bytes / ms / 1e9))  # fmt: skip
+                rows.append(dict(case=case, bf16_ms=bf16, op_ms=ms, op_x=bf16 / ms, tbps=kv_bytes / ms / 1e9))
     finally:
         A.DECODE_PROGRAMS_PER_SM, A.MAX_SPLITS = old
     for splits in (2,):

@@ -113,6 +113,10 @@ def test_failed_h100_configurations_compile_for_sm90():
         cases.append(_case("fp8", block_m=config.kwargs["BLOCK_M"], block_n=config.kwargs["BLOCK_N"], kv_rows=128,
                            warps=config.num_warps, stages=config.num_stages, causal=False,
                            fold_v=config.kwargs["FOLD_V"], maxnreg=config.maxnreg))  # fmt: skip
+    # every decode config the autotuner can pick (packed L = 1 tile, GQA 4, split KV)
+    for config in kernel.DECODE_CONFIGS:
+        cases.append(_case("int8", q_rows=1, block_m=16, block_n=128, pack=1, SPLITS=2, causal=False,
+                           warps=config.num_warps, stages=config.num_stages, maxnreg=config.maxnreg))  # fmt: skip
     results = _compile(cases)
     failures = [(c, r["error"]) for c, r in zip(cases, results) if "error" in r]
     assert not failures, failures

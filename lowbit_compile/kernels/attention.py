@@ -540,7 +540,11 @@ if triton is not None:
         # barrier overlap one's softmax with another's MMAs (v4, NOTES)
         triton.Config({"BLOCK_M": 64, "FOLD_V": True}, num_warps=4, num_stages=2, maxnreg=168),
     ]  # fmt: skip
-    DECODE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (3, 2)]
+    DECODE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (3, 2)] + [
+        # 8 warps in 128 registers: two programs per SM (sm_90: 36 / 100 KB of shared memory at 1 / 2
+        # stages, 30-40 spilled words); not yet measured (profile_attention.py times them)
+        triton.Config({}, num_warps=8, num_stages=s, maxnreg=128) for s in (1, 2)
+    ]
     _TUNING_KEY = [
         "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "MASK_KIND", "QK_INT8", "SMOOTH_K", "PREQUANT", "FOLD_V",
         "KV_SCALE_ROWS", "Q_BUCKET", "KV_BUCKET",
