@@ -15,9 +15,10 @@ import torch.fx
 
 from lowbit_compile.passes.state import Parameter, PipelineState, remove_dead_code
 
-# The root module: a local (L['self']), a global (G['model']), or a wrapper's positional argument
-# (L['args'][0]: transformers >= 5.24 wraps `forward` in a `*args` decorator, so `self` arrives as one).
-_SOURCE_ROOT = re.compile(r"^[LG]\['[^']*'\](?:\[\d+\])?\.?")
+# The root module: a local (L['self']), a global (G['model']), or a `*args` wrapper's first argument
+# (L['args'][0]: transformers >= 5.24 wraps `forward` in such a decorator, so `self` arrives as one).
+# Only that index goes: in a local or global list of modules (L['layers'][0]) it names the module.
+_SOURCE_ROOT = re.compile(r"^(?:L\['args'\]\[0\]|[LG]\['[^']*'\])\.?")
 _SOURCE_KEY = re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]")
 _CONTAINERS = {"_modules", "_parameters", "_buffers"}
 _GRAD_MODE_SWITCHES = {torch._C._set_grad_enabled, torch.set_grad_enabled}

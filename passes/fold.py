@@ -448,6 +448,9 @@ def fold_weight_quantization(state: PipelineState) -> None:
     sources: list[FoldedSource] = []
     source_parameters: list[torch.Tensor] = []
     tensors_in_order: list[torch.Tensor] = []
+    # placeholder targets are the graph function's argument names: two weights whose paths read
+    # the same (e.g. roots Dynamo names alike) must still get two names
+    taken = {node.target for node in state.placeholders()}
     total_before = total_after = 0
     for site in state.sites:
         quantize = site.qdq.get("weight_quantize")
@@ -465,7 +468,12 @@ def fold_weight_quantization(state: PipelineState) -> None:
             tensors = _compile_time_copy(state, site, parameter, packing)
             nodes = []
             layout = ("_t" if transposed else "") + ("_" + packing if packing else "")
-            prefix = re.sub(r"\W", "_", f"folded_{site.weight_path}{layout}_{fmt}")
+            prefix = base = re.sub(r"\W", "_", f"folded_{site.weight_path}{layout}_{fmt}")
+            suffix = 1
+            while any(f"{prefix}_{part}" in taken for part in QUANTIZED_PARTS):
+                suffix += 1
+                prefix = f"{base}_{suffix}"
+            taken.update(f"{prefix}_{part}" for part in QUANTIZED_PARTS)
             for part, tensor in zip(QUANTIZED_PARTS, tensors):
                 if constant_nodes:
                     place = graph.inserting_before(constant_nodes[0])

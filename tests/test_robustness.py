@@ -160,6 +160,31 @@ def test_a_forward_wrapped_in_an_args_decorator_keeps_module_paths() -> None:
     assert [(s.fqn, s.format is not None) for s in report.sites] == [("body.0", True), ("head", False)]
 
 
+FIRST, SECOND = nn.Linear(128, 128), nn.Linear(128, 64)  # two global roots: both weights read "weight"
+
+
+def test_two_global_modules_with_the_same_parameter_path_both_fold() -> None:
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return SECOND(FIRST(x))
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 128)
+    compiled = torch.compile(f, backend="lowbit", options={"policy": "w8a16", **FAST})
+    with torch.no_grad():
+        assert 30 < sqnr(f(x), compiled(x)) < 70
+
+
+def test_modules_in_a_list_argument_keep_their_index() -> None:
+    """A list of modules passed in (Dynamo: L['layers'][0]): the index names each one."""
+    layers = [nn.Linear(128, 128), nn.Linear(128, 64)]
+
+    def f(x: torch.Tensor, layers: list[nn.Module]) -> torch.Tensor:
+        return layers[1](layers[0](x))
+
+    report = lowbit_compile.explain(f, torch.randn(3, 128), layers, policy="w8a16")
+    assert sorted(s.fqn for s in report.sites) == ["0", "1"]
+
+
 @pytest.mark.parametrize("name", ["w8a16", "w8a8", "auto"])
 def test_autocast_output_dtype_matches_eager(name: str) -> None:
     torch.manual_seed(0)
