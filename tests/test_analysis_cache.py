@@ -210,3 +210,42 @@ def test_install_wraps_once_and_can_be_switched_off(monkeypatch) -> None:
     assert all(hasattr(w, "__wrapped_analysis__") for w in wrapped.values())
     assert analysis_cache.install() is True
     assert {n: getattr(triton_kernel_wrap, n) for n in present} == wrapped  # not wrapped twice
+
+
+def test_the_memo_keys_floats_by_bits_autotuner_configs_and_one_cache_per_function(monkeypatch) -> None:
+    from lowbit_compile.kernels import analysis_cache
+
+    calls = []
+
+    def analysis(*args):
+        calls.append(args)
+        return ["out"]
+
+    def other_analysis(*args):
+        calls.append(args)
+        return ("a", "different", "type")
+
+    cached, other = analysis_cache.memoised(analysis), analysis_cache.memoised(other_analysis)
+    ours = _kernel("lowbit_compile.kernels.fake")
+    nan = float("nan")
+    for value in (nan, nan, 0.0, -0.0, 0.0):
+        cached(ours, {"scale": value}, {})
+    assert len(calls) == 3  # NaN once, 0.0 and -0.0 apart
+    assert other(ours, {"scale": 0.0}, {}) == ("a", "different", "type") and len(calls) == 4
+
+    class Config:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    ours.configs = [Config(BLOCK=16)]
+    cached(ours, {"scale": 1.0}, {})
+    cached(ours, {"scale": 1.0}, {})
+    ours.configs = [Config(BLOCK=32)]  # generate_ttir reads the first config's kwargs
+    cached(ours, {"scale": 1.0}, {})
+    assert len(calls) == 6
+
+    def broken_key(value):
+        raise RuntimeError("an argument the key cannot read")
+
+    monkeypatch.setattr(analysis_cache, "_argument_key", broken_key)
+    assert cached(ours, {"scale": 1.0}, {}) == ["out"] and len(calls) == 7  # torch decides

@@ -78,3 +78,22 @@ def test_failing_candidates_are_skipped_ties_go_to_the_first_and_results_are_cac
     assert counters["lowbit"]["tuning_cache_hits"] == 1
     with pytest.raises(RuntimeError, match="no candidate config ran for none"):
         _pick("none", ["x", "y"], make_launch)
+
+
+def test_the_next_three_are_timed_when_every_finalist_fails_and_a_bad_setting_is_named(timed, monkeypatch) -> None:
+    times, calls, make_launch, _ = timed
+    times.update(a=(1.0, None), b=(2.0, None), c=(3.0, None), d=(4.0, 0.5))
+
+    def measure(launch, rep=tuning.FINAL_REP_MS):
+        calls.append((launch, rep))
+        screen, full = times[launch]
+        if rep == tuning.FINAL_REP_MS and full is None:
+            raise RuntimeError("an illegal memory access at full length")
+        return full if rep == tuning.FINAL_REP_MS else screen
+
+    monkeypatch.setattr(tuning, "measure", measure)
+    assert _pick("k", list("abcd"), make_launch) == "d"  # a, b, c fail at full length
+    assert [c for c in calls if c[1] == tuning.FINAL_REP_MS] == [(n, tuning.FINAL_REP_MS) for n in "abcd"]
+    monkeypatch.setenv("LOWBIT_TUNING_SCREEN_MS", "fast")
+    with pytest.raises(ValueError, match="LOWBIT_TUNING_SCREEN_MS must be a number of milliseconds"):
+        _pick("k2", list("abcd"), make_launch)

@@ -11,7 +11,9 @@ The analysis is a function of the kernel and of what `generate_ttir` makes of ea
 fake tensor or an Inductor `TensorBox` becomes an empty tensor of its dtype, a symbolic value a
 constant, anything else is passed on as it is. The cache key is exactly that (the dtype, "sym",
 or the value itself; an argument of any other kind is not cached), so a hit returns what the
-analysis would have returned. Only kernels defined in `lowbit_compile` go through the cache.
+analysis would have returned. Only kernels defined in `lowbit_compile` go through the cache. A failed
+analysis (torch then assumes every tensor is read and written: slower, never wrong) is kept like
+any other answer for the rest of the process.
 `LOWBIT_ANALYSIS_CACHE=0` turns it off (before `lowbit_compile` is imported). Hits and misses
 count in `stats` and in `torch._dynamo.utils.counters["lowbit"]` (`analysis_cache_hits`, `..._misses`).
 """
@@ -28,7 +30,7 @@ import torch
 NAMES = ("identify_accessed_tensors", "identify_mutated_tensors")  # newer torch, older torch
 
 stats = {"hits": 0, "misses": 0}
-_cache: dict[tuple, tuple[Any, Any]] = {}  # key -> (kernel kept alive for its id, result)
+_caches: list[dict] = []  # one per wrapped function: key -> (kernel kept alive for its id, result)
 
 
 class _Uncacheable(Exception):
@@ -66,16 +68,24 @@ def _argument_key(value: Any) -> tuple:
             return ("tensor", value.dtype)
     except ImportError:  # pragma: no cover - Inductor is part of torch
         pass
-    if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
+    if isinstance(value, float):  # by its bits: NaN equals itself, -0.0 is not 0.0
+        return ("float", value.hex())
+    if value is None or isinstance(value, (bool, int, str, torch.dtype)):
         return (type(value).__name__, value)
     raise _Uncacheable
+
+
+def _arguments_key(kwargs: dict[str, Any]) -> tuple:
+    return tuple(sorted((name, _argument_key(value)) for name, value in kwargs.items()))
 
 
 def _key(kernel: Any, kwargs: dict[str, Any], tma_descriptor_metadata: Any) -> tuple:
     if tma_descriptor_metadata:
         raise _Uncacheable
-    arguments = tuple(sorted((name, _argument_key(value)) for name, value in kwargs.items()))
-    return (id(kernel), arguments)
+    # an Autotuner's first config's kwargs join the arguments (generate_ttir): read them per call
+    configs = getattr(kernel, "configs", None)
+    first = _arguments_key(configs[0].kwargs) if configs else ()
+    return (id(kernel), first, _arguments_key(kwargs))
 
 
 def _count(what: str) -> None:
@@ -86,6 +96,9 @@ def _count(what: str) -> None:
 
 
 def memoised(analysis: Callable) -> Callable:
+    cache: dict[tuple, tuple[Any, Any]] = {}
+    _caches.append(cache)
+
     @functools.wraps(analysis)
     def cached(*args: Any, **kw: Any) -> Any:
         # (kernel, kwargs, tma_descriptor_metadata) as torch 2.11-2.13 call it; any other call shape
@@ -95,15 +108,15 @@ def memoised(analysis: Callable) -> Callable:
         kernel, kwargs, tma_descriptor_metadata = args
         try:
             key = _key(kernel, kwargs, tma_descriptor_metadata)
-        except _Uncacheable:
+        except Exception:  # noqa: BLE001 - _Uncacheable, or an argument the key cannot read: torch decides
             return analysis(kernel, kwargs, tma_descriptor_metadata)
-        hit = _cache.get(key)
+        hit = cache.get(key)
         if hit is not None and hit[0] is kernel:
             _count("hits")
             return copy.deepcopy(hit[1])
         _count("misses")
         result = analysis(kernel, kwargs, tma_descriptor_metadata)
-        _cache[key] = (kernel, copy.deepcopy(result))
+        cache[key] = (kernel, copy.deepcopy(result))
         return result
 
     cached.__wrapped_analysis__ = analysis  # type: ignore[attr-defined]
@@ -131,7 +144,8 @@ def install() -> bool:
 
 
 def clear() -> None:
-    _cache.clear()
+    for cache in _caches:
+        cache.clear()
     stats.update(hits=0, misses=0)
 
 

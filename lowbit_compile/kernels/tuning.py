@@ -79,7 +79,13 @@ FINALISTS = 3
 
 
 def _screen_rep_ms() -> float:
-    return float(os.environ.get("LOWBIT_TUNING_SCREEN_MS", SCREEN_REP_MS))
+    text = os.environ.get("LOWBIT_TUNING_SCREEN_MS")
+    if text is None:
+        return SCREEN_REP_MS
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"LOWBIT_TUNING_SCREEN_MS must be a number of milliseconds (0: off), got {text!r}") from None
 
 
 def measure(launch: Callable[[], None], rep: float = FINAL_REP_MS) -> float:
@@ -133,9 +139,14 @@ def pick(
     screen = _screen_rep_ms()
     indexed = list(enumerate(candidates))
     if screen > 0 and len(indexed) > FINALISTS:
-        timings = _time_each(key, indexed, make_launch, screen)
-        indexed = [(index, candidate) for _, index, candidate in sorted(timings)[:FINALISTS]]
-    timings = _time_each(key, indexed, make_launch, FINAL_REP_MS)
+        ranked = [(index, candidate) for _, index, candidate in sorted(_time_each(key, indexed, make_launch, screen))]
+        timings = []
+        for first in range(0, len(ranked), FINALISTS):  # the next three where all three fail at full length
+            timings = _time_each(key, ranked[first : first + FINALISTS], make_launch, FINAL_REP_MS)
+            if timings:
+                break
+    else:
+        timings = _time_each(key, indexed, make_launch, FINAL_REP_MS)
     if not timings:
         raise RuntimeError(f"no candidate config ran for {key}")
     best_ms, _, best = min(timings)
