@@ -30,7 +30,6 @@ import torch
 NAMES = ("identify_accessed_tensors", "identify_mutated_tensors")  # newer torch, older torch
 
 stats = {"hits": 0, "misses": 0}
-_caches: list[dict] = []  # one per wrapped function: key -> (kernel kept alive for its id, result)
 
 
 class _Uncacheable(Exception):
@@ -96,8 +95,7 @@ def _count(what: str) -> None:
 
 
 def memoised(analysis: Callable) -> Callable:
-    cache: dict[tuple, tuple[Any, Any]] = {}
-    _caches.append(cache)
+    cache: dict[tuple, tuple[Any, Any]] = {}  # key -> (kernel kept alive for its id, result)
 
     @functools.wraps(analysis)
     def cached(*args: Any, **kw: Any) -> Any:
@@ -143,10 +141,4 @@ def install() -> bool:
     return installed
 
 
-def clear() -> None:
-    for cache in _caches:
-        cache.clear()
-    stats.update(hits=0, misses=0)
-
-
-__all__ = ["NAMES", "clear", "install", "is_ours", "memoised", "stats"]
+__all__ = ["NAMES", "install", "is_ours", "memoised", "stats"]
