@@ -101,7 +101,11 @@ def _best_config(kernel, kind: str, fmt: str):
     """The autotuner's pick for the last launch of this kind and format."""
     from lowbit_compile.formats import get_attention_format
 
-    if kind == "decode":
+    if kind == "decode":  # the benchmark's decode cases have one query per head: the FMA kernel
+        if kernel.DECODE_FMA:
+            from lowbit_compile.kernels import attention_decode
+
+            return getattr(attention_decode.decode_attention_kernel_tuned, "best_config", None)
         return getattr(kernel.attention_kernel_decode, "best_config", None)
     q_rows = get_attention_format(fmt).formats[0].block_rows
     return getattr(kernel.attention_kernel_prefill(q_rows), "best_config", None)

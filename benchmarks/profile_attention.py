@@ -23,6 +23,7 @@ import triton.language as tl
 from bench_attention import _operands, _sdpa, _time_ms
 from lowbit_compile.formats import get_attention_format
 from lowbit_compile.kernels import attention as A
+from lowbit_compile.kernels import attention_decode as AD
 
 
 @triton.jit
@@ -79,32 +80,38 @@ def decode(rows: list, fmt: str) -> None:
     sdpa, _ = _sdpa(q, k, v, False, True)
     bf16 = _time_ms(sdpa)
     kv_bytes = 2 * k.numel() * 2
-    old = (A.DECODE_PROGRAMS_PER_SM, A.MAX_SPLITS)
+    old = (A.DECODE_PROGRAMS_PER_SM, A.MAX_SPLITS, A.DECODE_FMA, A.DECODE_FMA_PROGRAMS_PER_SM)
     A.MAX_SPLITS = 64
     try:
-        for per_sm in (1, 2, 8):
+        # the FMA decode kernel (attention_decode.py): tuned, then each config, at 1, 2 and 4
+        # programs' worth of KV splits per SM
+        for per_sm in (1, 2, 4):
+            A.DECODE_FMA_PROGRAMS_PER_SM = per_sm
+            splits = A._splits(batch, hkv, s, 128, q.device, per_sm)
+            ms = _time_ms(lambda: A.run(q, k, v, None, False, None, True, fmt, torch.bfloat16))
+            cfg = getattr(AD.decode_attention_kernel_tuned, "best_config", None)
+            rows.append(dict(case=f"decode-fma {fmt} tuned per_sm={per_sm} splits={splits}", bf16_ms=bf16, op_ms=ms,
+                             op_x=bf16 / ms, tbps=kv_bytes / ms / 1e9, config=str(cfg)))  # fmt: skip
+            for c in AD.DECODE_CONFIGS:
+                config = {"num_warps": c.num_warps, "PREFETCH": c.kwargs["PREFETCH"]}
+                case = f"decode-fma {fmt} per_sm={per_sm} w{c.num_warps} prefetch={c.kwargs['PREFETCH']}"
+                try:
+                    ms = _time_ms(lambda: A.run(q, k, v, None, False, None, True, fmt, torch.bfloat16, config=config))
+                except Exception as error:  # out of resources and the like
+                    rows.append(dict(case=case, error=str(error)[:200]))
+                    continue
+                rows.append(dict(case=case, bf16_ms=bf16, op_ms=ms, op_x=bf16 / ms, tbps=kv_bytes / ms / 1e9))
+        # the packed MMA tile (attention_kernel), as before the FMA kernel
+        A.DECODE_FMA = False
+        for per_sm in (1,):
             A.DECODE_PROGRAMS_PER_SM = per_sm
             splits = A._splits(batch, hkv, s, 128, q.device)
             ms = _time_ms(lambda: A.run(q, k, v, None, False, None, True, fmt, torch.bfloat16))
             cfg = getattr(A.attention_kernel_decode, "best_config", None)
-            rows.append(dict(case=f"decode {fmt} tuned per_sm={per_sm} splits={splits}", bf16_ms=bf16, op_ms=ms,
+            rows.append(dict(case=f"decode-mma {fmt} tuned per_sm={per_sm} splits={splits}", bf16_ms=bf16, op_ms=ms,
                              op_x=bf16 / ms, tbps=kv_bytes / ms / 1e9, config=str(cfg)))  # fmt: skip
-        # explicit configs; sm_90 compile (Triton 3.6): 4 warps uncapped 255 registers, ~100 KB of
-        # shared memory at 2 stages (one program per SM); 8 warps capped at 128 registers: 36 KB at
-        # 1 stage, 100 KB at 2 (two programs per SM either way; 30-40 spilled words)
-        for per_sm in (1, 2):
-            A.DECODE_PROGRAMS_PER_SM = per_sm
-            for warps, stages, maxnreg in ((4, 2, None), (4, 1, None), (8, 1, 128), (8, 2, 128)):
-                config = {"num_warps": warps, "num_stages": stages, "maxnreg": maxnreg}
-                case = f"decode {fmt} per_sm={per_sm} w{warps} s{stages} maxnreg={maxnreg}"
-                try:
-                    ms = _time_ms(lambda: A.run(q, k, v, None, False, None, True, fmt, torch.bfloat16, config=config))
-                except Exception as error:  # out of shared memory and the like
-                    rows.append(dict(case=case, error=str(error)[:200]))
-                    continue
-                rows.append(dict(case=case, bf16_ms=bf16, op_ms=ms, op_x=bf16 / ms, tbps=kv_bytes / ms / 1e9))
     finally:
-        A.DECODE_PROGRAMS_PER_SM, A.MAX_SPLITS = old
+        A.DECODE_PROGRAMS_PER_SM, A.MAX_SPLITS, A.DECODE_FMA, A.DECODE_FMA_PROGRAMS_PER_SM = old
     for splits in (2,):
         for warps in (8,):
             for block_n in (128,):

@@ -144,3 +144,80 @@ def test_tile_smaller_than_q_block_only_where_its_scale_is_read_whole():
     ])  # fmt: skip
     assert prefill.get("ok"), prefill
     assert "BLOCK_M % Q_SCALE_ROWS == 0" in decode.get("error", ""), decode
+
+
+DECODE_SCRIPT = r'''
+import json, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lowbit_compile.kernels import attention_decode as AD
+
+fn = AD.decode_attention_kernel
+assert isinstance(fn, triton.runtime.jit.JITFunction), type(fn)
+constexprs = {p.name for p in fn.params if p.is_constexpr}
+
+def compile_case(case):
+    sig, cons, attrs = {}, {}, {}
+    ones = set(case.get("ones", ()))
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in ones:
+            sig[name] = "constexpr"; cons[name] = 1
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32" if name in ("partial_ptr", "stats_ptr") and case["SPLITS"] > 1 else "*bf16"
+            if name == "mask_ptr" and case["mask"] == 2:
+                sig[name] = "*i1"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "qk_scale":
+            sig[name] = "fp64" if case.get("inductor") else "fp32"
+        else:
+            sig[name] = "i32"
+            if name not in ("S", "GROUP", "H_KV", "KV_BUCKET"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    q_int8 = case["fmt"] == "int8"
+    cons.update(HEAD_DIM=case["D"], HEAD_DIM_V=case["D"], GROUP_PAD=case["G"], IS_CAUSAL=False, MASK_KIND=case["mask"],
+                QK_INT8=q_int8, QK_QMAX=127.0 if q_int8 else 448.0, V_QMAX=448.0, SMOOTH_K=q_int8,
+                SPLITS=case["SPLITS"], SOFT_FP8=False, SCALE_FROM_D=case.get("scale_from_d", False), BLOCK_N=128,
+                PREFETCH=case["PREFETCH"])
+    options = {"num_warps": case["num_warps"], "num_stages": 1}
+    try:
+        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cons, attrs=attrs),
+                                  target=GPUTarget("cuda", 90, 32), options=options)
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {e}"[-600:]}
+    ttgir = compiled.asm["ttgir"]
+    tile = f"tensor<128x{case['D']}x"
+    whole_tile_converts = [line for line in ttgir.splitlines() if "convert_layout" in line and tile in line]
+    return {"ok": True, "whole_tile_converts": len(whole_tile_converts), "dots": ttgir.count("tt.dot")}
+
+cases = json.loads(sys.stdin.read())
+print(json.dumps([compile_case(c) for c in cases]))
+'''
+
+
+def test_fma_decode_kernel_compiles_for_sm90_without_relayouting_a_tile():
+    """The FMA decode kernel (`attention_decode.py`) at every autotuner config, both formats, GQA
+    groups 1-16, both mask kinds, Inductor's signature: it compiles, runs no `tt.dot`, and never
+    moves a whole K or V tile between layouts (what `_widen`'s joins are for: a broadcast let Triton
+    spread the group over threads and re-layout each tile through shared memory)."""
+    from lowbit_compile.kernels import attention_decode as AD
+
+    def case(**kw):
+        c = dict(fmt="fp8", G=4, D=128, mask=0, SPLITS=2, num_warps=8, PREFETCH=True)
+        c.update(kw)
+        return c
+
+    cases = [case(fmt=fmt, num_warps=c.num_warps, PREFETCH=c.kwargs["PREFETCH"]) for c in AD.DECODE_CONFIGS
+             for fmt in ("fp8", "int8")]  # fmt: skip
+    cases += [
+        case(G=8), case(G=16, D=64), case(G=2, mask=1, SPLITS=1), case(fmt="int8", mask=2),
+        case(inductor=True, ones=("GROUP", "stride_qd", "stride_kd", "stride_vd"), scale_from_d=True),
+    ]
+    results = compile_in_subprocess(DECODE_SCRIPT, cases)
+    failures = [(c, r["error"]) for c, r in zip(cases, results) if "error" in r]
+    assert not failures, failures
+    assert all(r["dots"] == 0 and r["whole_tile_converts"] == 0 for r in results), results
+    (g1,) = compile_in_subprocess(DECODE_SCRIPT, [case(G=1)])  # no join at G = 1: compiles, any layout
+    assert g1.get("ok"), g1

@@ -117,6 +117,32 @@ def test_decode_split_kv_gqa_and_masks(fmt, query_len):
     _check(out, q, k, v, mask, False, True, fmt)
 
 
+@pytest.mark.parametrize("fmt", ["attn_fp8_t128", "attn_int8_t128"])
+@pytest.mark.parametrize("group", [1, 4, 5])
+def test_fma_decode_every_config(fmt, group):
+    """The FMA decode kernel (`attention_decode.py`, L = 1) at each autotuner config: split KV over
+    an odd length, GQA groups 1, 4 and 5 (padded to 8), an additive mask hiding a stretch of keys
+    and one head entirely (its output 0)."""
+    from lowbit_compile.kernels import attention as kernel
+    from lowbit_compile.kernels import attention_decode
+
+    assert kernel.fma_decode(1, group)
+    torch.manual_seed(4)
+    q, k, v = heads_last(3, 2 * group, 1, 128), heads_last(3, 2, 2999, 128), heads_last(3, 2, 2999, 128)
+    keep = torch.ones(3, 2 * group, 1, 2999, dtype=torch.bool, device="cuda")
+    keep[..., 700:1500] = False
+    keep[1, 1] = False
+    for c in attention_decode.DECODE_CONFIGS:
+        config = {"num_warps": c.num_warps, "PREFETCH": c.kwargs["PREFETCH"]}
+        out = _launch_poisoned(q, k, v, None, False, group > 1, fmt, config=config)
+        _check(out, q, k, v, None, False, group > 1, fmt)
+        out = _launch_poisoned(q, k, v, keep, False, group > 1, fmt, config=config)
+        _check(out, q, k, v, keep, False, group > 1, fmt)
+        assert (out[1, 1] == 0).all()
+    out = _launch_poisoned(q, k, v, keep, False, group > 1, fmt, config=None)  # the autotuned kernel
+    _check(out, q, k, v, keep, False, group > 1, fmt)
+
+
 @pytest.mark.parametrize("fmt", ["attn_fp8_t128", "attn_int8_t64"])
 def test_masks_and_rows_masked_entirely(fmt):
     torch.manual_seed(2)

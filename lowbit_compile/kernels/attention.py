@@ -72,6 +72,11 @@ QUANTIZE_KV_SPLIT = True  # K and V blocks in programs of their own
 QUANTIZE_KV_WARPS = 8  # for tiles over 8192 elements
 QUANTIZE_KV_MAXNREG: int | None = 128  # a register cap (None: the compiler's choice)
 MAX_SPLITS = 16
+# Decode of one query per head (L == 1, GQA group <= attention_decode.MAX_GROUP): the FMA kernel of
+# `attention_decode.py` (products on the FMA pipes, tiles in their load's registers) instead of the
+# packed MMA tile; DECODE_FMA_PROGRAMS_PER_SM sizes its KV splits.
+DECODE_FMA = True
+DECODE_FMA_PROGRAMS_PER_SM = 1
 MASK_NONE, MASK_FLOAT, MASK_BOOL = 0, 1, 2
 
 
@@ -540,11 +545,9 @@ if triton is not None:
         # barrier overlap one's softmax with another's MMAs (v4, NOTES)
         triton.Config({"BLOCK_M": 64, "FOLD_V": True}, num_warps=4, num_stages=2, maxnreg=168),
     ]  # fmt: skip
-    DECODE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (3, 2)] + [
-        # 8 warps in 128 registers: two programs per SM (sm_90: 36 / 100 KB of shared memory at 1 / 2
-        # stages, 30-40 spilled words); not yet measured (profile_attention.py times them)
-        triton.Config({}, num_warps=8, num_stages=s, maxnreg=128) for s in (1, 2)
-    ]
+    # (two 8-warp configs capped at 128 registers, two programs per SM, lost to these at every split
+    # count: 0.63-0.67x of bf16 against 0.74x, NOTES-attention.md v6; L == 1 runs attention_decode.py)
+    DECODE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (3, 2)]
     _TUNING_KEY = [
         "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "MASK_KIND", "QK_INT8", "SMOOTH_K", "PREQUANT", "FOLD_V",
         "KV_SCALE_ROWS", "Q_BUCKET", "KV_BUCKET",
@@ -623,13 +626,66 @@ def decode_rows(query_len, group: int, q_block: int) -> int | None:
     return max(16, rows) if rows <= DECODE_MAX_ROWS else None
 
 
-def _splits(batch, kv_heads, kv_len, block_n: int, device: torch.device) -> int:
-    """KV splits of a decode launch: DECODE_PROGRAMS_PER_SM programs per SM, at least a tile each."""
+def _splits(batch, kv_heads, kv_len, block_n: int, device: torch.device, per_sm: int | None = None) -> int:
+    """KV splits of a decode launch: per_sm (default DECODE_PROGRAMS_PER_SM) programs per SM, at
+    least a tile each."""
     if not all(isinstance(n, int) for n in (batch, kv_heads, kv_len)):
         return 8
+    per_sm = DECODE_PROGRAMS_PER_SM if per_sm is None else per_sm
     programs = max(1, batch * kv_heads)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(MAX_SPLITS, triton.cdiv(DECODE_PROGRAMS_PER_SM * sms, programs), triton.cdiv(kv_len, block_n)))
+    return max(1, min(MAX_SPLITS, triton.cdiv(per_sm * sms, programs), triton.cdiv(kv_len, block_n)))
+
+
+def fma_decode(query_len, group: int) -> bool:
+    """Whether a launch of these static sizes runs the FMA decode kernel (`attention_decode.py`)."""
+    from lowbit_compile.kernels import attention_decode
+
+    return DECODE_FMA and query_len == 1 and triton.next_power_of_2(group) <= attention_decode.MAX_GROUP
+
+
+def _run_fma_decode(q4, k4, v4, mask, mask_strides, out, constants: dict, wrap, config: dict | None, qk_scale: float):
+    """The L == 1 decode launch of `attention_decode.decode_attention_kernel` (+ the split combine)."""
+    from lowbit_compile.kernels import attention_decode
+
+    batch, q_heads, _, head_dim = q4.shape
+    kv_heads, kv_len, value_dim = k4.shape[1], k4.shape[2], v4.shape[3]
+    group = q_heads // kv_heads
+    block_n = constants["KV_SCALE_ROWS"]
+    splits = _splits(batch, kv_heads, kv_len, block_n, q4.device, DECODE_FMA_PROGRAMS_PER_SM)
+    split_len = triton.cdiv(triton.cdiv(kv_len, splits), block_n) * block_n
+    rows_total = batch * q_heads
+    if splits > 1:
+        partial = torch.empty((splits, rows_total, value_dim), dtype=torch.float32, device=q4.device)
+        stats = torch.empty((splits, rows_total, 2), dtype=torch.float32, device=q4.device)
+    else:
+        partial, stats = out, out
+    launch = {
+        name: constants[name]
+        for name in (
+            "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "MASK_KIND", "QK_INT8", "QK_QMAX", "V_QMAX", "SMOOTH_K",
+            "SOFT_FP8", "SCALE_FROM_D",
+        )
+    }  # fmt: skip
+    launch.update(GROUP_PAD=triton.next_power_of_2(group), SPLITS=splits, BLOCK_N=block_n)
+    if config is not None:
+        kernel = attention_decode.decode_attention_kernel
+        launch.update(PREFETCH=config.get("PREFETCH", True), num_warps=config.get("num_warps", 4))
+        launch.update(num_stages=1, **({"maxnreg": config["maxnreg"]} if config.get("maxnreg") else {}))
+    else:
+        kernel = attention_decode.decode_attention_kernel_tuned
+    if wrap is not None:
+        kernel = wrap(kernel)
+    kernel[(batch * kv_heads, splits)](
+        q4, k4, v4, mask, out, partial, stats,
+        kv_len, head_dim, value_dim, kv_heads, group, rows_total, split_len, qk_scale,
+        q4.stride(0), q4.stride(1), q4.stride(3), *k4.stride(), *v4.stride(),
+        mask_strides[0], mask_strides[1], mask_strides[3], _bucket(kv_len), **launch,
+    )  # fmt: skip
+    if splits > 1:
+        combine = wrap(combine_splits_kernel) if wrap is not None else combine_splits_kernel
+        combine[(rows_total,)](partial, stats, out, rows_total, value_dim, SPLITS=splits, HEAD_DIM_V=launch["HEAD_DIM_V"])
+    return out
 
 
 def _quantize_kv(k4, v4, attention_format, block_n: int, constants: dict, wrap) -> tuple:
@@ -725,6 +781,10 @@ def run(
         SCALE_FROM_D=scale_from_d,
         KV_SCALE_ROWS=block_n,
     )
+    if packed is not None and fma_decode(query_len, group):
+        qk_scale = 0.0 if scale_from_d else softmax_scale * LOG2E
+        _run_fma_decode(q4, k4, v4, mask, mask_strides, out, constants, wrap, config, qk_scale)
+        return out.reshape(*lead, q_heads, query_len, value_dim)
     prequant = packed is None and PREQUANTIZE_PREFILL
     constants.update(PREQUANT=prequant)
     if packed is not None or config is not None:  # else tuning parameters of the prefill configs
