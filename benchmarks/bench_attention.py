@@ -101,7 +101,7 @@ def _best_config(kernel, kind: str, fmt: str):
     """The autotuner's pick for the last launch of this kind and format."""
     from lowbit_compile.formats import get_attention_format
 
-    if kind == "decode":  # the benchmark's decode cases have one query per head: the FMA kernel
+    if kind == "decode":  # one query per head: the FMA kernel when switched on (DECODE_FMA)
         if kernel.DECODE_FMA:
             from lowbit_compile.kernels import attention_decode
 

@@ -82,6 +82,7 @@ def decode(rows: list, fmt: str) -> None:
     kv_bytes = 2 * k.numel() * 2
     old = (A.DECODE_PROGRAMS_PER_SM, A.MAX_SPLITS, A.DECODE_FMA, A.DECODE_FMA_PROGRAMS_PER_SM)
     A.MAX_SPLITS = 64
+    A.DECODE_FMA = True  # opt-in kernel: timed here against the default packed MMA tile
     try:
         # the FMA decode kernel (attention_decode.py): tuned, then each config, at 1, 2 and 4
         # programs' worth of KV splits per SM

@@ -119,13 +119,14 @@ def test_decode_split_kv_gqa_and_masks(fmt, query_len):
 
 @pytest.mark.parametrize("fmt", ["attn_fp8_t128", "attn_int8_t128"])
 @pytest.mark.parametrize("group", [1, 4, 5])
-def test_fma_decode_every_config(fmt, group):
+def test_fma_decode_every_config(fmt, group, monkeypatch):
     """The FMA decode kernel (`attention_decode.py`, L = 1) at each autotuner config: split KV over
     an odd length, GQA groups 1, 4 and 5 (padded to 8), an additive mask hiding a stretch of keys
     and one head entirely (its output 0)."""
     from lowbit_compile.kernels import attention as kernel
     from lowbit_compile.kernels import attention_decode
 
+    monkeypatch.setattr(kernel, "DECODE_FMA", True)  # opt-in
     assert kernel.fma_decode(1, group)
     torch.manual_seed(4)
     q, k, v = heads_last(3, 2 * group, 1, 128), heads_last(3, 2, 2999, 128), heads_last(3, 2, 2999, 128)

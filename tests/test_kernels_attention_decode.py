@@ -50,6 +50,7 @@ def fma_calls(monkeypatch):
         calls.append(args[0].shape)
         return original(*args, **kwargs)
 
+    monkeypatch.setattr(kernel, "DECODE_FMA", True)  # opt-in (slower than the MMA tile on H100)
     monkeypatch.setattr(kernel, "_run_fma_decode", spy)
     monkeypatch.setattr(kernel, "attention_kernel", None)  # the MMA kernel: launching it raises
     return calls
@@ -150,7 +151,9 @@ def test_packed_mma_tile_still_serves_decode_when_switched_off(monkeypatch):
     assert sqnr(reference.attention(q, k, v, None, False, None, True, FP8), out) >= KERNEL_VS_REFERENCE_DB
 
 
-def test_dispatch():
+def test_dispatch(monkeypatch):
+    assert not kernel.fma_decode(1, 4)  # off by default
+    monkeypatch.setattr(kernel, "DECODE_FMA", True)
     assert kernel.fma_decode(1, 4) and kernel.fma_decode(1, 16) and kernel.fma_decode(1, 3)
     assert not kernel.fma_decode(2, 4)  # several queries: the packed MMA tile
     assert not kernel.fma_decode(1, 32)  # group beyond attention_decode.MAX_GROUP

@@ -74,8 +74,9 @@ QUANTIZE_KV_MAXNREG: int | None = 128  # a register cap (None: the compiler's ch
 MAX_SPLITS = 16
 # Decode of one query per head (L == 1, GQA group <= attention_decode.MAX_GROUP): the FMA kernel of
 # `attention_decode.py` (products on the FMA pipes, tiles in their load's registers) instead of the
-# packed MMA tile; DECODE_FMA_PROGRAMS_PER_SM sizes its KV splits.
-DECODE_FMA = True
+# packed MMA tile; DECODE_FMA_PROGRAMS_PER_SM sizes its KV splits. Off: measured on H100 (NOTES v7) at
+# 0.22x of bf16 SDPA (B16, Hq32/Hkv8, KV 8192) against 0.74-0.76x for the packed MMA tile; kept opt-in.
+DECODE_FMA = False
 DECODE_FMA_PROGRAMS_PER_SM = 1
 MASK_NONE, MASK_FLOAT, MASK_BOOL = 0, 1, 2
 
