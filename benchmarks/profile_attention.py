@@ -45,7 +45,7 @@ def _read_kv_kernel(k_ptr, v_ptr, out_ptr, S, H_KV, split_len, stride_kb, stride
     tl.store(out_ptr + (pid_bh * tl.num_programs(2) + split) * HEAD_DIM + offs_d, tl.sum(acc, 0))
 
 
-def prefill(rows: list, fmt: str, causal: bool, s: int, variants: bool = False) -> None:
+def prefill(rows: list, fmt: str, causal: bool, s: int, variants: bool = False, prepass_variants: bool = False) -> None:
     q, k, v = _operands(4, 32, 32, s, s, 128)
     sdpa, _ = _sdpa(q, k, v, causal, False)
     bf16 = _time_ms(sdpa)
@@ -55,7 +55,7 @@ def prefill(rows: list, fmt: str, causal: bool, s: int, variants: bool = False) 
     block_n = attention_format.formats[1].block_rows
     pre = _time_ms(lambda: A._quantize_kv(k, v, attention_format, block_n, constants, None))
     moved = k.numel() * 2 * 2 + k.numel() * 2  # read bf16 K and V, write 8-bit codes
-    if variants:
+    if prepass_variants:
         names = ("QUANTIZE_KV_SPLIT", "QUANTIZE_KV_BLOCKS_PER_PROGRAM", "QUANTIZE_KV_WARPS", "QUANTIZE_KV_MAXNREG")
         old = {name: getattr(A, name) for name in names}
         try:
@@ -69,6 +69,15 @@ def prefill(rows: list, fmt: str, causal: bool, s: int, variants: bool = False) 
         finally:
             for name, value in old.items():
                 setattr(A, name, value)
+    if causal and variants:  # the launch order of the Q blocks: head groups, longest rows first
+        old_group = A.CAUSAL_HEAD_GROUP
+        try:
+            for group in (1, 2, 4, 8, 16, 32, 128):
+                A.CAUSAL_HEAD_GROUP = group
+                ms = _time_ms(lambda: A.run(q, k, v, None, causal, None, False, fmt, torch.bfloat16))
+                rows.append(dict(case=f"causal S{s} {fmt} head_group={group}", bf16_ms=bf16, op_ms=ms, op_x=bf16 / ms))
+        finally:
+            A.CAUSAL_HEAD_GROUP = old_group
     rows.append(dict(case=f"{'causal' if causal else 'full'} S{s} {fmt}", bf16_ms=bf16, op_ms=whole, prepass_ms=pre,
                      kernel_ms=whole - pre, op_x=bf16 / whole, kernel_x=bf16 / (whole - pre),
                      prepass_tbps=moved / pre / 1e9))  # fmt: skip
@@ -135,13 +144,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     parser.add_argument("--skip-prefill", action="store_true")
     parser.add_argument("--skip-decode", action="store_true")
+    parser.add_argument("--prepass", action="store_true", help="time the K/V pre-pass's variants too")
     args = parser.parse_args()
     torch.manual_seed(0)
     rows: list = []
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
     if not args.skip_prefill:
         for fmt in ("attn_fp8_t128", "attn_int8_t128"):
-            prefill(rows, fmt, True, 4096, variants=fmt == "attn_fp8_t128")
+            prefill(rows, fmt, True, 4096, variants=True, prepass_variants=fmt == "attn_fp8_t128" and args.prepass)
         prefill(rows, "attn_fp8_t128", False, 8192)
     for fmt in () if args.skip_decode else ("attn_fp8_t128", "attn_int8_t128"):
         decode(rows, fmt)

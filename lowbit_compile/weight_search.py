@@ -62,6 +62,22 @@ def searchable(fmt: Format | str) -> bool:
     )
 
 
+# The Triton kernel runs the search on CUDA tensors (False: the torch ops below everywhere).
+USE_KERNEL = True
+
+
+def _use_kernel(x: Tensor, fmt: Format) -> bool:
+    if not (USE_KERNEL and x.is_cuda):
+        return False
+    from lowbit_compile.kernels import HAS_TRITON
+
+    if not HAS_TRITON:
+        return False
+    from lowbit_compile.kernels import weight_search as kernel
+
+    return kernel.supports(fmt)
+
+
 def _groups(x: Tensor, fmt: Format) -> Tensor:
     """(R, K) float32 -> (R, G, g): the elements that share one scale."""
     if fmt.granularity is Granularity.ROW:
@@ -194,13 +210,28 @@ def search_quantize(
             )
     rtn = reference.quantize(x, fmt)  # also checks that x can be quantized as fmt
     shape = x.shape
+    rows = x.numel() // shape[-1]
+    grid_t = torch.tensor(grid, dtype=torch.float32, device=x.device)
+    if _use_kernel(x, fmt):  # the same search as one Triton launch (kernels/weight_search.py)
+        from lowbit_compile.kernels import weight_search as kernel
+
+        channel_weights = None if importance is None else importance.float().to(x.device).contiguous()
+        codes_k, scale_k, zero_k = kernel.search_groups(
+            x.detach().reshape(rows, shape[-1]).contiguous(),
+            reference.unpack_4bit(rtn.data).reshape(rows, -1).contiguous(),
+            rtn.scale.reshape(rows, -1).contiguous(),
+            None if rtn.zero_point is None else rtn.zero_point.reshape(rows, -1).contiguous(),
+            fmt, grid_t, steps, channel_weights,
+        )  # fmt: skip
+        data = reference.pack_4bit(codes_k.reshape(*shape[:-1], shape[-1]))
+        zero_out = None if zero_k is None else zero_k.reshape(rtn.zero_point.shape)
+        return reference.QuantizedTensor(data, scale_k.reshape(rtn.scale.shape), zero_out, None)
     w_all = _groups(x.detach().float().reshape(-1, shape[-1]), fmt)  # (R, G, g)
-    rows, groups, _ = w_all.shape
+    groups = w_all.shape[1]
     rtn_scale = rtn.scale.reshape(rows, groups, 1)
     rtn_zero = None if rtn.zero_point is None else rtn.zero_point.reshape(rows, groups, 1)
     rtn_codes = _groups(reference.unpack_4bit(rtn.data).reshape(rows, -1), fmt)
     rtn_values = rtn_codes.float() - (8 if rtn_zero is None else rtn_zero)
-    grid_t = torch.tensor(grid, dtype=torch.float32, device=x.device)
     weight = None if importance is None else _groups(importance.float().to(x.device).reshape(1, -1), fmt)
     budget = _CHUNK_ELEMENTS.get(x.device.type, _CHUNK_ELEMENTS_DEFAULT)
     chunk = max(1, budget // max(1, len(grid) * shape[-1]))

@@ -57,7 +57,8 @@ def compile_case(case):
                 QK_INT8=q_int8, QK_QMAX=127.0 if q_int8 else 448.0, V_QMAX=448.0, SMOOTH_K=True,
                 Q_SCALE_ROWS=case["q_rows"], PACK_ROWS=case["pack"], SPLITS=case["SPLITS"], SOFT_FP8=False,
                 SCALE_FROM_D=case["scale_from_d"], BLOCK_M=case["BLOCK_M"], BLOCK_N=case["BLOCK_N"],
-                PREQUANT=case["prequant"], FOLD_V=case["fold_v"], KV_SCALE_ROWS=case.get("kv_rows", case["BLOCK_N"]))
+                PREQUANT=case["prequant"], FOLD_V=case["fold_v"], KV_SCALE_ROWS=case.get("kv_rows", case["BLOCK_N"]),
+                HEAD_GROUP=case.get("head_group", 1))
     src = ASTSource(fn=fn, signature=sig, constexprs=cons, attrs=attrs)
     options = {"num_warps": case["num_warps"], "num_stages": case["num_stages"]}
     if case.get("maxnreg"):
@@ -92,7 +93,7 @@ def test_failed_h100_configurations_compile_for_sm90():
     cases = [
         # test_sdpa_output_code_holds_the_kernel: Inductor's signature (fp64 scale), both formats
         _case("fp8", warps=4, inductor=True, ones=inductor_ones, scale_from_d=True),
-        _case("int8", warps=4, inductor=True, ones=inductor_ones, scale_from_d=True),
+        _case("int8", warps=4, inductor=True, ones=inductor_ones, scale_from_d=True, head_group=8),
         # an explicit scale passed as fp64 (Inductor), not computed from D
         _case("int8", warps=8, inductor=True, ones=inductor_ones),
         # test_dynamic_sequence_lengths_one_graph, plus lengths of 1 specialised to constexprs

@@ -117,6 +117,19 @@ def test_decode_split_kv_gqa_and_masks(fmt, query_len):
     _check(out, q, k, v, mask, False, True, fmt)
 
 
+@pytest.mark.parametrize("head_group", [1, 3, 8, 64])
+def test_causal_launch_order_in_head_groups(head_group, monkeypatch):
+    """Causal prefill with the Q blocks launched in groups of (batch, head) pairs, longest rows
+    first: 2 x 5 pairs (3 leaves a group of 1, 64 is wider than the launch), odd length."""
+    from lowbit_compile.kernels import attention as kernel
+
+    monkeypatch.setattr(kernel, "CAUSAL_HEAD_GROUP", head_group)
+    torch.manual_seed(5)
+    q, k, v = heads_last(2, 5, 1000, 128), heads_last(2, 5, 1000, 128), heads_last(2, 5, 1000, 128)
+    out = _launch_poisoned(q, k, v, None, True, False, "attn_fp8_t128")
+    _check(out, q, k, v, None, True, False, "attn_fp8_t128")
+
+
 @pytest.mark.parametrize("fmt", ["attn_fp8_t128", "attn_int8_t128"])
 @pytest.mark.parametrize("group", [1, 4, 5])
 def test_fma_decode_every_config(fmt, group, monkeypatch):

@@ -87,6 +87,15 @@ def test_prefill_gqa_odd_lengths_transposed_inputs(fmt, causal):
     check(q, k, v, causal=causal, gqa=True, fmt=fmt)
 
 
+@pytest.mark.parametrize("head_group", [2, 4, 7])
+def test_causal_launch_order_in_head_groups_covers_every_block_once(monkeypatch, head_group):
+    # B * H = 6 (batch, head) pairs, 4 Q blocks each: groups of 2 divide them, 4 leaves a group of 2
+    # and 7 is wider than the launch; every (pair, Q block) must be computed once, at its own rows.
+    monkeypatch.setattr(kernel, "CAUSAL_HEAD_GROUP", head_group)
+    q, k, v = heads_last(2, 3, 50, 32), heads_last(2, 3, 50, 32), heads_last(2, 3, 50, 32)
+    check(q, k, v, causal=True, fmt=FP8)
+
+
 def test_query_tile_of_two_q_blocks_and_a_head_dim_to_pad():
     q, k, v = heads_last(1, 2, 40, 48), heads_last(1, 2, 33, 48), heads_last(1, 2, 33, 48)  # D=48 pads to 64
     check(q, k, v, causal=True, fmt=INT8_Q32)

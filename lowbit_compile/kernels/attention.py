@@ -72,6 +72,9 @@ QUANTIZE_KV_SPLIT = True  # K and V blocks in programs of their own
 QUANTIZE_KV_WARPS = 8  # for tiles over 8192 elements
 QUANTIZE_KV_MAXNREG: int | None = 128  # a register cap (None: the compiler's choice)
 MAX_SPLITS = 16
+# Causal prefill: the launch order of Q blocks, in groups of this many (batch, head) pairs, each
+# group longest rows first (1: one head at a time, as before the eleventh session).
+CAUSAL_HEAD_GROUP = 1
 # Decode of one query per head (L == 1, GQA group <= attention_decode.MAX_GROUP): the FMA kernel of
 # `attention_decode.py` (products on the FMA pipes, tiles in their load's registers) instead of the
 # packed MMA tile; DECODE_FMA_PROGRAMS_PER_SM sizes its KV splits. Off: measured on H100 (NOTES v7) at
@@ -385,6 +388,7 @@ if triton is not None:
         Q_SCALE_ROWS: tl.constexpr, PACK_ROWS: tl.constexpr, SPLITS: tl.constexpr, SOFT_FP8: tl.constexpr,
         SCALE_FROM_D: tl.constexpr, PREQUANT: tl.constexpr, FOLD_V: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_SCALE_ROWS: tl.constexpr,
+        HEAD_GROUP: tl.constexpr = 1,
     ):  # fmt: skip
         # K/V tiles of BLOCK_N keys within blocks of KV_SCALE_ROWS (one scale each): smaller tiles
         # only over pre-quantized K/V (the in-loop path quantizes a whole block per tile)
@@ -404,9 +408,20 @@ if triton is not None:
         else:
             qk_scale = (tl.program_id(0) * 0.0 + qk_scale).to(tl.float32)  # also a constexpr 1 (Inductor)
         pid_m = tl.program_id(0)
-        if IS_CAUSAL and PACK_ROWS == 0:  # the longest rows (most K/V tiles) first: a shorter tail
-            pid_m = tl.num_programs(0) - 1 - pid_m
         pid_bh = tl.program_id(1)
+        if IS_CAUSAL and PACK_ROWS == 0:
+            # The longest rows (most K/V tiles) first, a shorter tail: programs are taken in launch
+            # order (axis 0 fastest) as groups of HEAD_GROUP (batch, head) pairs, each group's Q
+            # blocks longest first across its heads, so the last programs of the launch are short
+            # ones of the last group; a group's K/V stay in L2 while its programs run.
+            n_m = tl.num_programs(0)
+            n_bh = tl.num_programs(1)
+            order = pid_bh * n_m + pid_m
+            group_first = order // (HEAD_GROUP * n_m) * HEAD_GROUP
+            heads_here = tl.minimum(HEAD_GROUP, n_bh - group_first)
+            in_group = order - group_first * n_m
+            pid_m = n_m - 1 - in_group // heads_here
+            pid_bh = group_first + in_group % heads_here
         split = tl.program_id(2)
         rows = tl.arange(0, BLOCK_M)
         if PACK_ROWS > 0:  # decode: rows are (q head of the group, query) pairs, PACK_ROWS queries per head
@@ -787,7 +802,7 @@ def run(
         _run_fma_decode(q4, k4, v4, mask, mask_strides, out, constants, wrap, config, qk_scale)
         return out.reshape(*lead, q_heads, query_len, value_dim)
     prequant = packed is None and PREQUANTIZE_PREFILL
-    constants.update(PREQUANT=prequant)
+    constants.update(PREQUANT=prequant, HEAD_GROUP=CAUSAL_HEAD_GROUP if packed is None and is_causal else 1)
     if packed is not None or config is not None:  # else tuning parameters of the prefill configs
         constants.update(FOLD_V=(config or {}).get("FOLD_V", FOLD_V_SCALE))
         constants.update(BLOCK_N=(config or {}).get("BLOCK_N", block_n) if packed is None else block_n)
