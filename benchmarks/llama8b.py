@@ -582,6 +582,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     with torch._inductor.config.patch(force_disable_caches=not args.warm_cache):
         rows, meta = _run(plan, names, release, on_row=partial)
+    from torch._dynamo.utils import counters
+
+    meta["lowbit_counters"] = dict(counters["lowbit"])  # tuning time and runs, analysis-cache hits
+    meta["fxgraph_cache"] = {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph")}
+    print("lowbit counters:", meta["lowbit_counters"], "Inductor FX-graph cache:", meta["fxgraph_cache"])
     (out_dir / f"{stem}.json").write_text(json.dumps({"meta": meta, "variants": rows}, indent=2))
     if plan.prefill_only:
         table = _prefill_table(rows, plan)

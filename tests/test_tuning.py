@@ -97,3 +97,59 @@ def test_the_next_three_are_timed_when_every_finalist_fails_and_a_bad_setting_is
     monkeypatch.setenv("LOWBIT_TUNING_SCREEN_MS", "fast")
     with pytest.raises(ValueError, match="LOWBIT_TUNING_SCREEN_MS must be a number of milliseconds"):
         _pick("k2", list("abcd"), make_launch)
+
+
+def test_timer_choice(monkeypatch) -> None:
+    monkeypatch.delenv("LOWBIT_TUNING_TIMER", raising=False)
+    assert tuning._timer() == tuning.TIMER == "replay"
+    monkeypatch.setenv("LOWBIT_TUNING_TIMER", "triton")
+    assert tuning._timer() == "triton"
+    monkeypatch.setenv("LOWBIT_TUNING_TIMER", "fast")
+    with pytest.raises(ValueError, match="LOWBIT_TUNING_TIMER must be 'replay' or 'triton'"):
+        tuning._timer()
+
+
+def test_candidates_are_built_once_the_first_alone_then_in_threads(timed, monkeypatch) -> None:
+    import threading
+
+    times, _, _, _ = timed
+    times.update(a=(1.0, 4.0), b=(1.0, 1.0), c=(1.0, 0.5), d=(1.0, 3.0), e=(1.0, 5.0), f=(1.0, 6.0))
+    built: list[tuple[str, str]] = []
+    first_done = threading.Event()
+
+    def make_launch(name):
+        if name != "a":
+            assert first_done.wait(5), "a candidate was built before the first one finished"
+        built.append((name, threading.current_thread().name))
+        if name == "a":
+            first_done.set()
+        if name == "c":
+            raise RuntimeError("out of shared memory")
+        return name
+
+    monkeypatch.setenv("LOWBIT_TUNING_SCREEN_MS", "0")
+    monkeypatch.setenv("LOWBIT_TUNING_THREADS", "4")
+    assert _pick("threads", list("abcdef"), make_launch) == "b"  # c would be fastest but fails to build
+    assert sorted(name for name, _ in built) == list("abcdef")
+    assert built[0] == ("a", threading.current_thread().name)
+    assert all(thread.startswith("lowbit-tuning") for _, thread in built[1:])
+
+
+def test_one_thread_builds_in_order_on_the_caller(timed, monkeypatch) -> None:
+    import threading
+
+    times, _, _, _ = timed
+    times.update(a=(1.0, 2.0), b=(1.0, 1.0), c=(1.0, 3.0))
+    built = []
+
+    def make_launch(name):
+        built.append((name, threading.current_thread().name))
+        return name
+
+    monkeypatch.setenv("LOWBIT_TUNING_THREADS", "1")
+    assert _pick("one", list("abc"), make_launch) == "b"
+    assert built == [(name, threading.current_thread().name) for name in "abc"]
+    for text in ("0", "many"):
+        monkeypatch.setenv("LOWBIT_TUNING_THREADS", text)
+        with pytest.raises(ValueError, match="LOWBIT_TUNING_THREADS must be a whole number >= 1"):
+            tuning._threads()

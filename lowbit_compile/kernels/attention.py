@@ -74,7 +74,7 @@ QUANTIZE_KV_MAXNREG: int | None = 128  # a register cap (None: the compiler's ch
 MAX_SPLITS = 16
 # Causal prefill: the launch order of Q blocks, in groups of this many (batch, head) pairs, each
 # group longest rows first (1: one head at a time, as before the eleventh session).
-CAUSAL_HEAD_GROUP = 1
+CAUSAL_HEAD_GROUP = 8  # measured (NOTES v8): 8 -> 1.37-1.39x of bf16, 1 -> 1.35-1.37x, 128 -> 1.21-1.27x
 # Decode of one query per head (L == 1, GQA group <= attention_decode.MAX_GROUP): the FMA kernel of
 # `attention_decode.py` (products on the FMA pipes, tiles in their load's registers) instead of the
 # packed MMA tile; DECODE_FMA_PROGRAMS_PER_SM sizes its KV splits. Off: measured on H100 (NOTES v7) at

@@ -2,13 +2,15 @@
 
 A kernel family hands `pick` a key (what the best config depends on: GPU, Triton version, kernel
 source, shapes, dtypes, M bucket), its candidate configs and a function that builds a runnable
-launch for a config. Each candidate is timed by CUDA-graph replay (`measure`, median over
-`FINAL_REP_MS` windows) and the fastest is stored in `$LOWBIT_CACHE_DIR/tuning.json` (default
-`~/.cache/lowbit_compile`). With `LOWBIT_TUNING_SCREEN_MS=T` (off by default until measured on a
-GPU), every candidate is first timed over T ms windows and only the `FINALISTS` fastest are timed
-again at full length. `LOWBIT_AUTOTUNE=0` skips
-tuning and takes each family's default config. Time spent and cache hits are counted in
-`torch._dynamo.utils.counters["lowbit"]` (`tuning_seconds_x1000`, `tuning_runs`, `tuning_cache_hits`).
+launch for a config. Each candidate is timed by CUDA-graph replay (`measure`: the median of
+`REPLAYS` replays of a graph of launches, `FINAL_REP_MS` of replay in all) and the fastest is stored
+in `$LOWBIT_CACHE_DIR/tuning.json` (default `~/.cache/lowbit_compile`). With
+`LOWBIT_TUNING_SCREEN_MS=T`, every candidate is first timed over T ms and only the `FINALISTS`
+fastest are timed again at full length. `LOWBIT_AUTOTUNE=0` skips tuning and takes each family's
+default config. Time spent and cache hits are counted in `torch._dynamo.utils.counters["lowbit"]`
+(`tuning_seconds_x1000`, `tuning_runs`, `tuning_cache_hits`; of the time, the candidates' first
+calls, which compile them, and their timing: `tuning_first_call_seconds_x1000`,
+`tuning_timing_seconds_x1000`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -69,13 +72,27 @@ def _store(path: Path, key: str, value: Any) -> None:
 
 _memory: dict[str, Any] = {}
 
-# Timing windows (ms of replay per sample). A full-length timing of a microsecond kernel captures a
-# graph of thousands of launches, a few tenths of a second per candidate; tuning is ~2/3 of a
-# w4a16 compile (RESULTS.md, ninth session). Screening (a short window first) is off until an A/B
-# on the GPU shows it saves time without worse picks.
+# Timing. Each candidate's launch is captured in a CUDA graph of as many launches as last about
+# rep / REPLAYS ms, replayed REPLAYS times; the median per launch is its time. `rep` is FINAL_REP_MS,
+# or the screen's window where screening is on (a short timing of every candidate first, then the
+# FINALISTS fastest again at full length). TIMER "triton" times with Triton's `do_bench_cudagraph`
+# instead (as up to the eleventh session: ten replays of a graph of `rep` ms each, and a capture of
+# thousands of launches per candidate for a microsecond kernel: ~0.3 s a candidate, tuning was ~2/3
+# of a w4a16 compile, RESULTS.md). LOWBIT_TUNING_TIMER overrides TIMER.
 SCREEN_REP_MS = 0.0
 FINAL_REP_MS = 20.0
 FINALISTS = 3
+REPLAYS = 5
+TIMER = "replay"
+# Candidates compiled at once before timing (their first launch); LOWBIT_TUNING_THREADS overrides.
+THREADS = 8
+
+
+def _timer() -> str:
+    timer = os.environ.get("LOWBIT_TUNING_TIMER", TIMER)
+    if timer not in ("replay", "triton"):
+        raise ValueError(f"LOWBIT_TUNING_TIMER must be 'replay' or 'triton', got {timer!r}")
+    return timer
 
 
 def _screen_rep_ms() -> float:
@@ -91,28 +108,127 @@ def _screen_rep_ms() -> float:
 def measure(launch: Callable[[], None], rep: float = FINAL_REP_MS) -> float:
     """Milliseconds per call of `launch`, by CUDA-graph replay: kernel time without the Python and
     launch overhead (which would hide the differences between configs, and which a served model
-    run under CUDA graphs does not pay). Eager timing where a graph cannot be captured."""
+    run under CUDA graphs does not pay). Eager timing where a graph cannot be captured. The first
+    call (it compiles the config) and the timing are counted apart (`tuning_first_call_seconds_x1000`,
+    `tuning_timing_seconds_x1000`)."""
+    from torch._dynamo.utils import counters
     from triton.testing import do_bench, do_bench_cudagraph
 
+    start = time.perf_counter()
     launch()
     torch.cuda.synchronize()
+    timed = time.perf_counter()
+    counters["lowbit"]["tuning_first_call_seconds_x1000"] += int((timed - start) * 1000)
     try:
-        return do_bench_cudagraph(launch, rep=rep, return_mode="median")
+        if _timer() == "triton":
+            return do_bench_cudagraph(launch, rep=rep, return_mode="median")
+        return _replay_ms(launch, rep)
     except RuntimeError as error:  # e.g. called while another stream is capturing
         log.debug("CUDA-graph timing failed (%s); timing eagerly", error)
         return do_bench(launch, warmup=5, rep=rep, return_mode="median")
+    finally:
+        counters["lowbit"]["tuning_timing_seconds_x1000"] += int((time.perf_counter() - timed) * 1000)
+
+
+def _graph_of(launch: Callable[[], None], count: int) -> Any:
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(count):
+            launch()
+    return graph
+
+
+def _replay_ms(launch: Callable[[], None], rep: float) -> float:
+    """Median ms per launch over REPLAYS replays of a CUDA graph of launches lasting ~rep / REPLAYS ms
+    (its length from one replay of a graph of 5). Captured on a side stream, as graphs must be."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        probe = _graph_of(launch, 5)
+        start.record()
+        probe.replay()
+        end.record()
+        end.synchronize()
+        estimate = max(start.elapsed_time(end) / 5, 1e-4)
+        count = max(1, min(10_000, int(rep / REPLAYS / estimate)))
+        graph = _graph_of(launch, count)
+        samples = []
+        for _ in range(REPLAYS):
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / count)
+    torch.cuda.current_stream().wait_stream(stream)
+    samples.sort()
+    return samples[len(samples) // 2]
+
+
+def _threads() -> int:
+    text = os.environ.get("LOWBIT_TUNING_THREADS")
+    if text is None:
+        return THREADS
+    try:
+        threads = int(text)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise ValueError(f"LOWBIT_TUNING_THREADS must be a whole number >= 1, got {text!r}")
+    return threads
+
+
+def _prepare(
+    key: str, indexed: Sequence[tuple[int, Any]], make_launch: Callable[[Any], Callable[[], None]]
+) -> dict[int, Callable[[], None]]:
+    """`make_launch` of each candidate (index -> launch; it compiles the config), the first alone
+    (one-time set-up: the family's weight copies, Triton's driver) and the rest up to `_threads()`
+    at once on the caller's CUDA device: Triton's compiler spends most of a compile in C++ passes and
+    ptxas without the GIL, so compiles overlap (Inductor precompiles its choices in threads too).
+    A candidate that fails (e.g. out of shared memory) is logged and left out."""
+    device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+    def build(candidate: Any) -> Callable[[], None]:
+        if device is None:
+            return make_launch(candidate)
+        with torch.cuda.device(device):
+            return make_launch(candidate)
+
+    launches: dict[int, Callable[[], None]] = {}
+
+    def keep(index: int, candidate: Any, result: Callable[[], Callable[[], None]]) -> None:
+        try:
+            launches[index] = result()
+        except Exception as error:  # noqa: BLE001 - a config the compiler rejects
+            log.debug("config %s failed for %s: %s", candidate, key, error)
+
+    if not indexed:
+        return launches
+    first, rest = indexed[0], indexed[1:]
+    keep(first[0], first[1], lambda: build(first[1]))
+    threads = min(_threads(), len(rest))
+    if threads <= 1:
+        for index, candidate in rest:
+            keep(index, candidate, lambda candidate=candidate: build(candidate))
+        return launches
+    with ThreadPoolExecutor(threads, thread_name_prefix="lowbit-tuning") as pool:
+        futures = [(index, candidate, pool.submit(build, candidate)) for index, candidate in rest]
+        for index, candidate, future in futures:
+            keep(index, candidate, future.result)  # (in order: a failure is logged, the rest kept)
+    return launches
 
 
 def _time_each(
-    key: str, indexed: Sequence[tuple[int, Any]], make_launch: Callable[[Any], Callable[[], None]], rep: float
+    key: str, indexed: Sequence[tuple[int, Any]], launches: dict[int, Callable[[], None]], rep: float
 ) -> list[tuple[float, int, Any]]:
-    """(ms, index, candidate) for each candidate that compiles and runs (ties go to the earlier)."""
+    """(ms, index, candidate) for each candidate that compiled and runs (ties go to the earlier)."""
     timings = []
     for index, candidate in indexed:
+        if index not in launches:
+            continue
         try:
-            launch = make_launch(candidate)
-            timings.append((measure(launch, rep), index, candidate))
-        except Exception as error:  # noqa: BLE001 - a config the compiler rejects (e.g. out of shared memory)
+            timings.append((measure(launches[index], rep), index, candidate))
+        except Exception as error:  # noqa: BLE001 - a config that fails at run time
             log.debug("config %s failed for %s: %s", candidate, key, error)
     return timings
 
@@ -138,15 +254,16 @@ def pick(
     start = time.perf_counter()
     screen = _screen_rep_ms()
     indexed = list(enumerate(candidates))
+    launches = _prepare(key, indexed, make_launch)
     if screen > 0 and len(indexed) > FINALISTS:
-        ranked = [(index, candidate) for _, index, candidate in sorted(_time_each(key, indexed, make_launch, screen))]
+        ranked = [(index, candidate) for _, index, candidate in sorted(_time_each(key, indexed, launches, screen))]
         timings = []
         for first in range(0, len(ranked), FINALISTS):  # the next three where all three fail at full length
-            timings = _time_each(key, ranked[first : first + FINALISTS], make_launch, FINAL_REP_MS)
+            timings = _time_each(key, ranked[first : first + FINALISTS], launches, FINAL_REP_MS)
             if timings:
                 break
     else:
-        timings = _time_each(key, indexed, make_launch, FINAL_REP_MS)
+        timings = _time_each(key, indexed, launches, FINAL_REP_MS)
     if not timings:
         raise RuntimeError(f"no candidate config ran for {key}")
     best_ms, _, best = min(timings)
