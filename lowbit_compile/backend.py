@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import logging
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -222,17 +223,23 @@ def compile_graph(
     graph_id = _graph_id()
     recorder = StageRecorder(options.dump_dir, graph_id, caller=options.caller, policy=policy)
 
+    lap = _Laps()
+
     def observe(stage: str, state: Any) -> None:
+        lap(stage)
         if stage == "annotated":
             _measure(state, options.compute_sqnr, released)
             if options.sensitivity and not released:
                 _sensitivity(state)
+            lap("measure")
         sites = state.sites if stage != "captured" else None
         recorder.record(stage, render_stage(stage, graph_text(state.gm), policy, graph_id, sites))
         if on_stage_state is not None:
             on_stage_state(stage, state)
+        lap("dump")
 
     state = run_pipeline(gm, example_inputs, policy, observe, calibration=options.calibration)
+    lap("after_stages")
     report = build_report(state.sites, policy, graph_id)
     log.info("%s", report.table())
     problem = coverage_problem(state.sites)
@@ -246,6 +253,7 @@ def compile_graph(
     for tensor in state.folded.tensors:
         if tensor.is_cuda:  # CUDA graphs must not copy the folded weights on every replay
             torch._dynamo.mark_static_address(tensor)
+    lap("report")
     if options.inductor:
         compiled = lower_with_inductor(
             state,
@@ -265,11 +273,29 @@ def compile_graph(
             with torch.no_grad():
                 return fused(*args, *folded.for_call(args))
 
+    lap("lower")
     if options.release_weights:
         state.folded.release_weights(state)
     if on_stages is not None:
         on_stages(recorder.texts)
     return _inference_only(compiled, example_inputs, graph_id)
+
+
+class _Laps:
+    """Compile time per step of `compile_graph`, summed over graphs in
+    `counters["lowbit"]["compile_ms_<step>"]`: each stage's passes (named by the stage),
+    `measure` (site SQNR and the accuracy gate), `dump` (rendering the stages), `report`, and
+    `lower` (Inductor, with our kernels' tuning)."""
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+
+    def __call__(self, step: str) -> None:
+        from torch._dynamo.utils import counters
+
+        now = time.perf_counter()
+        counters["lowbit"][f"compile_ms_{step}"] += int((now - self.last) * 1000)
+        self.last = now
 
 
 def _measure(state: Any, compute_sqnr: bool, released: list[str]) -> None:

@@ -249,3 +249,12 @@ def test_env_dump_dir_logs_and_trace_artifacts(tmp_path: Path) -> None:
     trace_text = "".join(p.read_text() for p in trace_dir.iterdir())
     for stage in ("captured", "annotated", "qdq", "folded", "fused"):
         assert f"lowbit_{stage}" in trace_text
+
+
+def test_compile_time_is_counted_per_step(fresh_dynamo) -> None:
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    compiled = torch.compile(model, backend="lowbit", options={"policy": "w8a8", "compute_sqnr": True})
+    compiled(torch.randn(4, 64))
+    steps = {key[len("compile_ms_") :] for key in counters["lowbit"] if key.startswith("compile_ms_")}
+    assert {"captured", "annotated", "measure", "qdq", "folded", "fused", "dump", "report", "lower"} <= steps
+    assert counters["lowbit"]["compile_ms_lower"] > 0  # Inductor compiling C++ takes milliseconds at least

@@ -116,3 +116,19 @@ def restrict_plan(flat: list[int], fields: int, first_row: int, last_row: int | 
         if hi is None or lo <= hi:
             kept.append((lo, hi, config))
     return flatten_plan(kept)
+
+
+def timed_launch(launch: Callable[..., None], weights, activations, bias, out, meta, config) -> Callable[[], None]:
+    """A tuning candidate's launch of `config`: compiled (and failing early) here, outside the
+    timing; each call then takes the next of `weights` (copies of one weight that together exceed
+    L2: in a model no weight stays in L2 between calls). A bucket's candidates share `activations`
+    and `out` (they are timed one at a time; compiled at once, their first launches all write the
+    same output, which nothing reads)."""
+    launch(*activations, *weights[0], bias, out, meta, config)
+    turn = [0]
+
+    def run_once() -> None:
+        turn[0] = (turn[0] + 1) % len(weights)
+        launch(*activations, *weights[turn[0]], bias, out, meta, config)
+
+    return run_once

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -328,29 +327,21 @@ def _plan(meta, out_dtype, has_bias, device, tune: bool, min_rows: int) -> tuple
         copies = max(1, min(8, -(-common.L2_BYTES // (meta.n * meta.k // 2))))
         return [random_weight(meta, device) for _ in range(copies)]
 
+    @functools.cache
+    def operands(m: int) -> tuple:
+        """Activations, bias and output of a bucket's timed launches (shared by its candidates)."""
+        x = torch.randn(m, meta.k, device=device).to(torch.float8_e4m3fn)
+        x_scale = torch.rand(m, 1, device=device) / 64
+        bias = torch.randn(meta.n, dtype=out_dtype, device=device) if has_bias else None
+        return (x, x_scale), bias, torch.empty(m, meta.n, dtype=out_dtype, device=device)
+
     return tuning.bucket_plan(
         "int4_scaled_mm", __file__, f"n{meta.n}k{meta.k}g{meta.group}", out_dtype, has_bias, device, tune,
         lambda bucket_m: _candidates(bucket_m, meta),
-        lambda m, config: _timed_launch(weight_copies(), meta, out_dtype, has_bias, device, m, config),
+        lambda m, config: common.timed_launch(launch, weight_copies(), *operands(m), meta, config),
         lambda bucket_m: default_config(bucket_m, meta), Int4ScaledConfig,
         tunes_bucket=lambda last: last is None or last >= min_rows,
     )  # fmt: skip
-
-
-def _timed_launch(weights, meta, out_dtype, has_bias, device, m, config) -> Callable[[], None]:
-    copies = len(weights)
-    x = torch.randn(m, meta.k, device=device).to(torch.float8_e4m3fn)
-    x_scale = torch.rand(m, 1, device=device) / 64
-    bias = torch.randn(meta.n, dtype=out_dtype, device=device) if has_bias else None
-    out = torch.empty(m, meta.n, dtype=out_dtype, device=device)
-    launch(x, x_scale, *weights[0], bias, out, meta, config)  # compile (and fail early) outside the timing
-    turn = [0]
-
-    def run_once() -> None:
-        turn[0] = (turn[0] + 1) % copies
-        launch(x, x_scale, *weights[turn[0]], bias, out, meta, config)
-
-    return run_once
 
 
 def unflatten_plan(flat: list[int]) -> list[tuple[int, int | None, Int4ScaledConfig]]:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -616,27 +615,18 @@ def _plan(meta: ScaledMeta, out_dtype: torch.dtype, has_bias: bool, device: torc
         copies = max(1, min(8, -(-common.L2_BYTES // (meta.n * meta.k))))
         return [_random_operands(meta, meta.n, device, weight=True) for _ in range(copies)]
 
+    @functools.cache
+    def operands(m: int) -> tuple:
+        """Activations, bias and output of a bucket's timed launches (shared by its candidates)."""
+        bias = torch.randn(meta.n, dtype=out_dtype, device=device) if has_bias else None
+        return _random_operands(meta, m, device), bias, torch.empty(m, meta.n, dtype=out_dtype, device=device)
+
     return tuning.bucket_plan(
         "scaled_mm", __file__, f"n{meta.n}k{meta.k}i{int(meta.int8)}b{int(meta.block_scales)}", out_dtype, has_bias,
         device, tune, lambda bucket_m: _candidates(bucket_m, meta),
-        lambda m, config: _timed_launch(weight_copies(), meta, out_dtype, has_bias, device, m, config),
+        lambda m, config: common.timed_launch(launch, weight_copies(), *operands(m), meta, config),
         lambda bucket_m: default_config(bucket_m, meta), ScaledMMConfig,
     )  # fmt: skip
-
-
-def _timed_launch(weights, meta, out_dtype, has_bias, device, m, config) -> Callable[[], None]:
-    copies = len(weights)
-    x, x_scale = _random_operands(meta, m, device)
-    bias = torch.randn(meta.n, dtype=out_dtype, device=device) if has_bias else None
-    out = torch.empty(m, meta.n, dtype=out_dtype, device=device)
-    launch(x, x_scale, *weights[0], bias, out, meta, config)  # compile (and fail early) outside the timing
-    turn = [0]
-
-    def run_once() -> None:
-        turn[0] = (turn[0] + 1) % copies
-        launch(x, x_scale, *weights[turn[0]], bias, out, meta, config)
-
-    return run_once
 
 
 QUANTIZE_BLOCK = 1024

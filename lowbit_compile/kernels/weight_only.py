@@ -42,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -824,31 +823,21 @@ def _plan(meta: WeightMeta, dtype: torch.dtype, has_bias: bool, device: torch.de
         weight_bytes = meta.n * meta.k * meta.bits // 8
         return [_random_weight(meta, device) for _ in range(max(1, min(8, -(-common.L2_BYTES // weight_bytes))))]
 
+    @functools.cache
+    def operands(m: int) -> tuple:
+        """Activations, bias and output of a bucket's timed launches (shared by its candidates)."""
+        x = torch.randn(m, meta.k, dtype=dtype, device=device)
+        bias = torch.randn(meta.n, dtype=dtype, device=device) if has_bias else None
+        return (x,), bias, torch.empty(m, meta.n, dtype=dtype, device=device)
+
     return tuning.bucket_plan(
         "weight_only", __file__,
         f"n{meta.n}k{meta.k}b{meta.bits}g{meta.group}f{int(meta.float_codes)}z{int(meta.zero_point)}"
         f"{'kmajor' if meta.kmajor else ''}", dtype, has_bias,
         device, tune, lambda bucket_m: _candidates(bucket_m, meta),
-        lambda m, config: _timed_launch(weight_copies(), meta, dtype, has_bias, device, m, config),
+        lambda m, config: common.timed_launch(launch, weight_copies(), *operands(m), meta, config),
         lambda bucket_m: default_config(bucket_m, meta), WeightOnlyConfig,
     )  # fmt: skip
-
-
-def _timed_launch(weights, meta, dtype, has_bias, device, m, config) -> Callable[[], None]:
-    """A launch of `config` on random activations, cycling through `weights` (copies of one weight
-    that together exceed L2; timing is by graph replay)."""
-    copies = len(weights)
-    x = torch.randn(m, meta.k, dtype=dtype, device=device)
-    bias = torch.randn(meta.n, dtype=dtype, device=device) if has_bias else None
-    out = torch.empty(m, meta.n, dtype=dtype, device=device)
-    launch(x, *weights[0], bias, out, meta, config)  # compile (and fail early) outside the timing
-    turn = [0]
-
-    def run_once() -> None:
-        turn[0] = (turn[0] + 1) % copies
-        launch(x, *weights[turn[0]], bias, out, meta, config)
-
-    return run_once
 
 
 
