@@ -33,3 +33,34 @@ def test_replay_timer_agrees_with_triton(n):
     half = torch.empty(n // 2, n, device="cuda", dtype=torch.bfloat16)
     if n >= 2048:  # large enough that half the rows take clearly less time
         assert tuning._replay_ms(lambda: torch.mm(small, a, out=half), tuning.FINAL_REP_MS) < ours
+
+
+def test_weight_only_plan_tuned_with_threads_runs_correctly(tmp_path, monkeypatch):
+    """A cold tuning of every M bucket of one int4 weight (candidates compiled 8 at once, timed
+    by replay), stored on disk; the tuned plan's launches match the reference op at odd M."""
+    from torch._dynamo.utils import counters
+
+    from lowbit_compile import ops, reference
+    from lowbit_compile.formats import get_format
+    from lowbit_compile.kernels import common, tuning, weight_only
+    from lowbit_compile.report import sqnr
+
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("LOWBIT_AUTOTUNE", "1")
+    monkeypatch.setenv("LOWBIT_TUNING_THREADS", "8")
+    monkeypatch.setattr(tuning, "_memory", {})
+    counters.clear()
+    torch.manual_seed(0)
+    n, k = 328, 640  # a shape no other test tunes
+    q = reference.quantize(torch.randn(n, k, device="cuda"), "int4_g128_asym")
+    meta = weight_only.WeightMeta.of(get_format("int4_g128_asym"), q.data)
+    flat = weight_only.plan(meta, torch.bfloat16, False, torch.device("cuda"))
+    assert counters["lowbit"]["tuning_runs"] == len(common.M_BUCKETS)
+    assert (tmp_path / "tuning.json").exists()
+    empty = torch.empty(0, device="cuda")
+    for m in (1, 5, 77, 300):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        out = weight_only.run(x, q.data, q.scale, q.zero_point, None, "int4_g128_asym", torch.bfloat16, flat)
+        expected = ops._weight_only_mm_reference(x, q.data, q.scale, q.zero_point, empty, None, "int4_g128_asym",
+                                                 torch.float32)  # fmt: skip
+        assert sqnr(expected, out.float()) >= 45
