@@ -18,6 +18,27 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Put before every compile script: the signature most of our kernels are compiled with.
+PRELUDE = r"""
+def signature_of(fn, pointers, int_divisible=lambda name: False):
+    # (signature, attrs) for triton.compile: constexpr parameters as such, pointers typed by
+    # `pointers` (default *fp32) and 16-byte aligned, ints i32, 16-divisible where int_divisible(name)
+    constexprs = {p.name for p in fn.params if p.is_constexpr}
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = pointers.get(name, "*fp32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "i32"
+            if int_divisible(name):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+"""
+
+
 def compile_in_subprocess(script: str, cases: list) -> list:
     """Run `script` on `cases`; its results. Skips where this Triton cannot compile for NVIDIA GPUs
     at all (decided here, before the compile: a failing subprocess is always a test failure)."""
@@ -32,7 +53,7 @@ def compile_in_subprocess(script: str, cases: list) -> list:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
-        [sys.executable, "-c", script], input=json.dumps(cases), capture_output=True, text=True, env=env,
+        [sys.executable, "-c", PRELUDE + script], input=json.dumps(cases), capture_output=True, text=True, env=env,
         cwd=ROOT, timeout=600,
     )  # fmt: skip
     if proc.returncode != 0:

@@ -25,23 +25,12 @@ from lowbit_compile.kernels import int4_scaled_mm as I
 
 fn = I.int4_scaled_mm_kernel
 assert isinstance(fn, triton.runtime.jit.JITFunction), type(fn)
-constexprs = {p.name for p in fn.params if p.is_constexpr}
 POINTERS = {"x_ptr": "*fp8e4nv", "w_ptr": "*u8", "out_ptr": "*bf16"}
 
 def compile_case(case):
     meta = I.Int4ScaledMeta(case["n"], case["k"], 128)
     config = I.Int4ScaledConfig.from_tuple(case["config"])
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = POINTERS.get(name, "*fp32")
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            sig[name] = "i32"
-            if name != "M":
-                attrs[(i,)] = [["tt.divisibility", 16]]
+    sig, attrs = signature_of(fn, POINTERS, int_divisible=lambda name: name != "M")
     cons = I.kernel_arguments(meta, config, has_bias=False)
     src = ASTSource(fn=fn, signature=sig, constexprs=cons, attrs=attrs)
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}

@@ -29,22 +29,12 @@ from lowbit_compile.kernels import scaled_mm as S
 
 fn = S.scaled_mm_block_kernel
 assert isinstance(fn, triton.runtime.jit.JITFunction), type(fn)
-constexprs = {p.name for p in fn.params if p.is_constexpr}
 
 def compile_case(case):
     meta = S.ScaledMeta(case["n"], case["k"], False, True, False, False)
     config = S.ScaledMMConfig.from_tuple(case["config"])
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = {"x_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "out_ptr": "*bf16"}.get(name, "*fp32")
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            sig[name] = "i32"
-            if name != "M":
-                attrs[(i,)] = [["tt.divisibility", 16]]
+    pointers = {"x_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "out_ptr": "*bf16"}
+    sig, attrs = signature_of(fn, pointers, int_divisible=lambda name: name != "M")
     cons = S.kernel_arguments(meta, config, has_bias=False)
     src = ASTSource(fn=fn, signature=sig, constexprs=cons, attrs=attrs)
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}

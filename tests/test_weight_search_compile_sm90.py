@@ -18,19 +18,10 @@ from lowbit_compile.kernels import weight_search as K
 
 fn = K.search_groups_kernel
 assert isinstance(fn, triton.runtime.jit.JITFunction), type(fn)
-constexprs = {p.name for p in fn.params if p.is_constexpr}
 POINTERS = {"w_ptr": "*bf16", "codes_ptr": "*u8", "rtn_codes_ptr": "*u8"}
 
 def compile_case(case):
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = POINTERS.get(name, "*fp32")
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            sig[name] = "i32"
+    sig, attrs = signature_of(fn, POINTERS)
     g = case["group"]
     cons = dict(GROUP=g, BLOCK_GROUPS=K.ELEMENTS_PER_PROGRAM // g, N_GRID=17, STEPS=6, ASYM=case["asym"],
                 WEIGHTED=case["weighted"], QMIN=0.0 if case["asym"] else -8.0, QMAX=15.0 if case["asym"] else 7.0)
