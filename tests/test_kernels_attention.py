@@ -23,18 +23,12 @@ pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 before triton is imported"
 )
 
+from _attention_formats import FP8, INT8  # noqa: E402  (16-token test formats)
+
 from lowbit_compile import ops  # noqa: E402
 from lowbit_compile.kernels import attention as kernel  # noqa: E402
 
-formats.register_format(formats.Format("fp8_e4m3_t16", "fp8_e4m3", "token_block", block_rows=16))
-formats.register_format(formats.Format("int8_t16", "int8", "token_block", block_rows=16))
 formats.register_format(formats.Format("int8_t32", "int8", "token_block", block_rows=32))
-FP8 = formats.register_attention_format(
-    formats.AttentionFormat("test_attn_fp8_t16", "fp8_e4m3_t16", "fp8_e4m3_t16", "fp8_e4m3_t16", smooth_k=True)
-).name
-INT8 = formats.register_attention_format(
-    formats.AttentionFormat("test_attn_int8_t16", "int8_t16", "int8_t16", "fp8_e4m3_t16", smooth_k=True)
-).name
 # Q blocks of 32 rows on 16-row K/V tiles: a tile holds two K/V block widths of queries.
 INT8_Q32 = formats.register_attention_format(
     formats.AttentionFormat("test_attn_int8_q32", "int8_t32", "int8_t16", "fp8_e4m3_t16", smooth_k=False)

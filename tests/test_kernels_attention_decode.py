@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lowbit_compile import formats, reference
+from lowbit_compile import reference
 from lowbit_compile.report import sqnr
 
 triton = pytest.importorskip("triton")
@@ -20,17 +20,11 @@ pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 before triton is imported"
 )
 
+from _attention_formats import FP8, INT8  # noqa: E402  (16-token test formats)
+
 from lowbit_compile import ops  # noqa: E402, F401  (registers the ops)
 from lowbit_compile.kernels import attention as kernel  # noqa: E402
 
-formats.register_format(formats.Format("fp8_e4m3_t16", "fp8_e4m3", "token_block", block_rows=16))
-formats.register_format(formats.Format("int8_t16", "int8", "token_block", block_rows=16))
-FP8 = formats.register_attention_format(
-    formats.AttentionFormat("test_attn_fp8_t16", "fp8_e4m3_t16", "fp8_e4m3_t16", "fp8_e4m3_t16", smooth_k=True)
-).name
-INT8 = formats.register_attention_format(
-    formats.AttentionFormat("test_attn_int8_t16", "int8_t16", "int8_t16", "fp8_e4m3_t16", smooth_k=True)
-).name
 KERNEL_VS_REFERENCE_DB = 40.0
 VS_EXACT_DB = {FP8: 22.0, INT8: 25.0}
 
