@@ -153,3 +153,55 @@ def test_one_thread_builds_in_order_on_the_caller(timed, monkeypatch) -> None:
         monkeypatch.setenv("LOWBIT_TUNING_THREADS", text)
         with pytest.raises(ValueError, match="LOWBIT_TUNING_THREADS must be a whole number >= 1"):
             tuning._threads()
+
+
+def test_bucket_plan_builds_every_pending_bucket_at_once(timed, monkeypatch) -> None:
+    """One build of all the buckets' candidates (the first alone, the rest in threads), then each
+    bucket timed and picked; a bucket already in the disk cache builds nothing."""
+    import threading
+    from dataclasses import dataclass
+
+    import torch
+
+    from lowbit_compile.kernels import common
+
+    @dataclass(frozen=True)
+    class Config:
+        value: int
+
+        def as_tuple(self):
+            return (self.value,)
+
+        @classmethod
+        def from_tuple(cls, values):
+            return cls(values[0])
+
+    _, _, _, path = timed
+    monkeypatch.setenv("LOWBIT_TUNING_SCREEN_MS", "0")
+    monkeypatch.setenv("LOWBIT_TUNING_THREADS", "3")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "fake GPU")
+    monkeypatch.setattr(tuning, "measure", lambda launch, rep=tuning.FINAL_REP_MS: launch())  # the launch: its ms
+    built: list[tuple[int, int, str]] = []
+
+    def make_launch(m, config):
+        built.append((m, config.value, threading.current_thread().name))
+        if config.value % 10 == 3:
+            raise RuntimeError("out of shared memory")
+        return lambda: float(abs(config.value % 10 - 2))  # x2 is the fastest
+
+    def plan():
+        return tuning.bucket_plan(
+            "fake", __file__, "n8k8", torch.float16, False, torch.device("cpu"), True,
+            lambda m: [Config(m * 10 + i) for i in (1, 2, 3)], make_launch, lambda m: Config(0), Config,
+        )  # fmt: skip
+
+    flat = plan()
+    buckets = [bucket_m for _, _, bucket_m in common.M_BUCKETS]
+    assert flat == tuple(common.flatten_plan([(f, l, (m * 10 + 2,)) for f, l, m in common.M_BUCKETS]))
+    assert sorted((m, v) for m, v, _ in built) == sorted((m, m * 10 + i) for m in buckets for i in (1, 2, 3))
+    assert built[0][2] == threading.current_thread().name  # the first alone, on the caller
+    assert all(name.startswith("lowbit-tuning") for _, _, name in built[1:])
+    assert counters["lowbit"]["tuning_runs"] == len(buckets)
+    built.clear()
+    monkeypatch.setattr(tuning, "_memory", {})  # a new process: the disk cache serves every bucket
+    assert plan() == flat and built == []

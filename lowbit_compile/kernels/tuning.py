@@ -179,8 +179,8 @@ def _threads() -> int:
 
 
 def _prepare(
-    key: str, indexed: Sequence[tuple[int, Any]], make_launch: Callable[[Any], Callable[[], None]]
-) -> dict[int, Callable[[], None]]:
+    key: str, indexed: Sequence[tuple[Any, Any]], make_launch: Callable[[Any], Callable[[], None]]
+) -> dict[Any, Callable[[], None]]:
     """`make_launch` of each candidate (index -> launch; it compiles the config), the first alone
     (one-time set-up: the family's weight copies, Triton's driver) and the rest up to `_threads()`
     at once on the caller's CUDA device: Triton's compiler spends most of a compile in C++ passes and
@@ -194,9 +194,9 @@ def _prepare(
         with torch.cuda.device(device):
             return make_launch(candidate)
 
-    launches: dict[int, Callable[[], None]] = {}
+    launches: dict[Any, Callable[[], None]] = {}
 
-    def keep(index: int, candidate: Any, result: Callable[[], Callable[[], None]]) -> None:
+    def keep(index: Any, candidate: Any, result: Callable[[], Callable[[], None]]) -> None:
         try:
             launches[index] = result()
         except Exception as error:  # noqa: BLE001 - a config the compiler rejects
@@ -233,28 +233,41 @@ def _time_each(
     return timings
 
 
+def _known(key: str, decode: Callable[[Any], Any]) -> Any:
+    """The config tuned for `key` in this process or in the disk cache, else None."""
+    from torch._dynamo.utils import counters
+
+    if key in _memory:
+        return _memory[key]
+    stored = _load(cache_dir() / _CACHE_FILE).get(key)
+    if stored is None:
+        return None
+    counters["lowbit"]["tuning_cache_hits"] += 1
+    _memory[key] = decode(stored)
+    return _memory[key]
+
+
 def pick(
     key: str,
     candidates: Sequence[Any],
     make_launch: Callable[[Any], Callable[[], None]],
     encode: Callable[[Any], Any],
     decode: Callable[[Any], Any],
+    prepared: dict[int, Callable[[], None]] | None = None,
 ) -> Any:
-    """The fastest of `candidates` for `key`, from memory, the disk cache, or by measuring them."""
+    """The fastest of `candidates` for `key`, from memory, the disk cache, or by measuring them.
+    `prepared`: the candidates' launches by index, built already (`bucket_plan` builds those of
+    all its buckets at once); a missing index is a candidate that failed to build."""
     from torch._dynamo.utils import counters
 
-    if key in _memory:
-        return _memory[key]
+    known = _known(key, decode)
+    if known is not None:
+        return known
     path = cache_dir() / _CACHE_FILE
-    stored = _load(path).get(key)
-    if stored is not None:
-        counters["lowbit"]["tuning_cache_hits"] += 1
-        _memory[key] = decode(stored)
-        return _memory[key]
     start = time.perf_counter()
     screen = _screen_rep_ms()
     indexed = list(enumerate(candidates))
-    launches = _prepare(key, indexed, make_launch)
+    launches = prepared if prepared is not None else _prepare(key, indexed, make_launch)
     if screen > 0 and len(indexed) > FINALISTS:
         ranked = [(index, candidate) for _, index, candidate in sorted(_time_each(key, indexed, launches, screen))]
         timings = []
@@ -299,27 +312,40 @@ def bucket_plan(
 
     from lowbit_compile.kernels import common
 
+    def key(bucket_m: int) -> str:
+        return "|".join(
+            (
+                family,
+                torch.cuda.get_device_name(device),
+                triton.__version__,
+                source_digest(source),
+                shape_key,
+                str(out_dtype),
+                f"bias{int(has_bias)}",
+                f"m{bucket_m}",
+            )
+        )
+
+    tuned = [bucket_m for _, last, bucket_m in common.M_BUCKETS if tune and tunes_bucket(last)]
+    # The candidates of every bucket still to tune are built (compiled) together: more compiles
+    # in flight than one bucket has
+    pending = {m: list(candidates(m)) for m in tuned if _known(key(m), config_type.from_tuple) is None}
+    built = _prepare(
+        family,
+        [((m, index), (m, config)) for m, configs in pending.items() for index, config in enumerate(configs)],
+        lambda bucket_and_config: make_launch(*bucket_and_config),
+    )
     buckets = []
     for first, last, bucket_m in common.M_BUCKETS:
-        if tune and tunes_bucket(last):
-            key = "|".join(
-                (
-                    family,
-                    torch.cuda.get_device_name(device),
-                    triton.__version__,
-                    source_digest(source),
-                    shape_key,
-                    str(out_dtype),
-                    f"bias{int(has_bias)}",
-                    f"m{bucket_m}",
-                )
-            )
+        if bucket_m in tuned:
+            configs = pending.get(bucket_m)
             config = pick(
-                key,
-                candidates(bucket_m),
+                key(bucket_m),
+                configs if configs is not None else candidates(bucket_m),
                 lambda config, m=bucket_m: make_launch(m, config),
                 encode=config_type.as_tuple,
                 decode=config_type.from_tuple,
+                prepared=None if configs is None else {i: built[(m, i)] for m, i in built if m == bucket_m},
             )
         else:
             config = default(bucket_m)
