@@ -79,7 +79,8 @@ _memory: dict[str, Any] = {}
 # FINALISTS fastest again at full length). TIMER "triton" times with Triton's `do_bench_cudagraph`
 # instead (as up to the eleventh session: ten replays of a graph of `rep` ms each, and a capture of
 # thousands of launches per candidate for a microsecond kernel: ~0.3 s a candidate, tuning was ~2/3
-# of a w4a16 compile, RESULTS.md). LOWBIT_TUNING_TIMER overrides TIMER.
+# of a w4a16 compile, RESULTS.md). LOWBIT_TUNING_TIMER overrides TIMER. Screening is off: with this
+# timer a 4 ms screen saved ~1 s of a 4-layer Llama's tuning (RESULTS.md, eleventh session).
 SCREEN_REP_MS = 0.0
 FINAL_REP_MS = 20.0
 FINALISTS = 3
