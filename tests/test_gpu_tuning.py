@@ -64,3 +64,28 @@ def test_weight_only_plan_tuned_with_threads_runs_correctly(tmp_path, monkeypatc
         expected = ops._weight_only_mm_reference(x, q.data, q.scale, q.zero_point, empty, None, "int4_g128_asym",
                                                  torch.float32)  # fmt: skip
         assert sqnr(expected, out.float()) >= 45
+
+
+@pytest.mark.parametrize("family", ["scaled_mm_fp8", "scaled_mm_int8", "int4_scaled_mm"])
+def test_scaled_families_tune_with_threads(tmp_path, monkeypatch, family):
+    """The scaled-GEMM families' timed launches (`common.timed_launch`, shared operands per bucket)
+    tune every bucket of one weight cold and give a plan of their own config type."""
+    from torch._dynamo.utils import counters
+
+    from lowbit_compile.kernels import common, int4_scaled_mm, scaled_mm, tuning
+
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("LOWBIT_AUTOTUNE", "1")
+    monkeypatch.setattr(tuning, "_memory", {})
+    counters.clear()
+    device = torch.device("cuda")
+    if family == "int4_scaled_mm":
+        flat = int4_scaled_mm.plan(int4_scaled_mm.Int4ScaledMeta(328, 640, 128), torch.bfloat16, True, device)
+        configs = int4_scaled_mm.unflatten_plan(flat)
+    else:
+        meta = scaled_mm.ScaledMeta(328, 640, family.endswith("int8"), False, False, False)
+        flat = scaled_mm.plan(meta, torch.bfloat16, True, device)
+        configs = scaled_mm.unflatten_plan(flat)
+    assert counters["lowbit"]["tuning_runs"] == len(common.M_BUCKETS)
+    assert counters["lowbit"]["tuning_build_seconds_x1000"] > 0
+    assert [(first, last) for first, last, _ in configs] == [(f, l) for f, l, _ in common.M_BUCKETS]
