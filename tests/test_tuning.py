@@ -205,3 +205,27 @@ def test_bucket_plan_builds_every_pending_bucket_at_once(timed, monkeypatch) -> 
     built.clear()
     monkeypatch.setattr(tuning, "_memory", {})  # a new process: the disk cache serves every bucket
     assert plan() == flat and built == []
+
+
+def test_builders_called_from_threads_build_once_per_argument() -> None:
+    import threading
+    import time
+
+    from lowbit_compile.kernels import common
+
+    calls = []
+
+    @common.once_per_key
+    def operands(m):
+        calls.append(m)
+        time.sleep(0.02)  # long enough for the other threads to arrive while it builds
+        return [m]
+
+    results = []
+    threads = [threading.Thread(target=lambda m=m: results.append(operands(m))) for m in (1, 1, 1, 16, 16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(calls) == [1, 16]
+    assert sum(r is operands(1) for r in results) == 3 and sum(r is operands(16) for r in results) == 2

@@ -9,6 +9,8 @@ CUDA graph never records it), so exactly one bucket runs and no guard is put on 
 
 from __future__ import annotations
 
+import functools
+import threading
 from collections.abc import Callable
 
 import torch
@@ -132,3 +134,18 @@ def timed_launch(launch: Callable[..., None], weights, activations, bias, out, m
         launch(*activations, *weights[turn[0]], bias, out, meta, config)
 
     return run_once
+
+
+def once_per_key(make: Callable) -> Callable:
+    """`functools.cache` for the tuner's builders (weight copies, a bucket's operands), which its
+    threads call at once: one build per argument, the others wait for it (no duplicate 1 GB
+    outputs)."""
+    lock = threading.Lock()
+    cached = functools.cache(make)
+
+    @functools.wraps(make)
+    def get(*args):
+        with lock:
+            return cached(*args)
+
+    return get

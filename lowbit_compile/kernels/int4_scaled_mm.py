@@ -321,13 +321,13 @@ def plan(
 def _plan(meta, out_dtype, has_bias, device, tune: bool, min_rows: int) -> tuple[int, ...]:
     from lowbit_compile.kernels import tuning
 
-    @functools.cache
+    @common.once_per_key
     def weight_copies() -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Random weights like `meta`, in copies that together exceed L2, made once per plan."""
         copies = max(1, min(8, -(-common.L2_BYTES // (meta.n * meta.k // 2))))
         return [random_weight(meta, device) for _ in range(copies)]
 
-    @functools.cache
+    @common.once_per_key
     def operands(m: int) -> tuple:
         """Activations, bias and output of a bucket's timed launches (shared by its candidates)."""
         x = torch.randn(m, meta.k, device=device).to(torch.float8_e4m3fn)

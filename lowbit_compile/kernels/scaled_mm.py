@@ -609,13 +609,13 @@ def plan(meta: ScaledMeta, out_dtype: torch.dtype, has_bias: bool, device: torch
 def _plan(meta: ScaledMeta, out_dtype: torch.dtype, has_bias: bool, device: torch.device, tune: bool) -> tuple[int, ...]:
     from lowbit_compile.kernels import tuning
 
-    @functools.cache
+    @common.once_per_key
     def weight_copies() -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Random weights like `meta`, in copies that together exceed L2, made once per plan."""
         copies = max(1, min(8, -(-common.L2_BYTES // (meta.n * meta.k))))
         return [_random_operands(meta, meta.n, device, weight=True) for _ in range(copies)]
 
-    @functools.cache
+    @common.once_per_key
     def operands(m: int) -> tuple:
         """Activations, bias and output of a bucket's timed launches (shared by its candidates)."""
         bias = torch.randn(meta.n, dtype=out_dtype, device=device) if has_bias else None

@@ -816,14 +816,14 @@ def plan(meta: WeightMeta, dtype: torch.dtype, has_bias: bool, device: torch.dev
 def _plan(meta: WeightMeta, dtype: torch.dtype, has_bias: bool, device: torch.device, tune: bool) -> tuple[int, ...]:
     from lowbit_compile.kernels import tuning
 
-    @functools.cache
+    @common.once_per_key
     def weight_copies() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Random weights like `meta` for timing candidates, in copies that together exceed L2 (in
         a model no weight stays in L2 between calls): made once per plan, only if a bucket tunes."""
         weight_bytes = meta.n * meta.k * meta.bits // 8
         return [_random_weight(meta, device) for _ in range(max(1, min(8, -(-common.L2_BYTES // weight_bytes))))]
 
-    @functools.cache
+    @common.once_per_key
     def operands(m: int) -> tuple:
         """Activations, bias and output of a bucket's timed launches (shared by its candidates)."""
         x = torch.randn(m, meta.k, dtype=dtype, device=device)
