@@ -45,7 +45,7 @@ def _read_kv_kernel(k_ptr, v_ptr, out_ptr, S, H_KV, split_len, stride_kb, stride
     tl.store(out_ptr + (pid_bh * tl.num_programs(2) + split) * HEAD_DIM + offs_d, tl.sum(acc, 0))
 
 
-def prefill(rows: list, fmt: str, causal: bool, s: int, variants: bool = False, prepass_variants: bool = False) -> None:
+def prefill(rows: list, fmt: str, causal: bool, s: int, prepass_variants: bool = False) -> None:
     q, k, v = _operands(4, 32, 32, s, s, 128)
     sdpa, _ = _sdpa(q, k, v, causal, False)
     bf16 = _time_ms(sdpa)
@@ -69,7 +69,7 @@ def prefill(rows: list, fmt: str, causal: bool, s: int, variants: bool = False, 
         finally:
             for name, value in old.items():
                 setattr(A, name, value)
-    if causal and variants:  # the launch order of the Q blocks: head groups, longest rows first
+    if causal:  # the launch order of the Q blocks: head groups, longest rows first
         old_group = A.CAUSAL_HEAD_GROUP
         try:
             for group in (1, 2, 4, 8, 16, 32, 128):
@@ -151,7 +151,7 @@ def main() -> None:
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
     if not args.skip_prefill:
         for fmt in ("attn_fp8_t128", "attn_int8_t128"):
-            prefill(rows, fmt, True, 4096, variants=True, prepass_variants=fmt == "attn_fp8_t128" and args.prepass)
+            prefill(rows, fmt, True, 4096, prepass_variants=fmt == "attn_fp8_t128" and args.prepass)
         prefill(rows, "attn_fp8_t128", False, 8192)
     for fmt in () if args.skip_decode else ("attn_fp8_t128", "attn_int8_t128"):
         decode(rows, fmt)

@@ -239,7 +239,6 @@ def compile_graph(
         lap("dump")
 
     state = run_pipeline(gm, example_inputs, policy, observe, calibration=options.calibration)
-    lap("after_stages")
     report = build_report(state.sites, policy, graph_id)
     log.info("%s", report.table())
     problem = coverage_problem(state.sites)

@@ -188,6 +188,8 @@ def _prepare(
     at once on the caller's CUDA device: Triton's compiler spends most of a compile in C++ passes and
     ptxas without the GIL, so compiles overlap (Inductor precompiles its choices in threads too).
     A candidate that fails (e.g. out of shared memory) is logged and left out."""
+    from torch._dynamo.utils import counters
+
     device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
 
     def build(candidate: Any) -> Callable[[], None]:
@@ -195,8 +197,6 @@ def _prepare(
             return make_launch(candidate)
         with torch.cuda.device(device):
             return make_launch(candidate)
-
-    from torch._dynamo.utils import counters
 
     started = time.perf_counter()
     launches: dict[Any, Callable[[], None]] = {}
@@ -343,15 +343,14 @@ def bucket_plan(
     )
     buckets = []
     for first, last, bucket_m in common.M_BUCKETS:
-        if bucket_m in tuned:
-            configs = pending.get(bucket_m)
+        if bucket_m in tuned:  # known by now, or pending with its launches built
             config = pick(
                 key(bucket_m),
-                configs if configs is not None else candidates(bucket_m),
+                pending.get(bucket_m, []),
                 lambda config, m=bucket_m: make_launch(m, config),
                 encode=config_type.as_tuple,
                 decode=config_type.from_tuple,
-                prepared=None if configs is None else {i: built[(m, i)] for m, i in built if m == bucket_m},
+                prepared={i: launch for (m, i), launch in built.items() if m == bucket_m},
             )
         else:
             config = default(bucket_m)
