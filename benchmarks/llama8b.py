@@ -586,7 +586,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     meta["lowbit_counters"] = dict(counters["lowbit"])  # tuning time and runs, analysis-cache hits
     meta["fxgraph_cache"] = {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph")}
-    print("lowbit counters:", meta["lowbit_counters"], "Inductor FX-graph cache:", meta["fxgraph_cache"])
+    meta["autograd_cache"] = {k: v for k, v in counters["aot_autograd"].items() if k.startswith("autograd_cache")}
+    print(
+        "lowbit counters:", meta["lowbit_counters"], "Inductor FX-graph cache:", meta["fxgraph_cache"],
+        "AOTAutograd cache:", meta["autograd_cache"],
+    )  # fmt: skip
     (out_dir / f"{stem}.json").write_text(json.dumps({"meta": meta, "variants": rows}, indent=2))
     if plan.prefill_only:
         table = _prefill_table(rows, plan)

@@ -265,6 +265,12 @@ def compile_graph(
         if "lowered" not in recorder.texts:  # Inductor's cache served it: its passes did not run
             note = "# Inductor's FX graph cache served this graph; set TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 to see it\n"
             recorder.record("lowered", render_stage("lowered", note, policy, graph_id))
+        if "output_code" not in recorder.texts:  # AOTAutograd's cache served it: Inductor did not run
+            recorder.record(
+                "output_code",
+                "# AOTAutograd's cache served this graph, so Inductor did not run and no output code was"
+                " generated; set TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 to see it\n",
+            )
     else:
         fused, folded = state.gm, state.folded
 

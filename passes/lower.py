@@ -97,6 +97,21 @@ def keep_eager_cat_layout(graph: torch.fx.Graph) -> int:
     return rewritten
 
 
+def mirror_example_values(graph: torch.fx.Graph) -> int:
+    """Give every node our stages inserted Dynamo's `example_value` (its `val`), as Dynamo's own
+    nodes have. AOTAutograd's cache accepts a `call_method` (a `.view()` Dynamo recorded on a
+    projection's output) only on a node with an example value; without it every graph whose fused
+    op's output goes on to a method call bypassed the cache ("Unsupported call_method target
+    weight_only_mm_triton_default"), and a warm compile traced and hashed the graph again each time.
+    Returns how many nodes got one."""
+    mirrored = 0
+    for node in graph.nodes:
+        if "val" in node.meta and "example_value" not in node.meta:
+            node.meta["example_value"] = node.meta["val"]
+            mirrored += 1
+    return mirrored
+
+
 def lower_with_inductor(
     state: PipelineState,
     on_lowered_graph: Callable[[torch.fx.Graph], None],
@@ -125,6 +140,7 @@ def lower_with_inductor(
     if kernel_counts:
         state.gm.recompile()
         log.info("device kernels: %s", kernel_counts)
+    mirror_example_values(state.gm.graph)
     # The folded weights have fixed shapes: hand Inductor static fake versions, else it would give
     # them fresh symbolic sizes that no Dynamo source can guard.
     fake_mode = detect_fake_mode()

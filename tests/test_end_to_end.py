@@ -187,6 +187,56 @@ def test_changing_the_policy_never_reuses_a_cached_graph(tmp_path: Path, monkeyp
     assert compile_and_count(variant) == (0, 1)
 
 
+class _ProjectThenView(nn.Module):
+    """A projection whose output goes on to a method call, as attention's `.view(b, s, h, d)` does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(128, 64)
+        self.out = nn.Linear(64, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x).view(x.shape[0], 4, 16)
+        return self.out(torch.relu(h).reshape(x.shape[0], 64))
+
+
+def test_aot_autograd_cache_serves_graphs_whose_fused_op_output_has_a_method_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Our inserted nodes carried `val` but not Dynamo's `example_value`, so AOTAutograd's cache
+    # bypassed every graph with a `.view()` on a fused op's output (a warm compile traced it again).
+    from lowbit_compile.backend import BackendOptions, compile_graph
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    model = _ProjectThenView().eval()
+    x = torch.randn(4, 128)
+    graphs: list[dict[str, str]] = []
+    options = BackendOptions.parse({"policy": "w8a16"})
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        return compile_graph(gm, example_inputs, options, on_stages=graphs.append)
+
+    def compile_once() -> tuple[dict[str, int], torch.Tensor]:
+        torch._dynamo.reset()
+        counters.clear()
+        with (
+            torch._inductor.config.patch(fx_graph_cache=True, fx_graph_remote_cache=False),
+            torch._functorch.config.patch(enable_autograd_cache=True),
+            torch.no_grad(),
+        ):
+            out = torch.compile(model, backend=backend)(x)
+        return dict(counters["aot_autograd"]), out
+
+    first, out_first = compile_once()
+    assert first.get("autograd_cache_bypass", 0) == 0 and first.get("autograd_cache_saved") == 1, first
+    second, out_second = compile_once()
+    assert second.get("autograd_cache_hit") == 1 and second.get("autograd_cache_bypass", 0) == 0, second
+    torch.testing.assert_close(out_second, out_first, rtol=0, atol=0)
+    assert "def call(" in graphs[0]["output_code"]
+    assert graphs[1]["output_code"].startswith("# AOTAutograd's cache served this graph")
+
+
 def test_dump_dir_writes_every_stage_with_a_header(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 64), nn.ReLU()).eval()

@@ -107,3 +107,30 @@ def test_layers_compiled_one_by_one_with_cuda_graphs_use_their_own_weights() -> 
             for layer, reference in zip(layers, expected):
                 assert 25 < sqnr(reference, layer(x)) < 60
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("name", ["w4a16", "fp8", "fp8-attention"])
+def test_warm_compile_is_served_by_aot_autograd_cache(name: str, tmp_path, monkeypatch) -> None:
+    # Every graph of a real model has a method call (`.view`) on a fused op's output; AOTAutograd's
+    # cache bypassed those graphs until our nodes carried `example_value` (issue 5, warm compile).
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path / "lowbit"))
+    model, tokens = _llama()
+
+    def compile_once():
+        torch._dynamo.reset()
+        counters.clear()
+        with (
+            torch._inductor.config.patch(fx_graph_cache=True, fx_graph_remote_cache=False),
+            torch._functorch.config.patch(enable_autograd_cache=True),
+            torch.no_grad(),
+        ):
+            out = torch.compile(model, backend="lowbit", options={"policy": name})(tokens)
+        return dict(counters["aot_autograd"]), out
+
+    first, logits_first = compile_once()
+    assert first.get("autograd_cache_bypass", 0) == 0, first
+    second, logits_second = compile_once()
+    assert second.get("autograd_cache_hit", 0) >= 1 and second.get("autograd_cache_miss", 0) == 0, second
+    torch.testing.assert_close(logits_second, logits_first, rtol=0, atol=0)
