@@ -56,12 +56,57 @@ def _fill_meta(state: PipelineState) -> None:
         return arg.meta["val"]
 
     # As Dynamo does: composite ops (linear -> matmul) need Python decompositions for symbolic sizes.
+    memo: dict[tuple, Any] = {}
     with fake_mode, enable_python_dispatcher():
         for node in state.gm.graph.nodes:
             if node.op != "call_function" or "val" in node.meta:
                 continue
             args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), val)
+            key = _static_key(node.target, args, kwargs)
+            known = memo.get(key) if key is not None else None
+            if known is not None:
+                node.meta["val"] = _fresh_like(known)
+                continue
             node.meta["val"] = node.target(*args, **kwargs)
+            if key is not None:
+                memo[key] = node.meta["val"]
+
+
+def _static_key(target: Any, args: tuple, kwargs: dict) -> tuple | None:
+    """A memo key for one of our ops on tensors of fixed sizes (a layer's weight quantize /
+    dequantize: the composite ops decompose into dozens of fake ops, and a model repeats the same
+    weight shapes in every layer), or None: other targets, symbolic sizes, or arguments the key
+    cannot hold. The op's result depends on nothing else than what the key holds."""
+    if not (isinstance(target, torch._ops.OpOverload) and target.namespace == "lowbit"):
+        return None
+    def part(item: Any) -> tuple:
+        if isinstance(item, torch.Tensor):
+            if not all(type(s) is int for s in (*item.shape, *item.stride())):
+                raise _NoKey
+            return ("tensor", tuple(item.shape), item.stride(), item.dtype, item.device)
+        if isinstance(item, float):  # by its bits: NaN equals itself, -0.0 is not 0.0
+            return ("float", item.hex())
+        if item is None or isinstance(item, (bool, int, str, torch.dtype)):
+            return (type(item).__name__, item)
+        raise _NoKey
+
+    try:
+        return (target, tuple(part(a) for a in args), tuple((k, part(v)) for k, v in sorted(kwargs.items())))
+    except _NoKey:
+        return None
+
+
+class _NoKey(Exception):
+    pass
+
+
+def _fresh_like(value: Any) -> Any:
+    """New fake tensors with `value`'s sizes, strides, dtype and device (a tuple for a tuple)."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_fresh_like(v) for v in value)
+    if isinstance(value, torch.Tensor):
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device)
+    return value
 
 
 def run_stage(name: str, stage: Callable[[PipelineState], None], state: PipelineState, observer: Observer) -> None:

@@ -25,13 +25,34 @@ _INPLACE_OPERATORS = {
 }  # fmt: skip
 
 
+_SIGNATURES: dict[Any, inspect.Signature | None] = {}  # target -> signature (None: it has none)
+
+
+def _signature(target: Any) -> inspect.Signature | None:
+    """inspect.signature(target), memoised per target (dead-code elimination asks for every node)."""
+    try:
+        return _SIGNATURES[target]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable target
+        return _signature_of(target)
+    if len(_SIGNATURES) >= 4096:  # targets are kept alive here: bound what a long process holds
+        _SIGNATURES.clear()
+    _SIGNATURES[target] = found = _signature_of(target)
+    return found
+
+
+def _signature_of(target: Any) -> inspect.Signature | None:
+    try:
+        return inspect.signature(target)
+    except (TypeError, ValueError):  # builtins without a signature
+        return None
+
+
 def _inplace_positionally(node: torch.fx.Node) -> bool:
     """`F.relu(x, True)`: a Python function whose `inplace` parameter is given by position."""
-    try:
-        signature = inspect.signature(node.target)
-    except (TypeError, ValueError):  # builtins without a signature
-        return False
-    if "inplace" not in signature.parameters:
+    signature = _signature(node.target)
+    if signature is None or "inplace" not in signature.parameters:
         return False
     try:
         bound = signature.bind(*node.args, **node.kwargs)
