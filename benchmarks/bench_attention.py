@@ -4,7 +4,8 @@
 
 Times bf16 `F.scaled_dot_product_attention` (the flash backend where it takes the case) and our
 kernel (`lowbit_compile.kernels.attention`, autotuned, q/k/v given in bf16 and quantized inside the
-kernel) for each attention format, by CUDA-graph replay (`triton.testing.do_bench_cudagraph`: host
+kernel) for each attention format, decode as the op dispatches it (`DECODE_SDPA`: bf16 SDPA; the
+quantized decode tile with --variants), by CUDA-graph replay (`triton.testing.do_bench_cudagraph`: host
 overhead excluded). Every operand here is larger than L2 (>= 32 MiB), so nothing is rotated.
 Prints a table of ms, TFLOP/s (prefill) or KV GB/s (decode) and the ratio over bf16 (and bf16 on
 cuDNN's attention as a ratio over flash: Inductor picks cuDNN for compiled models here), plus the
@@ -117,7 +118,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the three target cases only")
     parser.add_argument(
         "--variants", action="store_true",
-        help="also time decode with 2 or 4 programs per SM",
+        help="also time the quantized decode tile at 2 or 4 programs per SM",
     )  # fmt: skip
     args = parser.parse_args()
 
@@ -157,8 +158,8 @@ def main() -> None:
                 continue
             kernel.PREQUANTIZE_PREFILL, kernel.DECODE_PROGRAMS_PER_SM = variants[variant]
 
-            def ours(fmt=fmt):
-                return kernel.run(q, k, v, None, causal, None, gqa, fmt, torch.bfloat16)
+            def ours(fmt=fmt, bf16_decode=not variant and kernel.DECODE_SDPA):
+                return kernel.run(q, k, v, None, causal, None, gqa, fmt, torch.bfloat16, bf16_decode=bf16_decode)
 
             ms = _time_ms(ours)
             row["formats"][fmt + variant] = {

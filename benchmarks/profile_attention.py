@@ -113,6 +113,9 @@ def decode(rows: list, fmt: str) -> None:
                 rows.append(dict(case=case, bf16_ms=bf16, op_ms=ms, op_x=bf16 / ms, tbps=kv_bytes / ms / 1e9))
         # the packed MMA tile (attention_kernel), as before the FMA kernel
         A.DECODE_FMA = False
+        ms = _time_ms(lambda: A.run(q, k, v, None, False, None, True, fmt, torch.bfloat16, bf16_decode=True))
+        rows.append(dict(case=f"decode {fmt} as the op dispatches it (DECODE_SDPA: bf16 SDPA)", bf16_ms=bf16, op_ms=ms,
+                         op_x=bf16 / ms))  # fmt: skip
         for per_sm in (1,):
             A.DECODE_PROGRAMS_PER_SM = per_sm
             splits = A._splits(batch, hkv, s, 128, q.device)

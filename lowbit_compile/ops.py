@@ -536,7 +536,7 @@ if HAS_TRITON:
         config = None if tuning.tuning_enabled() else _attention.default_config(fmt)
         return _attention.run(
             q, k, v, attn_mask, is_causal, scale, enable_gqa, fmt, out_dtype, wrap=torch.library.wrap_triton,
-            config=config,
+            config=config, bf16_decode=_attention.DECODE_SDPA,
         )  # fmt: skip
 
     @block_attention.register_kernel("cuda")
@@ -587,7 +587,15 @@ def kernel_name(
         runs = scaled_mm_kernel(x_dtype, device, x_fmt, w_fmt)
     if runs in SLOWER_THAN_BF16:
         return f"{op} [{runs}; {SLOWER_THAN_BF16[runs]}]"
+    if op == "block_attention" and runs is not None and _decode_runs_sdpa():
+        return f"{op} [{runs}; decode steps: bf16 SDPA]"
     return f"{op} [{runs or 'reference'}]"
+
+
+def _decode_runs_sdpa() -> bool:
+    from lowbit_compile.kernels import attention as attention_kernels
+
+    return attention_kernels.DECODE_SDPA
 
 
 # Kernels measured slower than bf16 somewhere, with no faster path for the same stored weight: the

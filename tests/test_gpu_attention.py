@@ -212,7 +212,7 @@ def test_sdpa_output_code_holds_the_kernel(name, kernel):
         (Path(os.environ["LOWBIT_TEST_OUT"]) / f"output_code_attention_{name}.py").write_text(code)
     FileCheck().check("@triton.jit").check("def attention_kernel(").run(code)
     assert "torch.ops.lowbit.block_attention.default(" not in code
-    assert f"block_attention [{kernel}]" in graphs["report"]
+    assert f"block_attention [{kernel}; decode steps: bf16 SDPA]" in graphs["report"]
     assert out.shape == q.shape and out.is_contiguous()
     fmt = "attn_fp8_t128" if name.startswith("fp8") else "attn_int8_t128"
     assert sqnr(reference.attention(q, k, v, None, True, None, False, fmt), out.float()) >= KERNEL_VS_REFERENCE_DB
@@ -228,3 +228,22 @@ def test_dynamic_sequence_lengths_one_graph():
             assert sqnr(expected, compiled(q, k, v).float()) >= KERNEL_VS_REFERENCE_DB, length
     # One graph for every length, within one 128-token block (77, 5) or above it.
     assert counters["stats"]["unique_graphs"] == 1
+
+
+class DecodeAttention(torch.nn.Module):
+    def forward(self, q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_decode_step_compiles_to_bf16_sdpa():
+    """A decode step (static L = 1, GQA 32/8, a boolean cache mask) under fp8-attention runs SDPA on
+    the bf16 operands (DECODE_SDPA): no attention kernel in the output code, eager SDPA's result."""
+    torch.manual_seed(6)
+    q, k, v = heads_last(2, 32, 1, 128), heads_last(2, 8, 1000, 128), heads_last(2, 8, 1000, 128)
+    mask = torch.arange(1000, device="cuda")[None, None, None, :] < torch.tensor([700, 1000], device="cuda")[:, None, None, None]
+    out, graphs = run_and_get_graphs(DecodeAttention(), q, k, v, mask, policy="fp8-attention")
+    assert "def attention_kernel(" not in graphs["output_code"]
+    assert "torch.ops.lowbit.block_attention.default(" not in graphs["output_code"]
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert out.is_contiguous() and sqnr(expected.float(), out.float()) >= 40.0  # quantized: ~25-28 dB

@@ -200,19 +200,39 @@ def test_triton_op_body_runs_in_the_interpreter():
     assert sqnr(expected.float(), out.float()) >= KERNEL_VS_REFERENCE_DB
 
 
+@pytest.mark.parametrize("mask_kind", [None, "float", "bool"])
+def test_decode_through_the_op_runs_unquantized_sdpa(monkeypatch, mask_kind):
+    # Decode steps read bf16 K/V either way; quantizing them only adds work (DECODE_SDPA).
+    q, k, v = heads_last(2, 8, 1, 32), heads_last(2, 2, 40, 32), heads_last(2, 2, 40, 32)
+    mask = {None: None, "float": torch.randn(2, 1, 1, 40, dtype=torch.float16), "bool": torch.rand(2, 8, 1, 40) > 0.3}
+    mask = mask[mask_kind]
+    assert kernel.decode_rows(1, 4, 16) is not None
+    out = torch.ops.lowbit.block_attention_triton(q, k, v, mask, False, 0.3, True, INT8, torch.float16)
+    exact = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
+    assert out.is_contiguous() and out.shape == exact.shape
+    torch.testing.assert_close(out, exact, rtol=0, atol=0)
+    monkeypatch.setattr(kernel, "DECODE_SDPA", False)  # the packed decode tile, quantized
+    quantized = torch.ops.lowbit.block_attention_triton(q, k, v, mask, False, 0.3, True, INT8, torch.float16)
+    expected = torch.ops.lowbit.block_attention(q, k, v, mask, False, 0.3, True, INT8, torch.float16)
+    assert sqnr(expected.float(), quantized.float()) >= KERNEL_VS_REFERENCE_DB
+    assert sqnr(exact.float(), quantized.float()) < KERNEL_VS_REFERENCE_DB  # it did quantize
+
+
 def test_supported_formats():
     for name in formats.BUILTIN_ATTENTION_FORMATS:
         assert kernel.supports(formats.get_attention_format(name)) is None, name
     assert "quantizes P" in kernel.supports(formats.get_attention_format("fp8_e4m3_row"))
 
 
-def test_report_names_what_runs():
+def test_report_names_what_runs(monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     name = ops.kernel_name
     fp8 = name("block_attention", torch.bfloat16, cuda, None, x_fmt="attn_fp8_t128")
-    assert fp8 == "block_attention [triton:attn_fp8]"
+    assert fp8 == "block_attention [triton:attn_fp8; decode steps: bf16 SDPA]"
     int8 = name("block_attention", torch.float16, cuda, None, x_fmt="attn_int8_t64")
-    assert int8 == "block_attention [triton:attn_int8]"
+    assert int8 == "block_attention [triton:attn_int8; decode steps: bf16 SDPA]"
+    monkeypatch.setattr(kernel, "DECODE_SDPA", False)
+    assert name("block_attention", torch.bfloat16, cuda, None, x_fmt="attn_fp8_t128") == "block_attention [triton:attn_fp8]"
     assert name("block_attention", torch.bfloat16, cpu, None, x_fmt="attn_int8_t64") == "block_attention [reference]"
     assert name("attention", torch.bfloat16, cuda, None, x_fmt="fp8_e4m3_row") == "attention [reference]"
 

@@ -81,6 +81,14 @@ CAUSAL_HEAD_GROUP = 8  # measured (NOTES v8): 8 -> 1.37-1.39x of bf16, 1 -> 1.35
 # 0.22x of bf16 SDPA (B16, Hq32/Hkv8, KV 8192) against 0.74-0.76x for the packed MMA tile; kept opt-in.
 DECODE_FMA = False
 DECODE_FMA_PROGRAMS_PER_SM = 1
+# Decode through the op (`ops.block_attention_triton`): launches that would pack a decode tile (a
+# static query length, L x group <= DECODE_MAX_ROWS) run bf16 SDPA on the unquantized operands. With
+# K/V arriving in bf16, a decode step reads the same bytes either way and the quantization only adds
+# work: on H100 (B16 Hq32/Hkv8, KV 8192) the packed tile runs at 0.74-0.76x of SDPA and a kernel that
+# only reads the bf16 K/V at 1.025x (NOTES-attention.md v7, RESULTS.md tenth session); this path
+# measured 1.04x (twelfth session). `run` itself keeps the kernel unless asked (`bf16_decode=True`);
+# the report names the decode path.
+DECODE_SDPA = True
 MASK_NONE, MASK_FLOAT, MASK_BOOL = 0, 1, 2
 
 
@@ -741,6 +749,17 @@ def _quantize_kv(k4, v4, attention_format, block_n: int, constants: dict, wrap) 
     return k_codes, k_scales, v_codes, v_scales
 
 
+def _sdpa_decode(q4, k4, v4, mask, is_causal: bool, scale: float | None, out: torch.Tensor) -> None:
+    """Unquantized attention into `out` (contiguous (B, Hq, L, Dv)) by SDPA: the GQA group by
+    `enable_gqa` (K/V not repeated), a float mask in the operands' dtype as SDPA requires."""
+    if mask is not None and mask.dtype != torch.bool and mask.dtype != q4.dtype:
+        mask = mask.to(q4.dtype)
+    result = torch.nn.functional.scaled_dot_product_attention(
+        q4, k4, v4, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=q4.shape[1] != k4.shape[1]
+    )
+    out.copy_(result)
+
+
 def run(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -754,8 +773,11 @@ def run(
     wrap=None,
     config: dict | None = None,
     out: torch.Tensor | None = None,
+    bf16_decode: bool = False,
 ) -> torch.Tensor:
     """The op body: `reference.attention(q, k, v, ...)` by the kernel, out (..., Hq, L, Dv) contiguous.
+    `bf16_decode`: decode launches (those that would pack a decode tile) run unquantized SDPA instead
+    (`DECODE_SDPA`), unless the opt-in FMA decode kernel takes them.
 
     `config` ({"BLOCK_M", "num_warps", "num_stages"}) launches the undecorated kernel with it (the
     interpreter, tests); otherwise the autotuned kernel runs (GPU). `out`: a contiguous (B, Hq, L, Dv)
@@ -800,6 +822,9 @@ def run(
     if packed is not None and fma_decode(query_len, group):
         qk_scale = 0.0 if scale_from_d else softmax_scale * LOG2E
         _run_fma_decode(q4, k4, v4, mask, mask_strides, out, constants, wrap, config, qk_scale)
+        return out.reshape(*lead, q_heads, query_len, value_dim)
+    if packed is not None and bf16_decode:
+        _sdpa_decode(q4, k4, v4, None if attn_mask is None else mask, is_causal, scale, out)
         return out.reshape(*lead, q_heads, query_len, value_dim)
     prequant = packed is None and PREQUANTIZE_PREFILL
     constants.update(PREQUANT=prequant, HEAD_GROUP=CAUSAL_HEAD_GROUP if packed is None and is_causal else 1)
@@ -870,6 +895,7 @@ def default_config(fmt: str) -> dict:
 
 
 __all__ = [
-    "MAX_HEAD_DIM", "attention_kernel", "combine_splits_kernel", "default_config", "quantize_kv_kernel", "run",
+    "DECODE_SDPA", "MAX_HEAD_DIM", "attention_kernel", "combine_splits_kernel", "default_config", "quantize_kv_kernel",
+    "run",
     "supports",
 ]
