@@ -218,6 +218,13 @@ def test_decode_through_the_op_runs_unquantized_sdpa(monkeypatch, mask_kind):
     assert sqnr(exact.float(), quantized.float()) < KERNEL_VS_REFERENCE_DB  # it did quantize
 
 
+def test_opcheck_of_the_triton_op_at_decode():
+    # symbolic head counts (opcheck's dynamic-shape pass): no guard, SDPA in its GQA form
+    q, k, v = heads_last(1, 4, 1, 32), heads_last(1, 2, 40, 32), heads_last(1, 2, 40, 32)
+    args = (q, k, v, None, False, None, True, INT8, torch.float16)
+    torch.library.opcheck(torch.ops.lowbit.block_attention_triton.default, args)
+
+
 def test_supported_formats():
     for name in formats.BUILTIN_ATTENTION_FORMATS:
         assert kernel.supports(formats.get_attention_format(name)) is None, name

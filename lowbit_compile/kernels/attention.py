@@ -754,8 +754,11 @@ def _sdpa_decode(q4, k4, v4, mask, is_causal: bool, scale: float | None, out: to
     `enable_gqa` (K/V not repeated), a float mask in the operands' dtype as SDPA requires."""
     if mask is not None and mask.dtype != torch.bool and mask.dtype != q4.dtype:
         mask = mask.to(q4.dtype)
+    gqa = q4.shape[1] != k4.shape[1]
+    if not isinstance(gqa, bool):  # symbolic head counts (no guard on them): the GQA form serves both
+        gqa = True
     result = torch.nn.functional.scaled_dot_product_attention(
-        q4, k4, v4, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=q4.shape[1] != k4.shape[1]
+        q4, k4, v4, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=gqa
     )
     out.copy_(result)
 
