@@ -205,6 +205,8 @@ def test_aot_autograd_cache_serves_graphs_whose_fused_op_output_has_a_method_cal
 ) -> None:
     # Our inserted nodes carried `val` but not Dynamo's `example_value`, so AOTAutograd's cache
     # bypassed every graph with a `.view()` on a fused op's output (a warm compile traced it again).
+    from _caches import compile_with_caches
+
     from lowbit_compile.backend import BackendOptions, compile_graph
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
@@ -217,20 +219,9 @@ def test_aot_autograd_cache_serves_graphs_whose_fused_op_output_has_a_method_cal
     def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
         return compile_graph(gm, example_inputs, options, on_stages=graphs.append)
 
-    def compile_once() -> tuple[dict[str, int], torch.Tensor]:
-        torch._dynamo.reset()
-        counters.clear()
-        with (
-            torch._inductor.config.patch(fx_graph_cache=True, fx_graph_remote_cache=False),
-            torch._functorch.config.patch(enable_autograd_cache=True),
-            torch.no_grad(),
-        ):
-            out = torch.compile(model, backend=backend)(x)
-        return dict(counters["aot_autograd"]), out
-
-    first, out_first = compile_once()
+    first, out_first = compile_with_caches(model, x, backend=backend)
     assert first.get("autograd_cache_bypass", 0) == 0 and first.get("autograd_cache_saved") == 1, first
-    second, out_second = compile_once()
+    second, out_second = compile_with_caches(model, x, backend=backend)
     assert second.get("autograd_cache_hit") == 1 and second.get("autograd_cache_bypass", 0) == 0, second
     torch.testing.assert_close(out_second, out_first, rtol=0, atol=0)
     assert "def call(" in graphs[0]["output_code"]

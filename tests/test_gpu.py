@@ -116,21 +116,11 @@ def test_warm_compile_is_served_by_aot_autograd_cache(name: str, tmp_path, monke
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
     monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path / "lowbit"))
+    from _caches import compile_with_caches
+
     model, tokens = _llama()
-
-    def compile_once():
-        torch._dynamo.reset()
-        counters.clear()
-        with (
-            torch._inductor.config.patch(fx_graph_cache=True, fx_graph_remote_cache=False),
-            torch._functorch.config.patch(enable_autograd_cache=True),
-            torch.no_grad(),
-        ):
-            out = torch.compile(model, backend="lowbit", options={"policy": name})(tokens)
-        return dict(counters["aot_autograd"]), out
-
-    first, logits_first = compile_once()
+    first, logits_first = compile_with_caches(model, tokens, options={"policy": name})
     assert first.get("autograd_cache_bypass", 0) == 0, first
-    second, logits_second = compile_once()
+    second, logits_second = compile_with_caches(model, tokens, options={"policy": name})
     assert second.get("autograd_cache_hit", 0) >= 1 and second.get("autograd_cache_miss", 0) == 0, second
     torch.testing.assert_close(logits_second, logits_first, rtol=0, atol=0)
