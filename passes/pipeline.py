@@ -79,6 +79,7 @@ def _static_key(target: Any, args: tuple, kwargs: dict) -> tuple | None:
     cannot hold. The op's result depends on nothing else than what the key holds."""
     if not (isinstance(target, torch._ops.OpOverload) and target.namespace == "lowbit"):
         return None
+
     def part(item: Any) -> tuple:
         if isinstance(item, torch.Tensor):
             if not all(type(s) is int for s in (*item.shape, *item.stride())):
