@@ -249,3 +249,41 @@ def test_the_memo_keys_floats_by_bits_autotuner_configs_and_one_cache_per_functi
 
     monkeypatch.setattr(analysis_cache, "_argument_key", broken_key)
     assert cached(ours, {"scale": 1.0}, {}) == ["out"] and len(calls) == 7  # torch decides
+
+
+def test_kernel_source_closure_is_memoised_per_kernel_of_ours(monkeypatch) -> None:
+    from torch._inductor.codegen import wrapper
+
+    from lowbit_compile.kernels import analysis_cache
+
+    calls = []
+
+    def closure(kernel, epilogue_fusion=None):
+        calls.append((kernel, epilogue_fusion))
+        return f"source of {id(kernel)} {epilogue_fusion}"
+
+    cached = analysis_cache.memoised_source(closure)
+    ours, other = _kernel("lowbit_compile.kernels.fake"), _kernel("lowbit_compile.kernels.fake2")
+    first = cached(ours)
+    assert first == closure(ours) and len(calls) == 2
+    assert cached(ours) == first and cached(ours, None) == first and len(calls) == 2
+    assert cached(other) == closure(other) and len(calls) == 4  # another kernel: its own entry
+    theirs = _kernel("someone_else.kernels")
+    for args, kw in (((theirs,), {}), ((ours, ("epilogue", "src")), {}), ((ours,), {"epilogue_fusion": None})):
+        before = len(calls)
+        cached(*args, **kw)
+        cached(*args, **kw)
+        assert len(calls) == before + 2, (args, kw)  # not ours; an epilogue's own source; another call shape
+    # install() wraps Inductor's function once, and only with the cache on
+    raw = getattr(wrapper, analysis_cache.SOURCE_NAME)
+    raw = getattr(raw, "__wrapped_source__", raw)
+    monkeypatch.setattr(wrapper, analysis_cache.SOURCE_NAME, raw)
+    monkeypatch.setenv("LOWBIT_ANALYSIS_CACHE", "0")
+    analysis_cache.install()
+    assert getattr(wrapper, analysis_cache.SOURCE_NAME) is raw
+    monkeypatch.delenv("LOWBIT_ANALYSIS_CACHE")
+    analysis_cache.install()
+    wrapped = getattr(wrapper, analysis_cache.SOURCE_NAME)
+    assert wrapped.__wrapped_source__ is raw
+    analysis_cache.install()
+    assert getattr(wrapper, analysis_cache.SOURCE_NAME) is wrapped

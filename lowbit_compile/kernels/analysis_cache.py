@@ -16,6 +16,8 @@ analysis (torch then assumes every tensor is read and written: slower, never wro
 any other answer for the rest of the process.
 `LOWBIT_ANALYSIS_CACHE=0` turns it off (before `lowbit_compile` is imported). Hits and misses
 count in `stats` and in `torch._dynamo.utils.counters["lowbit"]` (`analysis_cache_hits`, `..._misses`).
+Inductor's kernel-source closure (`SOURCE_NAME`, asked for by every cache key) is memoised the same
+way, per kernel (`memoised_source`; `analysis_cache_source_hits`, `..._misses`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 
 NAMES = ("identify_accessed_tensors", "identify_mutated_tensors")  # newer torch, older torch
 
-stats = {"hits": 0, "misses": 0}
+stats = {"hits": 0, "misses": 0, "source_hits": 0, "source_misses": 0}
 
 
 class _Uncacheable(Exception):
@@ -121,9 +123,41 @@ def memoised(analysis: Callable) -> Callable:
     return cached
 
 
+# Inductor's source of a user kernel and everything it calls (`torch._inductor.codegen.wrapper`):
+# AOTAutograd's cache key asks for it for every kernel of every triton_op node of a graph, on every
+# compile, warm or not (87 nodes of a 4-layer Llama: 135 calls of a few ms each, disassembling each
+# kernel's bytecode and walking its callees). For a kernel the answer depends on its source and
+# the globals it reads, which Triton itself takes as fixed once the kernel has compiled (it refuses
+# a launch after a global it used has changed), so it is memoised per kernel object.
+SOURCE_NAME = "user_defined_triton_kernel_transitive_closure_source_code"
+
+
+def memoised_source(closure: Callable) -> Callable:
+    cache: dict[int, tuple[Any, str]] = {}  # id(kernel) -> (kernel kept alive for its id, source)
+
+    @functools.wraps(closure)
+    def cached(*args: Any, **kw: Any) -> Any:
+        # (kernel) or (kernel, None) as torch 2.11-2.13 call it; an epilogue fusion (its own source)
+        # or any other call shape goes straight through
+        if kw or not args or len(args) > 2 or (len(args) == 2 and args[1] is not None) or not is_ours(args[0]):
+            return closure(*args, **kw)
+        kernel = args[0]
+        hit = cache.get(id(kernel))
+        if hit is not None and hit[0] is kernel:
+            _count("source_hits")
+            return hit[1]
+        _count("source_misses")
+        source = closure(kernel)
+        cache[id(kernel)] = (kernel, source)
+        return source
+
+    cached.__wrapped_source__ = closure  # type: ignore[attr-defined]
+    return cached
+
+
 def install() -> bool:
-    """Wrap torch's analysis (whichever name this torch has) once; False if there is none or the
-    cache is switched off."""
+    """Wrap torch's analysis (whichever name this torch has) and Inductor's kernel-source closure
+    once; False if there is no analysis or the cache is switched off."""
     if os.environ.get("LOWBIT_ANALYSIS_CACHE", "1") == "0":
         return False
     try:
@@ -138,7 +172,14 @@ def install() -> bool:
         if not hasattr(analysis, "__wrapped_analysis__"):
             setattr(triton_kernel_wrap, name, memoised(analysis))
         installed = True
+    try:
+        from torch._inductor.codegen import wrapper
+    except ImportError:  # pragma: no cover
+        return installed
+    closure = getattr(wrapper, SOURCE_NAME, None)
+    if closure is not None and not hasattr(closure, "__wrapped_source__"):
+        setattr(wrapper, SOURCE_NAME, memoised_source(closure))
     return installed
 
 
-__all__ = ["NAMES", "install", "is_ours", "memoised", "stats"]
+__all__ = ["NAMES", "SOURCE_NAME", "install", "is_ours", "memoised", "memoised_source", "stats"]
