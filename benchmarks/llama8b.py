@@ -20,7 +20,9 @@ Per variant: compile time (wall time of the first prefill + first decode call, w
 graphs), decode latency and throughput at batch 1 and at batch 16 (timed over `--steps` steps after
 warm-up, synchronized; the batch-16 phase reallocates the cache, so it compiles a third graph, timed
 apart), 2048-token prefill at batch 1, peak GPU memory (`max_memory_allocated`, reset per variant: it
-includes the bf16 weights, about 16 GB, unless they were released, and the KV cache), the number of
+includes the bf16 weights, about 16 GB, unless they were released, and the KV cache), the batch-1
+serving peak (`max_memory_allocated` over the batch-1 prefill and decode once compiled: weights, cache,
+CUDA-graph pools; released bf16 weights and compile-time temporaries are gone by then), the number of
 graphs Dynamo compiled, whether Inductor skipped CUDA graphs (and why), and the SQNR of the first
 decode step's logits against eager bf16. Each variant runs on a fresh Dynamo and frees what it
 compiled before the next. Prints a markdown table last (ratios against bf16) and writes JSON, the
@@ -296,7 +298,7 @@ def run_variant(
     if counters["lowbit"]:  # compile-time work: tuning seconds and runs, mutation-analysis cache
         row["lowbit_counters"] = dict(counters["lowbit"])
     if cuda:
-        row["peak_gb"] = _gb(torch.cuda.max_memory_allocated())
+        row["peak_gb"] = max(row.get("peak_gb", 0.0), _gb(torch.cuda.max_memory_allocated()))
     return row
 
 
@@ -362,6 +364,10 @@ def _time_all(
         row["logits_sqnr_db"] = round(sqnr(reference, logits), 2)
         if cuda:
             row["resident_after_compile_gb"] = _gb(torch.cuda.memory_allocated())
+            # Serving memory: what batch-1 prefill and decode need once compiled (the compile's
+            # temporaries and, with release_weights, the bf16 weights are gone by then).
+            row["peak_gb"] = _gb(torch.cuda.max_memory_allocated())  # so far; run_variant takes the max
+            torch.cuda.reset_peak_memory_stats()
 
         # Prefill, batch 1: the second call records the CUDA graph, then timed replays.
         for _ in range(2):
@@ -387,6 +393,9 @@ def _time_all(
         seconds = decode(one)
         row["decode_b1_ms"] = round(seconds * 1e3, 3)
         row["decode_b1_tok_s"] = round(1 / seconds, 1)
+
+        if cuda:
+            row["serving_peak_b1_gb"] = _gb(torch.cuda.max_memory_allocated())
 
         # Decode, batch `plan.batch`: a cache for that many rows, so a new graph for this batch.
         model.allocate_cache(plan.batch, plan.max_len)
@@ -416,13 +425,13 @@ def _table(rows: list[dict[str, Any]], plan: Plan) -> str:
 
     header = (
         f"| variant | compile s | decode b1 ms/tok | b1 tok/s | b1 vs bf16 | b{b} tok/s | b{b} vs bf16 "
-        f"| prefill {plan.prefill} ms | prefill vs bf16 | peak GB | GB after compile | graphs | CUDA graphs "
-        "| logits SQNR dB |"
+        f"| prefill {plan.prefill} ms | prefill vs bf16 | peak GB | b1 serving peak GB | vs bf16 | GB after compile "
+        "| graphs | CUDA graphs | logits SQNR dB |"
     )
-    lines = [header, "|" + "---|" * 14]
+    lines = [header, "|" + "---|" * 16]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['variant']} | failed: {row['error'][:160]} |" + " |" * 12)
+            lines.append(f"| {row['variant']} | failed: {row['error'][:160]} |" + " |" * 14)
             continue
         if not plan.cudagraphs:
             graphs = "off"
@@ -435,6 +444,7 @@ def _table(rows: list[dict[str, Any]], plan: Plan) -> str:
             f"| {cell(row, 'decode_b1_ms')} | {cell(row, 'decode_b1_tok_s')} | {ratio(row, 'decode_b1_tok_s', True)} "
             f"| {cell(row, f'decode_b{b}_tok_s')} | {ratio(row, f'decode_b{b}_tok_s', True)} "
             f"| {cell(row, 'prefill_ms')} | {ratio(row, 'prefill_ms', False)} | {cell(row, 'peak_gb')} "
+            f"| {cell(row, 'serving_peak_b1_gb')} | {ratio(row, 'serving_peak_b1_gb', True)} "
             f"| {cell(row, 'resident_after_compile_gb')} "
             f"| {cell(row, 'graphs')} | {graphs} | {cell(row, 'logits_sqnr_db')} |"
         )
@@ -610,7 +620,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             f"Llama-3-8B-shaped decoder ({plan.config.num_layers} layers), {_device_name(plan)}, "
             f"torch {torch.__version__}; ratios are speedups over bf16 Inductor; "
             "peak GB (max_memory_allocated) includes the bf16 weights (16 GB, unless released: then until the "
-            "release) and the KV cache; GB after compile: memory_allocated after the first prefill + decode"
+            "release) and the KV cache; b1 serving peak GB: max_memory_allocated over the batch-1 prefill and "
+            "decode after compiling (weights, cache, CUDA-graph pools), vs bf16 as a fraction; GB after compile: "
+            "memory_allocated after the first prefill + decode"
         )
     (out_dir / f"{stem}.md").write_text(title + "\n\n" + table + "\n")
     plotted = _plot(rows, plan, out_dir / f"{stem}.png")

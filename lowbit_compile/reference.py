@@ -46,6 +46,7 @@ __all__ = [
     "pack_4bit",
     "quantize",
     "quantize_with_scale",
+    "rows_of",
     "scale_to_float",
     "smooth_keys",
     "unpack_4bit",
@@ -394,6 +395,23 @@ def dequantize(q: QuantizedTensor, fmt: Format | str, dtype: torch.dtype = torch
     zero_point = None if q.zero_point is None else expand_scale(q.zero_point, fmt, shape)
     values = _decode_elements(q.data, fmt, zero_point)
     return (values * expand_scale(scale, fmt, shape)).to(dtype)
+
+
+def rows_of(q: QuantizedTensor, fmt: Format | str, start: int, stop: int) -> QuantizedTensor | None:
+    """Rows [start, stop) of a quantized (..., R, K) tensor, as a quantized tensor of its own (views),
+    or None where the format's scales are not local to rows (TENSOR: one scale for all rows).
+    Row-block formats need `start` on a block boundary (a multiple of `block_rows`)."""
+    fmt = get_format(fmt)
+    if fmt.granularity is Granularity.TENSOR:
+        return None
+    if fmt.per_row_block:
+        if start % fmt.block_rows:
+            raise ValueError(f"rows from {start}: not a multiple of the {fmt.block_rows}-row blocks of {fmt.name}")
+        scale_rows = slice(start // fmt.block_rows, -(-stop // fmt.block_rows))
+    else:
+        scale_rows = slice(start, stop)
+    zero_point = None if q.zero_point is None else q.zero_point[..., scale_rows, :]
+    return QuantizedTensor(q.data[..., start:stop, :], q.scale[..., scale_rows, :], zero_point, q.global_scale)
 
 
 def fake_quantize(x: Tensor, fmt: Format | str) -> Tensor:

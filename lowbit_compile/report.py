@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 from lowbit_compile.calibration import fake_quantize_activation
 from lowbit_compile.ops import kernel_name, quantized_tensor
-from lowbit_compile.formats import is_attention_format
+from lowbit_compile.formats import get_format, is_attention_format
 from lowbit_compile.reference import attention as attention_reference
-from lowbit_compile.reference import dequantize, fake_quantize
+from lowbit_compile.reference import dequantize, fake_quantize, rows_of
 
 log = logging.getLogger(__name__)
 
@@ -290,10 +290,34 @@ def _site_outputs(
     if spec.weight_only_below_m is not None and x.numel() // x.shape[-1] < spec.weight_only_below_m:
         activation_fmt = None
     quantized = quantized_tensor(*quantized_weight(site))
-    reference = F.linear(x.float(), weight.float(), bias)
     # A calibrated site multiplies x by its smoothing factors (its weight was divided by them).
-    test = F.linear(fake_quantize_activation(x, activation_fmt, site.calibration), dequantize(quantized, spec.weight), bias)
-    return reference, test
+    x_test = fake_quantize_activation(x, activation_fmt, site.calibration)
+    return _linear_outputs(x.float(), x_test, weight, bias, quantized, spec.weight)
+
+
+# Weights with more elements than this are measured in chunks of output rows: each chunk's weight is
+# dequantized in fp32 (an LM head's whole 128256 x 4096 weight took four 2 GB temporaries at once,
+# the compile's peak GPU memory).
+MEASURE_CHUNK_ELEMENTS = 2**25
+
+
+def _linear_outputs(x_ref, x_test, weight, bias, quantized, fmt) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_ref @ weight.T + bias, x_test @ dequantize(quantized).T + bias) in fp32, over chunks of
+    weight rows when the weight is large and its format's scales are local to rows."""
+    n, k = weight.shape
+    step = max(1, MEASURE_CHUNK_ELEMENTS // max(k, 1))
+    fmt = get_format(fmt)
+    if fmt.per_row_block:
+        step = max(fmt.block_rows, step // fmt.block_rows * fmt.block_rows)
+    if step >= n or rows_of(quantized, fmt, 0, 0) is None:
+        return F.linear(x_ref, weight.float(), bias), F.linear(x_test, dequantize(quantized, fmt), bias)
+    references, tests = [], []
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        chunk_bias = None if bias is None else bias[start:stop]
+        references.append(F.linear(x_ref, weight[start:stop].float(), chunk_bias))
+        tests.append(F.linear(x_test, dequantize(rows_of(quantized, fmt, start, stop), fmt), chunk_bias))
+    return torch.cat(references, dim=-1), torch.cat(tests, dim=-1)
 
 
 def _concrete(value: Any) -> Any:
