@@ -80,7 +80,8 @@ def main(argv=None):
             w_bf16 = [w.to(torch.bfloat16).clone() for _ in range(max(2, common.L2_BYTES // (n * k * 2) + 1))]
             meta = weight_only.WeightMeta.of(get_format(fmt), weights[0][0])
             for m in (int(r) for r in args.rows.split(",")):
-                bucket_m = next(b for first, last, b in common.M_BUCKETS if m >= first and (last is None or m <= last))
+                buckets = weight_only.M_BUCKETS
+                bucket_m = next(b for first, last, b in buckets if m >= first and (last is None or m <= last))
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 t_bf16 = bench_rotating([lambda wb=wb: F.linear(x, wb) for wb in w_bf16])
                 configs = weight_only._candidates(bucket_m, meta)

@@ -60,7 +60,7 @@ def _default_configs(monkeypatch):
     ],
 )
 def test_every_candidate_config_matches_reference(fmt_name, dtype, kmajor):
-    from lowbit_compile.kernels import common, weight_only
+    from lowbit_compile.kernels import weight_only
 
     torch.manual_seed(0)
     n, k = 200, 384  # N and K not multiples of the tiles; K a multiple of every group size
@@ -70,8 +70,9 @@ def test_every_candidate_config_matches_reference(fmt_name, dtype, kmajor):
     assert meta.kmajor == kmajor
     bias = torch.randn(n, device="cuda", dtype=dtype)
     too_large = []
-    for first, last, bucket_m in common.M_BUCKETS:
-        rows = [m for m in ROWS if m >= first and (last is None or m <= last)]  # a config runs in its bucket only
+    for first, last, bucket_m in weight_only.M_BUCKETS:
+        # a config runs in its bucket only
+        rows = [m for m in (*ROWS, 1100) if m >= first and (last is None or m <= last)]
         for index, config in enumerate(weight_only._candidates(bucket_m, meta)):
             for m in rows:
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
@@ -152,6 +153,50 @@ def test_dynamic_m_one_graph_every_bucket():
             expected = _reference(x, data, scale, zero, layer.bias, "int4_g128_asym")
             assert sqnr(expected, compiled(x).float()) >= 45, m
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.fixture
+def dequant_first(monkeypatch):
+    """Every bucket above 128 rows defaults to a DEQUANT config (dequantize the weight, then a
+    16-bit GEMM): a bucket's default is its first candidate. Plans are memoised per weight shape,
+    so they are cleared before and after."""
+    from lowbit_compile.kernels import weight_only
+
+    fused_first = weight_only._candidates
+    def dequant_configs_first(bucket_m, meta):
+        return sorted(fused_first(bucket_m, meta), key=lambda c: -c.DEQUANT)
+
+    monkeypatch.setattr(weight_only, "_candidates", dequant_configs_first)
+    weight_only._plan.cache_clear()
+    yield
+    weight_only._plan.cache_clear()
+
+
+@pytest.mark.usefixtures("fresh_dynamo", "dequant_first")
+def test_dequant_buckets_static_and_dynamic():
+    """A static M in a DEQUANT bucket: the dequantizing kernel and cuBLAS (an extern mm in the
+    output code), no weight-only tile. Dynamic M: one graph for every M, the DEQUANT buckets as the
+    dequantizing kernel and the 16-bit Triton tile, gated like every bucket. Both match the reference."""
+    torch.manual_seed(4)
+    layer = torch.nn.Linear(384, 200).to("cuda", torch.bfloat16).eval()
+    data, scale, zero, _ = quantize_weight(layer.weight, False, "int4_g128_asym")
+    with torch.no_grad():
+        x = torch.randn(1100, 384, device="cuda", dtype=torch.bfloat16)
+        out, graphs = run_and_get_graphs(layer, x, policy="w4a16")
+        code = graphs["output_code"]
+        FileCheck().check("def dequantize_kernel(").check("extern_kernels.").run(code)
+        assert "def weight_only_kernel(" not in code
+        assert sqnr(_reference(x, data, scale, zero, layer.bias, "int4_g128_asym"), out.float()) >= 45
+
+        _, graphs = run_and_get_graphs(layer, x, policy="w4a16", dynamic=True)
+        FileCheck().check("def dequantize_kernel(").check("def weight_only_kernel(").run(graphs["output_code"])
+        graphs_before = counters["stats"]["unique_graphs"]
+        compiled = torch.compile(layer, backend="lowbit", dynamic=True, options={"policy": "w4a16"})
+        for m in (1100, 2, 130, 3000, 17, 1025, 600):
+            x = torch.randn(m, 384, device="cuda", dtype=torch.bfloat16)
+            expected = _reference(x, data, scale, zero, layer.bias, "int4_g128_asym")
+            assert sqnr(expected, compiled(x).float()) >= 45, m
+    assert counters["stats"]["unique_graphs"] == graphs_before + 1  # one graph for every M
 
 
 @pytest.mark.usefixtures("fresh_dynamo")

@@ -42,7 +42,7 @@ def test_weight_only_plan_tuned_with_threads_runs_correctly(tmp_path, monkeypatc
 
     from lowbit_compile import ops, reference
     from lowbit_compile.formats import get_format
-    from lowbit_compile.kernels import common, tuning, weight_only
+    from lowbit_compile.kernels import tuning, weight_only
     from lowbit_compile.report import sqnr
 
     monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path))
@@ -55,10 +55,10 @@ def test_weight_only_plan_tuned_with_threads_runs_correctly(tmp_path, monkeypatc
     q = reference.quantize(torch.randn(n, k, device="cuda"), "int4_g128_asym")
     meta = weight_only.WeightMeta.of(get_format("int4_g128_asym"), q.data)
     flat = weight_only.plan(meta, torch.bfloat16, False, torch.device("cuda"))
-    assert counters["lowbit"]["tuning_runs"] == len(common.M_BUCKETS)
+    assert counters["lowbit"]["tuning_runs"] == len(weight_only.M_BUCKETS)
     assert (tmp_path / "tuning.json").exists()
     empty = torch.empty(0, device="cuda")
-    for m in (1, 5, 77, 300):
+    for m in (1, 5, 77, 300, 1500):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         out = weight_only.run(x, q.data, q.scale, q.zero_point, None, "int4_g128_asym", torch.bfloat16, flat)
         expected = ops._weight_only_mm_reference(x, q.data, q.scale, q.zero_point, empty, None, "int4_g128_asym",

@@ -66,6 +66,8 @@ def _launch_poisoned(x, data, scale, zero, bias, fmt_name, config):
         (17, torch.float16, C(16, 32, 64, 4, 3, 2, 1)),  # swapped, two row tiles, split-K
         (37, torch.float16, C(32, 16, 256, 4, 3, 1, 1)),  # swapped, tiles span groups
         (37, torch.float16, C(32, 16, 64, 4, 3, 2, 2)),  # swapped, scale after the dot at 32 rows
+        (37, torch.float16, C(32, 16, 64, 4, 3, DEQUANT=1)),  # dequantized first, then a 16-bit GEMM
+        (17, torch.float16, C(16, 32, 256, 4, 3, DEQUANT=1)),  # K tail masked (384 = 256 + 128)
     ],
 )
 def test_kernel_matches_reference(fmt_name, m, dtype, config):
@@ -88,7 +90,7 @@ def test_every_default_config_is_valid_and_runs():
     for fmt_name in FORMATS:
         data, scale, zero = _weight(fmt_name, 24, 256)
         meta = weight_only.WeightMeta.of(get_format(fmt_name), data)
-        for _, _, bucket_m in common.M_BUCKETS:
+        for _, _, bucket_m in weight_only.M_BUCKETS:
             config = weight_only.default_config(bucket_m, meta)
             m = min(bucket_m, 20)
             x = torch.randn(m, 256).half()
@@ -140,9 +142,10 @@ def test_op_body_with_split_k_buckets(m):
     assert sqnr(_reference(x, data, scale, zero, bias, fmt_name), out.float()) > 60
 
 
-def test_bucket_indicator_covers_every_m_once():
-    for m in range(0, 300):
-        hits = [common.bucket_indicator(m, first, last) for first, last, _ in common.M_BUCKETS]
+@pytest.mark.parametrize("buckets", [common.M_BUCKETS, weight_only.M_BUCKETS])
+def test_bucket_indicator_covers_every_m_once(buckets):
+    for m in [*range(0, 300), 1023, 1024, 1025, 1026, 5000]:
+        hits = [common.bucket_indicator(m, first, last) for first, last, _ in buckets]
         assert sum(hits) == (1 if m >= 1 else 0), m
 
 
@@ -195,8 +198,8 @@ def test_lowering_swaps_the_op_for_the_triton_op_on_cuda(fmt_name, kernel):
     (node,) = [n for n in graph.nodes if n.op == "call_function"]
     assert node.target is torch.ops.lowbit.weight_only_mm_triton.default
     plan = node.args[-1]
-    assert len(plan) == weight_only._PLAN_FIELDS * len(common.M_BUCKETS)
-    assert [bucket[:2] for bucket in weight_only.unflatten_plan(plan)] == [b[:2] for b in common.M_BUCKETS]
+    assert len(plan) == weight_only._PLAN_FIELDS * len(weight_only.M_BUCKETS)
+    assert [bucket[:2] for bucket in weight_only.unflatten_plan(plan)] == [b[:2] for b in weight_only.M_BUCKETS]
     assert node.meta["val"].shape == (3, 7, 64)
     graph.lint()
 
@@ -315,8 +318,9 @@ def test_op_body_on_kmajor_weights_launches_the_bucket_of_each_m(m):
     data, scale, zero = _weight("int4_g128_asym", n, k)
     words, scale_t, zero_t = weight_only.pack_kmajor(data, scale, zero)
     meta = weight_only.WeightMeta.of(get_format("int4_g128_asym"), words)
+    buckets = weight_only.M_BUCKETS
     flat = common.flatten_plan(
-        [(first, last, weight_only.default_config(bucket_m, meta).as_tuple()) for first, last, bucket_m in common.M_BUCKETS]
+        [(first, last, weight_only.default_config(bucket_m, meta).as_tuple()) for first, last, bucket_m in buckets]
     )
     assert weight_only.unflatten_plan(flat)[0][2].BLOCK_M == 1  # the M = 1 bucket: the K-major GEMV
     x = torch.randn(m, k, dtype=torch.float16)
@@ -324,3 +328,56 @@ def test_op_body_on_kmajor_weights_launches_the_bucket_of_each_m(m):
     assert out.shape == (m, n)
     expected = _reference(x, data, scale, zero, None, "int4_g128_asym")
     assert sqnr(expected, out.float()) > 60
+
+
+@pytest.mark.parametrize("fmt_name", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kmajor", [False, True])
+def test_dequantize_kernel_gives_the_reference_values(fmt_name, dtype, kmajor):
+    """`dequantize_kernel` (the DEQUANT configs' pass) writes exactly the reference's values, cast
+    once to the output dtype, from either int4 layout; N and K not multiples of its tile. (The
+    interpreter's fp32 -> bf16 cast truncates: one bf16 step allowed there, exact on the GPU suite.)"""
+    if kmajor and get_format(fmt_name).bits != 4:
+        pytest.skip("K-major packing is for int4")
+    torch.manual_seed(3)
+    n, k = 40, 384
+    data, scale, zero = _weight(fmt_name, n, k)
+    packed = weight_only.pack_kmajor(data, scale, zero) if kmajor else (data, scale, zero)
+    meta = weight_only.WeightMeta.of(get_format(fmt_name), packed[0])
+    out = torch.full((n, k), float("nan"), dtype=dtype)
+    weight_only.launch_dequantize(*packed, out, meta)
+    q = reference.QuantizedTensor(data, scale, zero if zero.numel() else None)
+    rtol = 2**-7 if dtype is torch.bfloat16 else 0
+    torch.testing.assert_close(out, reference.dequantize(q, fmt_name).to(dtype), rtol=rtol, atol=0)
+    skipped = torch.full((n, k), float("nan"), dtype=dtype)
+    weight_only.launch_dequantize(*packed, skipped, meta, active=0)  # an inactive bucket launches nothing
+    assert skipped.isnan().all()
+
+
+def test_dequant_configs_are_candidates_only_above_128_rows():
+    data, scale, zero = _weight("int4_g128_asym", 4096, 4096)
+    meta = weight_only.WeightMeta.of(get_format("int4_g128_asym"), data)
+    for _, last, bucket_m in weight_only.M_BUCKETS:
+        dequant = [c for c in weight_only._candidates(bucket_m, meta) if c.DEQUANT]
+        assert bool(dequant) == (bucket_m > 128), bucket_m
+        assert all(weight_only.config_is_valid(c, meta) for c in dequant)
+    assert not weight_only.config_is_valid(C(1, 16, 256, 4, 3, DEQUANT=1), meta)  # no GEMV on a dense weight
+    assert not weight_only.config_is_valid(C(16, 32, 128, 4, 3, 2, DEQUANT=1), meta)
+
+
+@pytest.mark.parametrize("kmajor", [False, True])
+def test_op_body_runs_the_dequant_bucket_at_large_m(kmajor):
+    """With a DEQUANT config in the largest bucket, M = 1100 runs it (and only it) through `run`."""
+    torch.manual_seed(5)
+    n, k = 24, 256
+    data, scale, zero = _weight("int4_g64_asym", n, k)
+    packed = weight_only.pack_kmajor(data, scale, zero) if kmajor else (data, scale, zero)
+    meta = weight_only.WeightMeta.of(get_format("int4_g64_asym"), packed[0])
+    buckets = [(first, last, weight_only.default_config(m_at, meta)) for first, last, m_at in weight_only.M_BUCKETS]
+    buckets[-1] = (*buckets[-1][:2], C(128, 32, 64, 4, 3, DEQUANT=1))
+    flat = common.flatten_plan([(first, last, config.as_tuple()) for first, last, config in buckets])
+    for m in (3, 1100):
+        x = torch.randn(m, k, dtype=torch.float16)
+        out = weight_only.run(x, *packed, None, "int4_g64_asym", torch.float16, flat)
+        assert out.shape == (m, n)
+        assert sqnr(_reference(x, data, scale, zero, None, "int4_g64_asym"), out.float()) > 60

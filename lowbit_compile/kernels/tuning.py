@@ -308,10 +308,12 @@ def bucket_plan(
     default: Callable[[int], Any],
     config_type: Any,
     tunes_bucket: Callable[[int | None], bool] = lambda last: True,
+    buckets: Sequence[tuple[int, int | None, int]] | None = None,
 ) -> tuple[int, ...]:
-    """A kernel family's plan: one config per M bucket (`common.M_BUCKETS`), flattened into the op's
-    `int[]` argument. With `tune`, each bucket that `tunes_bucket(last row)` accepts is tuned (`pick`,
-    keyed by family, GPU, Triton, the kernel's `source` file, `shape_key`, dtype, bias and bucket);
+    """A kernel family's plan: one config per M bucket (`buckets`, by default `common.M_BUCKETS`),
+    flattened into the op's `int[]` argument. With `tune`, each bucket that `tunes_bucket(last row)`
+    accepts is tuned (`pick`, keyed by family, GPU, Triton, the kernel's `source` file, `shape_key`,
+    dtype, bias and bucket);
     the others take `default(bucket_m)`. `make_launch(bucket_m, config)` builds a timed launch;
     `config_type` has `as_tuple` / `from_tuple`."""
     import triton
@@ -332,7 +334,8 @@ def bucket_plan(
             )
         )
 
-    tuned = [bucket_m for _, last, bucket_m in common.M_BUCKETS if tune and tunes_bucket(last)]
+    m_buckets = common.M_BUCKETS if buckets is None else tuple(buckets)
+    tuned = [bucket_m for _, last, bucket_m in m_buckets if tune and tunes_bucket(last)]
     # The candidates of every bucket still to tune are built (compiled) together: more compiles
     # in flight than one bucket has
     pending = {m: list(candidates(m)) for m in tuned if _known(key(m), config_type.from_tuple) is None}
@@ -341,8 +344,8 @@ def bucket_plan(
         [((m, index), (m, config)) for m, configs in pending.items() for index, config in enumerate(configs)],
         lambda bucket_and_config: make_launch(*bucket_and_config),
     )
-    buckets = []
-    for first, last, bucket_m in common.M_BUCKETS:
+    plan = []
+    for first, last, bucket_m in m_buckets:
         if bucket_m in tuned:  # known by now, or pending with its launches built
             config = pick(
                 key(bucket_m),
@@ -354,5 +357,5 @@ def bucket_plan(
             )
         else:
             config = default(bucket_m)
-        buckets.append((first, last, config.as_tuple()))
-    return tuple(common.flatten_plan(buckets))
+        plan.append((first, last, config.as_tuple()))
+    return tuple(common.flatten_plan(plan))

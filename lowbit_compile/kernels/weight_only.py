@@ -87,6 +87,10 @@ class WeightOnlyConfig:
     # tensor-core tiles: 1 computes out^T = W @ x^T (the weight tile is the MMA's A operand); 2 also
     # applies int4 group scales after the dot at any BLOCK_M (else only up to 16 rows)
     SWAP_AB: int = 0
+    # 1: dequantize the whole weight to x's dtype first (`dequantize_kernel`, one pass over it), then
+    # run this tile as a plain 16-bit GEMM on it; for compute-bound M, where dequantizing inside the
+    # GEMM's loop costs more than the pass
+    DEQUANT: int = 0
 
     def as_tuple(self) -> tuple[int, ...]:
         return dataclasses.astuple(self)
@@ -236,7 +240,7 @@ if triton is not None:
         stride_os,  # split-K: elements between the partial outputs of two K slices
         K_SLICE,  # split-K: K elements per slice, a multiple of BLOCK_K (K when SPLIT_K == 1)
         GROUP: tl.constexpr,  # elements per scale along K; 0 = one scale per output channel
-        BITS: tl.constexpr,  # 4 (packed, two per byte) or 8
+        BITS: tl.constexpr,  # 4 (packed, two per byte), 8, or 16 (dequantized already: x's dtype)
         FLOAT_CODES: tl.constexpr,  # 8-bit codes are fp8 e4m3 (else int8)
         ZERO_POINT: tl.constexpr,  # int4 codes 0..15 with a zero point (else code + 8)
         HAS_BIAS: tl.constexpr,
@@ -252,7 +256,7 @@ if triton is not None:
     ):
         DTYPE: tl.constexpr = x_ptr.dtype.element_ty
         MAGIC: tl.constexpr = 1024.0 if DTYPE == tl.float16 else 128.0
-        PER_CHANNEL: tl.constexpr = GROUP == 0
+        PER_CHANNEL: tl.constexpr = GROUP == 0 and BITS != 16  # BITS 16: a dequantized weight, no scales
         # The tile lies inside one group: apply the scale after the dot (see the module docstring).
         # Only for small row tiles: with many rows the per-tile correction of the whole accumulator
         # costs as much as the MMA and stalls its pipeline, so large tiles dequantize first.
@@ -357,8 +361,10 @@ if triton is not None:
                         w_odd = ((_codes_f32(high) - z) * s).to(DTYPE)
                         acc = tl.dot(x_even, tl.trans(w_even), acc)
                         acc = tl.dot(x_odd, tl.trans(w_odd), acc)
-            else:  # 8-bit codes, one scale per output channel (applied in the epilogue)
-                if FLOAT_CODES:  # fp8 e4m3 bytes (passed as uint8)
+            else:  # 8-bit codes, one scale per output channel (applied in the epilogue), or 16-bit values
+                if BITS == 16:  # the weight dequantized in x's dtype (`dequantize_kernel`)
+                    w = w_tile
+                elif FLOAT_CODES:  # fp8 e4m3 bytes (passed as uint8)
                     w = w_tile.to(tl.float8e4nv, bitcast=True).to(tl.float32)
                 else:
                     w = _int8_f32(w_tile)
@@ -396,6 +402,57 @@ if triton is not None:
         else:
             out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+    @triton.jit
+    def dequantize_kernel(
+        w_ptr, scale_ptr, zero_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_sg, stride_on,
+        GROUP: tl.constexpr, BITS: tl.constexpr, FLOAT_CODES: tl.constexpr, ZERO_POINT: tl.constexpr,
+        KMAJOR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        """out[N, K] (out's dtype) = the weight's values, (code - z) * s, from any layout the GEMM
+        reads (the reference layout or `pack_kmajor`'s words); one [BLOCK_N, BLOCK_K] tile per
+        program, BLOCK_K a multiple of the group (int4) or any width (8-bit, per channel)."""
+        tiles_k = tl.cdiv(K, BLOCK_K)
+        pid_n = tl.program_id(0) // tiles_k
+        k0 = (tl.program_id(0) % tiles_k) * BLOCK_K
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        offs_n_safe = tl.where(n_mask, offs_n, 0)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        if BITS == 4:
+            HALF_K: tl.constexpr = BLOCK_K // 2
+            if KMAJOR:
+                w = _kmajor_bytes(w_ptr, offs_n_safe, k0, K, stride_wn, False, BLOCK_K)
+            else:
+                offs_kb = k0 // 2 + tl.arange(0, HALF_K)
+                w_ptrs = w_ptr + offs_n_safe[:, None] * stride_wn + offs_kb[None, :]
+                w = tl.load(w_ptrs, mask=(offs_kb < K // 2)[None, :], other=0)
+            codes = tl.reshape(tl.join(_codes_f32(w & 0xF), _codes_f32(w >> 4)), (BLOCK_N, BLOCK_K))
+            GROUPS: tl.constexpr = BLOCK_K // GROUP
+            offs_g = k0 // GROUP + tl.arange(0, GROUPS)
+            s_offs = offs_n_safe[:, None] * stride_sn + offs_g[None, :] * stride_sg
+            s_mask = (offs_g < K // GROUP)[None, :]
+            s = tl.load(scale_ptr + s_offs, mask=s_mask, other=0.0)
+            if KMAJOR:  # stored times 2**-16 (scales) and 2**16 (zero points): exact
+                s = s * 65536.0
+            if ZERO_POINT:
+                z = tl.load(zero_ptr + s_offs, mask=s_mask, other=0.0)
+                if KMAJOR:
+                    z = z * 0.0000152587890625
+            else:
+                z = tl.zeros((BLOCK_N, GROUPS), tl.float32) + 8.0  # symmetric codes are stored as code + 8
+            values = (tl.reshape(codes, (BLOCK_N, GROUPS, GROUP)) - z[:, :, None]) * s[:, :, None]
+            values = tl.reshape(values, (BLOCK_N, BLOCK_K))
+        else:
+            w = tl.load(w_ptr + offs_n_safe[:, None] * stride_wn + offs_k[None, :], mask=k_mask[None, :], other=0)
+            if FLOAT_CODES:  # fp8 e4m3 bytes (passed as uint8)
+                codes = w.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            else:
+                codes = _int8_f32(w)
+            values = codes * tl.load(scale_ptr + offs_n_safe * stride_sn)[:, None]
+        out_ptrs = out_ptr + offs_n[:, None] * stride_on + offs_k[None, :]
+        tl.store(out_ptrs, values.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & k_mask[None, :])
 
     # -- int4 GEMV on the K-major word layout (`pack_kmajor`) ------------------------------------
 
@@ -550,6 +607,8 @@ class WeightMeta:
 
 def config_is_valid(config: WeightOnlyConfig, meta: WeightMeta) -> bool:
     """Whether the kernel can run `config` on this weight (tile/group compatibility, K coverage)."""
+    if config.DEQUANT:  # a 16-bit GEMM after the dequantizing pass: tensor-core tiles, one K slice
+        return config.BLOCK_M >= 16 and config.SPLIT_K == 1 and config.SWAP_AB == 0 and config.BLOCK_K % 16 == 0
     if meta.kmajor and config.BLOCK_M == 1:  # the K-major GEMV: whole words, any group
         return config.BLOCK_K % 8 == 0 and config.BLOCK_K <= max(8, triton.next_power_of_2(meta.k))
     if config.BLOCK_K % 32 or config.BLOCK_K > max(32, triton.next_power_of_2(meta.k) if triton else meta.k):
@@ -599,6 +658,11 @@ def k_slice(meta: WeightMeta, config: WeightOnlyConfig) -> int:
 
 # -- M buckets and tuning -----------------------------------------------------------------------
 
+# `common.M_BUCKETS` with the compute-bound rows split in two: dequantizing the weight in one pass
+# and running a 16-bit GEMM on it (`DEQUANT`) competes with the fused tiles there, and the pass
+# weighs far more at a few hundred rows than at a few thousand, so each part is tuned apart.
+M_BUCKETS: tuple[tuple[int, int | None, int], ...] = common.M_BUCKETS[:-1] + ((129, 1024, 512), (1025, None, 4096))
+
 def _candidates(bucket_m: int, meta: WeightMeta) -> list[WeightOnlyConfig]:
     """Tile configs worth trying for a bucket, pruned by shape: tiles are clamped to the weight
     (no BLOCK_N or BLOCK_K far beyond N or K), invalid ones dropped, duplicates removed."""
@@ -632,6 +696,9 @@ def _candidates(bucket_m: int, meta: WeightMeta) -> list[WeightOnlyConfig]:
         configs += [C(128, bn, bk, 8, s) for bn, bk, s in ((128, 64, 4), (128, 128, 3), (256, 64, 3))]
         configs += [C(64, 256, 64, 8, 3), C(128, 128, 32, 4, 4), C(64, 128, 64, 4, 4)]
         configs += [C(128, 64, 128, 4, 3, 1, 1), C(128, 64, 128, 4, 3, 1, 2), C(128, 128, 128, 8, 3, 1, 1)]
+        # dequantize, then a 16-bit GEMM (Triton's usual Hopper tiles; cuBLAS where M is static)
+        dense = ((128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4))
+        configs += [C(bm, bn, bk, w, st, DEQUANT=1) for bm, bn, bk, w, st in dense]
     max_n = max(8 if bucket_m == 1 else 16, triton.next_power_of_2(meta.n))  # tl.dot needs N >= 16
     max_k = max(8 if bucket_m == 1 and meta.kmajor else 32, triton.next_power_of_2(meta.k))
     clamped = [dataclasses.replace(c, BLOCK_N=min(c.BLOCK_N, max_n), BLOCK_K=min(c.BLOCK_K, max_k)) for c in configs]
@@ -665,6 +732,11 @@ def launch(
         launch_gemv_kmajor(x2d, w_data, w_scale, zero, bias, out, meta.group, gemv, active, max_rows, wrap)
         return
     m = x2d.shape[0]
+    if config.DEQUANT:  # the weight in x's dtype (a buffer of N rows only while the bucket is active)
+        dense = torch.empty((meta.n * active, meta.k), dtype=x2d.dtype, device=x2d.device)
+        launch_dequantize(w_data, w_scale, w_zero_point, dense, meta, active, wrap)
+        w_data, w_scale, w_zero_point = dense, dense, dense
+        meta = dense_meta(meta)
     kernel = common.runner(weight_only_kernel, config.num_warps, config.num_stages)
     if wrap is not None:
         kernel = wrap(kernel)
@@ -696,6 +768,36 @@ def launch(
     )
     if config.SPLIT_K > 1:
         common.sum_partials(target, out, config.SPLIT_K, split_stride, active=active, wrap=wrap)
+
+
+DEQUANT_BLOCK = (32, 256)  # dequantize_kernel's tile (rows, K): a multiple of every int4 group
+
+
+def dense_meta(meta: WeightMeta) -> WeightMeta:
+    """The meta of `meta`'s weight once dequantized (`launch_dequantize`): 16-bit values (N, K)."""
+    return WeightMeta(n=meta.n, k=meta.k, bits=16, group=0, float_codes=False, zero_point=False)
+
+
+def launch_dequantize(w_data, w_scale, w_zero_point, out: torch.Tensor, meta: WeightMeta, active=1, wrap=None) -> None:
+    """out (N, K) = the weight's values in out's dtype, from either int4 layout or 8-bit codes; the
+    grid is multiplied by `active` (0 launches nothing)."""
+    block_n, block_k = DEQUANT_BLOCK
+    kernel = common.runner(dequantize_kernel, 4, 1)
+    if wrap is not None:
+        kernel = wrap(kernel)
+    kernel[(triton.cdiv(meta.n, block_n) * triton.cdiv(meta.k, block_k) * active,)](
+        w_data.view(torch.uint8) if meta.float_codes else w_data,
+        w_scale,
+        w_zero_point if meta.zero_point else w_scale,
+        out,
+        meta.n,
+        meta.k,
+        w_data.stride(0),
+        *((1, meta.n) if meta.kmajor else (w_scale.stride(0), 1)),
+        out.stride(0),
+        GROUP=meta.group, BITS=meta.bits, FLOAT_CODES=meta.float_codes, ZERO_POINT=meta.zero_point,
+        KMAJOR=meta.kmajor, BLOCK_N=block_n, BLOCK_K=block_k,
+    )  # fmt: skip
 
 
 # -- the K-major int4 layout (opt-in, see the module docstring) and its GEMV -----------------------
@@ -805,7 +907,8 @@ def _random_weight(meta: WeightMeta, device: torch.device) -> tuple[torch.Tensor
 
 def plan(meta: WeightMeta, dtype: torch.dtype, has_bias: bool, device: torch.device) -> list[int]:
     """Per M bucket, the tile config to launch, flattened for the op's `int[]` argument:
-    (first row, last row or -1, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K, SWAP_AB) per bucket.
+    (first row, last row or -1, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K, SWAP_AB, DEQUANT)
+    per bucket (`M_BUCKETS`).
     Computed once per weight shape, dtype and device (eager CUDA calls ask on every call)."""
     from lowbit_compile.kernels import tuning
 
@@ -836,13 +939,13 @@ def _plan(meta: WeightMeta, dtype: torch.dtype, has_bias: bool, device: torch.de
         f"{'kmajor' if meta.kmajor else ''}", dtype, has_bias,
         device, tune, lambda bucket_m: _candidates(bucket_m, meta),
         lambda m, config: common.timed_launch(launch, weight_copies(), *operands(m), meta, config),
-        lambda bucket_m: default_config(bucket_m, meta), WeightOnlyConfig,
+        lambda bucket_m: default_config(bucket_m, meta), WeightOnlyConfig, buckets=M_BUCKETS,
     )  # fmt: skip
 
 
 
 
-_PLAN_FIELDS = 9
+_PLAN_FIELDS = 2 + len(dataclasses.fields(WeightOnlyConfig))
 
 
 def unflatten_plan(flat: list[int]) -> list[tuple[int, int | None, WeightOnlyConfig]]:
@@ -865,6 +968,14 @@ def run(
 
     meta = WeightMeta.of(get_format(w_fmt), w_data)
     x2d = x.contiguous().reshape(-1, meta.k)
+    buckets = list(common.active_buckets(x2d.shape[0], unflatten_plan(flat_plan)))
+    only = buckets[0] if len(buckets) == 1 else None
+    if only is not None and isinstance(only[0], int) and only[0] == 1 and only[2].DEQUANT:
+        # M is known to be in a DEQUANT bucket (a static M, or its only bucket): the 16-bit GEMM is
+        # cuBLAS's (Inductor's own mm lowering under torch.compile), ahead of the Triton tile there
+        dense = torch.empty((meta.n, meta.k), dtype=x2d.dtype, device=x.device)
+        launch_dequantize(w_data, w_scale, w_zero_point, dense, meta, 1, wrap)
+        return torch.nn.functional.linear(x2d, dense, bias).to(out_dtype).reshape(*x.shape[:-1], meta.n)
     out = torch.empty((x2d.shape[0], meta.n), dtype=out_dtype, device=x.device)
     launch_plan(x2d, w_data, w_scale, w_zero_point, bias, out, meta, flat_plan, wrap=wrap)
     return out.reshape(*x.shape[:-1], meta.n)
