@@ -381,3 +381,30 @@ def test_op_body_runs_the_dequant_bucket_at_large_m(kmajor):
         out = weight_only.run(x, *packed, None, "int4_g64_asym", torch.float16, flat)
         assert out.shape == (m, n)
         assert sqnr(_reference(x, data, scale, zero, None, "int4_g64_asym"), out.float()) > 60
+
+
+@pytest.mark.parametrize("fmt_name, kmajor", [("int4_g64_asym", False), ("int4_g32", True), ("int8_row", False)])
+def test_dequant_config_in_chunks_of_rows(monkeypatch, fmt_name, kmajor):
+    """A weight over `DEQUANT_CHUNK_ELEMENTS` is dequantized and multiplied chunk by chunk (rows
+    256, 256, 88 here), each chunk writing its own output and bias columns; `run` then keeps the
+    Triton tile even at a static M (cuBLAS only takes a weight in one chunk)."""
+    torch.manual_seed(6)
+    n, k = 600, 128
+    monkeypatch.setattr(weight_only, "DEQUANT_CHUNK_ELEMENTS", 256 * k)
+    data, scale, zero = _weight(fmt_name, n, k)
+    packed = weight_only.pack_kmajor(data, scale, zero) if kmajor else (data, scale, zero)
+    meta = weight_only.WeightMeta.of(get_format(fmt_name), packed[0])
+    assert weight_only.dequant_chunk_rows(meta) == 256
+    calls = []
+    real = weight_only.launch_dequantize
+    monkeypatch.setattr(weight_only, "launch_dequantize", lambda *a, **kw: calls.append(kw["n0"]) or real(*a, **kw))
+    x = torch.randn(37, k, dtype=torch.float16)
+    bias = torch.randn(n).half()
+    out = _launch_poisoned(x, *packed, bias, fmt_name, C(32, 64, 64, 4, 3, DEQUANT=1))
+    assert calls == [0, 256, 512]
+    expected = _reference(x, data, scale, zero, bias, fmt_name)
+    assert sqnr(expected, out.float()) > 60
+
+    plan = common.flatten_plan([(1, None, C(32, 64, 64, 4, 3, DEQUANT=1).as_tuple())])
+    out = weight_only.run(x, *packed, bias, fmt_name, torch.float16, plan)
+    assert sqnr(expected, out.float()) > 60

@@ -239,6 +239,7 @@ if triton is not None:
         stride_om,
         stride_os,  # split-K: elements between the partial outputs of two K slices
         K_SLICE,  # split-K: K elements per slice, a multiple of BLOCK_K (K when SPLIT_K == 1)
+        out_col0,  # the weight's rows are output (and bias) columns out_col0.. (a chunk of a dequantized weight)
         GROUP: tl.constexpr,  # elements per scale along K; 0 = one scale per output channel
         BITS: tl.constexpr,  # 4 (packed, two per byte), 8, or 16 (dequantized already: x's dtype)
         FLOAT_CODES: tl.constexpr,  # 8-bit codes are fp8 e4m3 (else int8)
@@ -386,14 +387,14 @@ if triton is not None:
             else:
                 acc = acc * channel_scale[None, :]
         if HAS_BIAS and pid_k == 0:  # split-K: the bias joins the first slice's partial only
-            bias = tl.load(bias_ptr + offs_n_safe).to(tl.float32)
+            bias = tl.load(bias_ptr + out_col0 + offs_n_safe).to(tl.float32)
             if BLOCK_M == 1:
                 acc += bias
             elif SWAP_AB:
                 acc += bias[:, None]
             else:
                 acc += bias[None, :]
-        out_ptr += pid_k * stride_os
+        out_ptr += pid_k * stride_os + out_col0
         if BLOCK_M == 1:
             tl.store(out_ptr + pid_m * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
         elif SWAP_AB:
@@ -405,19 +406,20 @@ if triton is not None:
 
     @triton.jit
     def dequantize_kernel(
-        w_ptr, scale_ptr, zero_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_sg, stride_on,
+        w_ptr, scale_ptr, zero_ptr, out_ptr, N0, ROWS, K, stride_wn, stride_sn, stride_sg, stride_on,
         GROUP: tl.constexpr, BITS: tl.constexpr, FLOAT_CODES: tl.constexpr, ZERO_POINT: tl.constexpr,
         KMAJOR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
-        """out[N, K] (out's dtype) = the weight's values, (code - z) * s, from any layout the GEMM
-        reads (the reference layout or `pack_kmajor`'s words); one [BLOCK_N, BLOCK_K] tile per
-        program, BLOCK_K a multiple of the group (int4) or any width (8-bit, per channel)."""
+        """out[ROWS, K] (out's dtype) = the values of the weight's rows N0..N0 + ROWS - 1, (code - z) * s,
+        from any layout the GEMM reads (the reference layout or `pack_kmajor`'s words); one
+        [BLOCK_N, BLOCK_K] tile per program, BLOCK_K a multiple of the group (int4) or any width
+        (8-bit, per channel)."""
         tiles_k = tl.cdiv(K, BLOCK_K)
         pid_n = tl.program_id(0) // tiles_k
         k0 = (tl.program_id(0) % tiles_k) * BLOCK_K
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        offs_n_safe = tl.where(n_mask, offs_n, 0)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # rows of out
+        n_mask = rows < ROWS
+        offs_n_safe = N0 + tl.where(n_mask, rows, 0)  # rows of the weight
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         if BITS == 4:
@@ -451,7 +453,7 @@ if triton is not None:
             else:
                 codes = _int8_f32(w)
             values = codes * tl.load(scale_ptr + offs_n_safe * stride_sn)[:, None]
-        out_ptrs = out_ptr + offs_n[:, None] * stride_on + offs_k[None, :]
+        out_ptrs = out_ptr + rows[:, None] * stride_on + offs_k[None, :]
         tl.store(out_ptrs, values.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & k_mask[None, :])
 
     # -- int4 GEMV on the K-major word layout (`pack_kmajor`) ------------------------------------
@@ -731,12 +733,30 @@ def launch(
         zero = w_zero_point if meta.zero_point else w_zero_point[:0]  # the GEMV reads zero points if present
         launch_gemv_kmajor(x2d, w_data, w_scale, zero, bias, out, meta.group, gemv, active, max_rows, wrap)
         return
+    if config.DEQUANT:
+        _launch_dequant_gemm(x2d, w_data, w_scale, w_zero_point, bias, out, meta, config, active, wrap)
+        return
+    _launch_tile(x2d, w_data, w_scale, w_zero_point, bias, out, meta, config, active, max_rows, wrap)
+
+
+def _launch_dequant_gemm(x2d, w_data, w_scale, w_zero_point, bias, out, meta, config, active, wrap) -> None:
+    """A DEQUANT config: per chunk of at most `DEQUANT_CHUNK_ELEMENTS` weight rows, the rows in x's
+    dtype (`dequantize_kernel`), then the 16-bit tile writes their output columns. The chunk buffer
+    has a static size (a size with `active` in it would put a guard on a dynamic M)."""
+    step = dequant_chunk_rows(meta)
+    for n0 in range(0, meta.n, step):
+        rows = min(step, meta.n - n0)
+        dense = torch.empty((rows, meta.k), dtype=x2d.dtype, device=x2d.device)
+        launch_dequantize(w_data, w_scale, w_zero_point, dense, meta, active, wrap, n0=n0)
+        chunk = dataclasses.replace(dense_meta(meta), n=rows)
+        _launch_tile(x2d, dense, dense, dense, bias, out, chunk, config, active, None, wrap, out_col0=n0)
+
+
+def _launch_tile(
+    x2d, w_data, w_scale, w_zero_point, bias, out, meta, config, active, max_rows, wrap, out_col0: int = 0
+) -> None:
+    """One config's launches (not DEQUANT) into `out`; the weight's rows are out's columns out_col0..."""
     m = x2d.shape[0]
-    if config.DEQUANT:  # the weight in x's dtype (a buffer of N rows only while the bucket is active)
-        dense = torch.empty((meta.n * active, meta.k), dtype=x2d.dtype, device=x2d.device)
-        launch_dequantize(w_data, w_scale, w_zero_point, dense, meta, active, wrap)
-        w_data, w_scale, w_zero_point = dense, dense, dense
-        meta = dense_meta(meta)
     kernel = common.runner(weight_only_kernel, config.num_warps, config.num_stages)
     if wrap is not None:
         kernel = wrap(kernel)
@@ -761,9 +781,10 @@ def launch(
         x2d.stride(0),
         w_data.stride(0),
         *((1, meta.n) if meta.kmajor else (w_scale.stride(0), 1)),  # scales [K/G (+1), N] or (N, K/G)
-        meta.n,
+        target.stride(-2),
         split_stride,
         k_slice(meta, config),
+        out_col0,
         **constexprs,
     )
     if config.SPLIT_K > 1:
@@ -771,6 +792,16 @@ def launch(
 
 
 DEQUANT_BLOCK = (32, 256)  # dequantize_kernel's tile (rows, K): a multiple of every int4 group
+# A DEQUANT config's 16-bit weight buffer holds at most this many elements (128 MB in bf16): an LM
+# head (128256 x 4096) is dequantized and multiplied in chunks of rows instead of a 1 GB buffer.
+DEQUANT_CHUNK_ELEMENTS = 2**26
+
+
+def dequant_chunk_rows(meta: WeightMeta) -> int:
+    """Weight rows per DEQUANT chunk: all of them, or a multiple of 256 under the element bound."""
+    if meta.n * meta.k <= DEQUANT_CHUNK_ELEMENTS:
+        return meta.n
+    return max(256, DEQUANT_CHUNK_ELEMENTS // meta.k // 256 * 256)
 
 
 def dense_meta(meta: WeightMeta) -> WeightMeta:
@@ -778,19 +809,23 @@ def dense_meta(meta: WeightMeta) -> WeightMeta:
     return WeightMeta(n=meta.n, k=meta.k, bits=16, group=0, float_codes=False, zero_point=False)
 
 
-def launch_dequantize(w_data, w_scale, w_zero_point, out: torch.Tensor, meta: WeightMeta, active=1, wrap=None) -> None:
-    """out (N, K) = the weight's values in out's dtype, from either int4 layout or 8-bit codes; the
-    grid is multiplied by `active` (0 launches nothing)."""
+def launch_dequantize(
+    w_data, w_scale, w_zero_point, out: torch.Tensor, meta: WeightMeta, active=1, wrap=None, n0: int = 0
+) -> None:
+    """out (R, K) = the values of the weight's rows n0..n0 + R - 1 in out's dtype, from either int4
+    layout or 8-bit codes; the grid is multiplied by `active` (0 launches nothing)."""
     block_n, block_k = DEQUANT_BLOCK
+    rows = out.shape[0]
     kernel = common.runner(dequantize_kernel, 4, 1)
     if wrap is not None:
         kernel = wrap(kernel)
-    kernel[(triton.cdiv(meta.n, block_n) * triton.cdiv(meta.k, block_k) * active,)](
+    kernel[(triton.cdiv(rows, block_n) * triton.cdiv(meta.k, block_k) * active,)](
         w_data.view(torch.uint8) if meta.float_codes else w_data,
         w_scale,
         w_zero_point if meta.zero_point else w_scale,
         out,
-        meta.n,
+        n0,
+        rows,
         meta.k,
         w_data.stride(0),
         *((1, meta.n) if meta.kmajor else (w_scale.stride(0), 1)),
@@ -970,7 +1005,8 @@ def run(
     x2d = x.contiguous().reshape(-1, meta.k)
     buckets = list(common.active_buckets(x2d.shape[0], unflatten_plan(flat_plan)))
     only = buckets[0] if len(buckets) == 1 else None
-    if only is not None and isinstance(only[0], int) and only[0] == 1 and only[2].DEQUANT:
+    one_chunk = dequant_chunk_rows(meta) == meta.n
+    if only is not None and isinstance(only[0], int) and only[0] == 1 and only[2].DEQUANT and one_chunk:
         # M is known to be in a DEQUANT bucket (a static M, or its only bucket): the 16-bit GEMM is
         # cuBLAS's (Inductor's own mm lowering under torch.compile), ahead of the Triton tile there
         dense = torch.empty((meta.n, meta.k), dtype=x2d.dtype, device=x.device)
