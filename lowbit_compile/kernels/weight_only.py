@@ -698,8 +698,9 @@ def _candidates(bucket_m: int, meta: WeightMeta) -> list[WeightOnlyConfig]:
         configs += [C(128, bn, bk, 8, s) for bn, bk, s in ((128, 64, 4), (128, 128, 3), (256, 64, 3))]
         configs += [C(64, 256, 64, 8, 3), C(128, 128, 32, 4, 4), C(64, 128, 64, 4, 4)]
         configs += [C(128, 64, 128, 4, 3, 1, 1), C(128, 64, 128, 4, 3, 1, 2), C(128, 128, 128, 8, 3, 1, 1)]
-        # dequantize, then a 16-bit GEMM (Triton's usual Hopper tiles; cuBLAS where M is static)
-        dense = ((128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4))
+        # dequantize, then a 16-bit GEMM (cuBLAS where M is static). The tiles: the best of a sweep
+        # on H100 (RESULTS.md, thirteenth session: 0.80-0.90x of cuBLAS; 128x256 tiles 0.43-0.75x)
+        dense = ((256, 128, 64, 8, 3), (256, 128, 64, 8, 4), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4))
         configs += [C(bm, bn, bk, w, st, DEQUANT=1) for bm, bn, bk, w, st in dense]
     max_n = max(8 if bucket_m == 1 else 16, triton.next_power_of_2(meta.n))  # tl.dot needs N >= 16
     max_k = max(8 if bucket_m == 1 and meta.kmajor else 32, triton.next_power_of_2(meta.k))
