@@ -9,6 +9,7 @@ path runs with both dtypes here.
 from __future__ import annotations
 
 import os
+import unittest.mock
 
 import pytest
 import torch
@@ -376,11 +377,20 @@ def test_op_body_runs_the_dequant_bucket_at_large_m(kmajor):
     buckets = [(first, last, weight_only.default_config(m_at, meta)) for first, last, m_at in weight_only.M_BUCKETS]
     buckets[-1] = (*buckets[-1][:2], C(128, 32, 64, 4, 3, DEQUANT=1))
     flat = common.flatten_plan([(first, last, config.as_tuple()) for first, last, config in buckets])
+    linear_calls = []
+    real_linear = torch.nn.functional.linear
+
+    def spy(*args, **kwargs):
+        linear_calls.append(args[1].shape)
+        return real_linear(*args, **kwargs)
+
     for m in (3, 1100):
         x = torch.randn(m, k, dtype=torch.float16)
-        out = weight_only.run(x, *packed, None, "int4_g64_asym", torch.float16, flat)
+        with unittest.mock.patch.object(torch.nn.functional, "linear", spy):
+            out = weight_only.run(x, *packed, None, "int4_g64_asym", torch.float16, flat)
         assert out.shape == (m, n)
         assert sqnr(_reference(x, data, scale, zero, None, "int4_g64_asym"), out.float()) > 60
+    assert linear_calls == [(n, k)]  # only M = 1100 (static, in the DEQUANT bucket): the dense weight to cuBLAS
 
 
 @pytest.mark.parametrize("fmt_name, kmajor", [("int4_g64_asym", False), ("int4_g32", True), ("int8_row", False)])
