@@ -42,11 +42,15 @@ def compile_case(case):
         options = {"num_warps": 4, "num_stages": 1}
     else:
         fn = W.weight_only_kernel
-        pointers = {"x_ptr": dtype, "w_ptr": dtype, "scale_ptr": dtype, "zero_ptr": dtype, "bias_ptr": dtype,
+        int4 = W.WeightMeta(4096, 4096, bits=4, group=128, float_codes=False, zero_point=True, kmajor=case["kmajor"])
+        if case["kernel"] == "tile":  # the DEQUANT path's 16-bit tile
+            meta, data, scales = W.dense_meta(int4), dtype, dtype
+        else:  # a fused int4 tile (the group scales' loads are shared with the dequantizing pass)
+            meta, data, scales = int4, "*i32" if case["kmajor"] else "*u8", "*fp32"
+        pointers = {"x_ptr": dtype, "w_ptr": data, "scale_ptr": scales, "zero_ptr": scales, "bias_ptr": dtype,
                     "out_ptr": dtype}
         divisible = lambda name: name in ("N", "K", "K_SLICE") or name.startswith("stride")
         sig, attrs = signature_of(fn, pointers, divisible)
-        meta = W.dense_meta(W.WeightMeta(n=4096, k=4096, bits=4, group=128, float_codes=False, zero_point=True))
         config = W.WeightOnlyConfig.from_tuple(case["config"])
         cons = W.kernel_arguments(meta, config, has_bias=True)
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
@@ -81,10 +85,21 @@ def test_dequant_tiles_compile_for_sm90_on_wgmma_without_spills():
     meta = weight_only.WeightMeta(n=4096, k=4096, bits=4, group=128, float_codes=False, zero_point=True)
     configs = [c for c in weight_only._candidates(4096, meta) if c.DEQUANT]
     assert len(configs) >= 3
-    cases = [dict(kernel="tile", config=list(c.as_tuple()), dtype="*bf16") for c in configs]
-    cases.append(dict(kernel="tile", config=list(configs[0].as_tuple()), dtype="*fp16"))
+    cases = [dict(kernel="tile", config=list(c.as_tuple()), dtype="*bf16", kmajor=False) for c in configs]
+    cases.append(dict(kernel="tile", config=list(configs[0].as_tuple()), dtype="*fp16", kmajor=False))
     for case, result in zip(cases, compile_in_subprocess(SCRIPT, cases)):
         assert "error" not in result, (case, result.get("error"))
         assert result["wgmma"] > 0, (case, result)
         if result["has_sass"]:
             assert result["local"] == 0, (case, result)
+
+
+@pytest.mark.parametrize("kmajor", [False, True])
+def test_fused_int4_tiles_compile_for_sm90(kmajor):
+    """Fused int4 tiles (scale after the dot, swapped; dequantized in registers) still compile with
+    the group-scale loads they share with the dequantizing pass."""
+    configs = [(16, 64, 128, 4, 3, 1, 1, 0), (128, 128, 64, 8, 3, 1, 0, 0)]
+    cases = [dict(kernel="fused", config=list(c), dtype="*bf16", kmajor=kmajor) for c in configs]
+    for case, result in zip(cases, compile_in_subprocess(SCRIPT, cases)):
+        assert "error" not in result, (case, result.get("error"))
+        assert result["wgmma"] > 0, (case, result)

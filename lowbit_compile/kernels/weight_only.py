@@ -139,6 +139,20 @@ if triton is not None:
         return tl.reshape(both, (words.shape[0], BLOCK_K // 2)).to(tl.uint8)
 
     @triton.jit
+    def _group_scales(scale_ptr, zero_ptr, offs, mask, ZERO_POINT: tl.constexpr, KMAJOR: tl.constexpr):
+        """(scales, zero points) of int4 groups at `offs`, as fp32 values (K-major ones are stored
+        times 2**-16 and 2**16: undone here, exactly); without zero points the scales twice."""
+        s = tl.load(scale_ptr + offs, mask=mask, other=0.0)
+        if KMAJOR:
+            s = s * 65536.0
+        z = s
+        if ZERO_POINT:
+            z = tl.load(zero_ptr + offs, mask=mask, other=0.0)
+            if KMAJOR:
+                z = z * 0.0000152587890625
+        return s, z
+
+    @triton.jit
     def _load_step(
         w_ptr, x_ptr, scale_ptr, zero_ptr, offs_m, offs_n_safe, pid_m, k0, M, K,
         stride_xm, stride_wn, stride_sn, stride_sg,
@@ -207,15 +221,7 @@ if triton is not None:
                     offs_g = (k0 + 2 * tl.arange(0, HALF_K)) // GROUP
                 s_offs = offs_n_safe[:, None] * stride_sn + offs_g[None, :] * stride_sg
                 s_mask = (offs_g < K // GROUP)[None, :]  # the K tail has no scales
-            s = tl.load(scale_ptr + s_offs, mask=s_mask, other=0.0)
-            if KMAJOR:  # stored times 2**-16 (scales) and 2**16 (zero points): exact
-                s = s * 65536.0
-            if ZERO_POINT:
-                z = tl.load(zero_ptr + s_offs, mask=s_mask, other=0.0)
-                if KMAJOR:
-                    z = z * 0.0000152587890625
-            else:
-                z = s
+            s, z = _group_scales(scale_ptr, zero_ptr, s_offs, s_mask, ZERO_POINT, KMAJOR)
         else:
             s = tl.zeros((BLOCK_N,), dtype=tl.float32)
             z = s
@@ -435,14 +441,8 @@ if triton is not None:
             offs_g = k0 // GROUP + tl.arange(0, GROUPS)
             s_offs = offs_n_safe[:, None] * stride_sn + offs_g[None, :] * stride_sg
             s_mask = (offs_g < K // GROUP)[None, :]
-            s = tl.load(scale_ptr + s_offs, mask=s_mask, other=0.0)
-            if KMAJOR:  # stored times 2**-16 (scales) and 2**16 (zero points): exact
-                s = s * 65536.0
-            if ZERO_POINT:
-                z = tl.load(zero_ptr + s_offs, mask=s_mask, other=0.0)
-                if KMAJOR:
-                    z = z * 0.0000152587890625
-            else:
+            s, z = _group_scales(scale_ptr, zero_ptr, s_offs, s_mask, ZERO_POINT, KMAJOR)
+            if not ZERO_POINT:
                 z = tl.zeros((BLOCK_N, GROUPS), tl.float32) + 8.0  # symmetric codes are stored as code + 8
             values = (tl.reshape(codes, (BLOCK_N, GROUPS, GROUP)) - z[:, :, None]) * s[:, :, None]
             values = tl.reshape(values, (BLOCK_N, BLOCK_K))
