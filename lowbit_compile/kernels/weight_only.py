@@ -28,6 +28,10 @@ Code paths, chosen per M bucket by tile config (`WeightOnlyConfig`):
   out^T = W @ x^T, the weight tile being the MMA's A operand in natural order (faster at M <= 128).
 - SPLIT_K > 1 (any path): programs take K slices and write fp32 partials, which
   `common.splitk_sum_kernel` sums into the output.
+- DEQUANT (compute-bound buckets, M > 128): `dequantize_kernel` writes the weight's values in x's
+  dtype (in chunks of rows for large weights), then the tile runs as a plain 16-bit GEMM on them
+  (BITS=16); `run` hands a static M in such a bucket to cuBLAS instead (`F.linear`). The tuner
+  picks it where it beats the fused tiles, pass included (RESULTS.md, thirteenth session).
 
 K-major int4 (opt-in, `LOWBIT_INT4_KMAJOR=1`; `ops.weight_packing` decides, folding packs with
 `pack_kmajor`: int32 words [K/8, N], scales [K/G + 1, N] x 2**-16 whose last row holds split-K
