@@ -46,6 +46,7 @@ __all__ = [
     "pack_4bit",
     "quantize",
     "quantize_with_scale",
+    "row_chunk",
     "rows_of",
     "scale_to_float",
     "smooth_keys",
@@ -395,6 +396,16 @@ def dequantize(q: QuantizedTensor, fmt: Format | str, dtype: torch.dtype = torch
     zero_point = None if q.zero_point is None else expand_scale(q.zero_point, fmt, shape)
     values = _decode_elements(q.data, fmt, zero_point)
     return (values * expand_scale(scale, fmt, shape)).to(dtype)
+
+
+def row_chunk(fmt: Format | str, k: int, max_elements: int) -> int:
+    """Rows per chunk when a (R, K) tensor is worked on in chunks of at most about `max_elements`
+    elements: at least one row, and whole blocks of rows for formats whose scales cover several."""
+    fmt = get_format(fmt)
+    step = max(1, max_elements // max(k, 1))
+    if fmt.per_row_block:
+        step = max(fmt.block_rows, step // fmt.block_rows * fmt.block_rows)
+    return step
 
 
 def rows_of(q: QuantizedTensor, fmt: Format | str, start: int, stop: int) -> QuantizedTensor | None:

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 from lowbit_compile.calibration import fake_quantize_activation
 from lowbit_compile.ops import kernel_name, quantized_tensor
-from lowbit_compile.formats import get_format, is_attention_format
+from lowbit_compile.formats import is_attention_format
 from lowbit_compile.reference import attention as attention_reference
-from lowbit_compile.reference import dequantize, fake_quantize, rows_of
+from lowbit_compile.reference import dequantize, fake_quantize, row_chunk, rows_of
 
 log = logging.getLogger(__name__)
 
@@ -305,10 +305,7 @@ def _linear_outputs(x_ref, x_test, weight, bias, quantized, fmt) -> tuple[torch.
     """(x_ref @ weight.T + bias, x_test @ dequantize(quantized).T + bias) in fp32, over chunks of
     weight rows when the weight is large and its format's scales are local to rows."""
     n, k = weight.shape
-    step = max(1, MEASURE_CHUNK_ELEMENTS // max(k, 1))
-    fmt = get_format(fmt)
-    if fmt.per_row_block:
-        step = max(fmt.block_rows, step // fmt.block_rows * fmt.block_rows)
+    step = row_chunk(fmt, k, MEASURE_CHUNK_ELEMENTS)
     if step >= n or rows_of(quantized, fmt, 0, 0) is None:
         return F.linear(x_ref, weight.float(), bias), F.linear(x_test, dequantize(quantized, fmt), bias)
     references, tests = [], []

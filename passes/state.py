@@ -14,6 +14,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from lowbit_compile.formats import Granularity, get_format
 from lowbit_compile.policy import Kernel, OpKind, Policy, QuantSpec
+from lowbit_compile.reference import row_chunk
 from lowbit_compile.weight_search import search_quantize, searchable
 
 log = logging.getLogger(__name__)  # lowbit_compile.passes.*: under TORCH_LOGS="+lowbit_compile"
@@ -165,9 +166,7 @@ def _by_row_chunks(quantize, source: torch.Tensor, fmt: str) -> list[torch.Tenso
     rows_local = f.granularity in (Granularity.ROW, Granularity.GROUP, Granularity.BLOCK) and not f.global_scale
     if source.dim() != 2 or not rows_local or source.numel() <= QUANTIZE_CHUNK_ELEMENTS:
         return quantize(source)
-    step = max(1, QUANTIZE_CHUNK_ELEMENTS // source.shape[1])
-    if f.granularity is Granularity.BLOCK:
-        step = max(f.block_rows, step // f.block_rows * f.block_rows)
+    step = row_chunk(f, source.shape[1], QUANTIZE_CHUNK_ELEMENTS)
     chunks = [quantize(source[start : start + step]) for start in range(0, source.shape[0], step)]
     return [torch.cat(parts) if parts[0].numel() else parts[0] for parts in zip(*chunks)]
 

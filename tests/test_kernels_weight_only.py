@@ -331,15 +331,16 @@ def test_op_body_on_kmajor_weights_launches_the_bucket_of_each_m(m):
     assert sqnr(expected, out.float()) > 60
 
 
-@pytest.mark.parametrize("fmt_name", FORMATS)
+# K-major packing is for int4 only: 8-bit formats have the one (reference) layout
+LAYOUTS = [(f, False) for f in FORMATS] + [(f, True) for f in FORMATS if get_format(f).bits == 4]
+
+
+@pytest.mark.parametrize("fmt_name, kmajor", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("kmajor", [False, True])
 def test_dequantize_kernel_gives_the_reference_values(fmt_name, dtype, kmajor):
     """`dequantize_kernel` (the DEQUANT configs' pass) writes exactly the reference's values, cast
     once to the output dtype, from either int4 layout; N and K not multiples of its tile. (The
     interpreter's fp32 -> bf16 cast truncates: one bf16 step allowed there, exact on the GPU suite.)"""
-    if kmajor and get_format(fmt_name).bits != 4:
-        pytest.skip("K-major packing is for int4")
     torch.manual_seed(3)
     n, k = 40, 384
     data, scale, zero = _weight(fmt_name, n, k)

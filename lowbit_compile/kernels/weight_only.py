@@ -785,7 +785,7 @@ def _launch_tile(
         meta.k,
         x2d.stride(0),
         w_data.stride(0),
-        *((1, meta.n) if meta.kmajor else (w_scale.stride(0), 1)),  # scales [K/G (+1), N] or (N, K/G)
+        *_scale_strides(meta, w_scale),
         target.stride(-2),
         split_stride,
         k_slice(meta, config),
@@ -807,6 +807,12 @@ def dequant_chunk_rows(meta: WeightMeta) -> int:
     if meta.n * meta.k <= DEQUANT_CHUNK_ELEMENTS:
         return meta.n
     return max(256, DEQUANT_CHUNK_ELEMENTS // meta.k // 256 * 256)
+
+
+def _scale_strides(meta: WeightMeta, w_scale: torch.Tensor) -> tuple[int, int]:
+    """(between output channels, between groups along K) of the scales and zero points: [K/G (+1), N]
+    K-major, else (N, K/G)."""
+    return (1, meta.n) if meta.kmajor else (w_scale.stride(0), 1)
 
 
 def dense_meta(meta: WeightMeta) -> WeightMeta:
@@ -833,7 +839,7 @@ def launch_dequantize(
         rows,
         meta.k,
         w_data.stride(0),
-        *((1, meta.n) if meta.kmajor else (w_scale.stride(0), 1)),
+        *_scale_strides(meta, w_scale),
         out.stride(0),
         GROUP=meta.group, BITS=meta.bits, FLOAT_CODES=meta.float_codes, ZERO_POINT=meta.zero_point,
         KMAJOR=meta.kmajor, BLOCK_N=block_n, BLOCK_K=block_k,
@@ -1018,7 +1024,7 @@ def run(
         launch_dequantize(w_data, w_scale, w_zero_point, dense, meta, 1, wrap)
         return torch.nn.functional.linear(x2d, dense, bias).to(out_dtype).reshape(*x.shape[:-1], meta.n)
     out = torch.empty((x2d.shape[0], meta.n), dtype=out_dtype, device=x.device)
-    launch_plan(x2d, w_data, w_scale, w_zero_point, bias, out, meta, flat_plan, wrap=wrap)
+    _launch_buckets(x2d, w_data, w_scale, w_zero_point, bias, out, meta, buckets, wrap)
     return out.reshape(*x.shape[:-1], meta.n)
 
 
@@ -1029,6 +1035,11 @@ def launch_plan(x2d, w_data, w_scale, w_zero_point, bias, out, meta: WeightMeta,
     Inductor a kernel that writes a graph input is given a copy of it unless nothing reads that
     input after the kernel, so the writing launch goes last: no copy of the scales on any call."""
     buckets = list(common.active_buckets(x2d.shape[0], unflatten_plan(flat_plan)))
+    _launch_buckets(x2d, w_data, w_scale, w_zero_point, bias, out, meta, buckets, wrap)
+
+
+def _launch_buckets(x2d, w_data, w_scale, w_zero_point, bias, out, meta: WeightMeta, buckets: list, wrap) -> None:
+    """`launch_plan` on buckets already unflattened and filtered (`common.active_buckets`)."""
     writes_scales = [meta.kmajor and config.BLOCK_M == 1 and config.SPLIT_K > 1 for _, _, config in buckets]
     order = sorted(range(len(buckets)), key=lambda i: writes_scales[i])  # stable: the writer last
     for active, last, config in (buckets[i] for i in order):
