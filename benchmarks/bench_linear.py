@@ -99,17 +99,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--rows", default=",".join(map(str, ROWS)))
     parser.add_argument(
+        "--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="N x K list (default: the three projections)"
+    )
+    parser.add_argument(
         "--warm-l2", action="store_true", help="let weights stay in L2 between calls (runs before 2026-11-23b)"
     )
     args = parser.parse_args(argv)
     recipes = [r for r in args.recipes.split(",") if r]
     rows = [int(m) for m in args.rows.split(",")]
+    shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",") if shape]
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     tuning: dict[str, dict] = {}
     torch.manual_seed(0)
-    for n, k in SHAPES:
+    for n, k in shapes:
         layer = nn.Linear(k, n, bias=False).to("cuda", torch.bfloat16).eval()
         inputs = {m: _inputs(m, k) for m in rows}
         with torch.no_grad():
@@ -169,8 +173,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, len(SHAPES), figsize=(5 * len(SHAPES), 4), sharey=True)
-        for ax, (n, k) in zip(axes, SHAPES):
+        fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), sharey=True, squeeze=False)
+        axes = axes[0]
+        for ax, (n, k) in zip(axes, shapes):
             subset = [r for r in results if r["N"] == n and r["K"] == k]
             for name in names:
                 ax.plot(

@@ -29,7 +29,10 @@ compiled before the next. Prints a markdown table last (ratios against bf16) and
 table and, if matplotlib is importable, a PNG to `--out`.
 
 The attention reads the whole static cache every step (a masked SDPA over `max_len` positions, the
-same for every variant): at batch 16 that is about 4.5 GB a step on the 8B shapes.
+same for every variant): at batch 16 that is about 4.5 GB a step on the 8B shapes. Decode steps run
+SDPA with `enable_gqa` and an additive mask, prompts fold the query heads of a KV head into the
+query length (`CachedAttention`); before 2026-11-25 (fourteenth session) decode folded them too,
+which cost ~45 us more per layer at batch 1 in every variant.
 
 Variants that differ only in attention: `LINEAR+ATTENTION`, where LINEAR is `bf16` (no linear
 quantized) or a recipe, and ATTENTION an attention format (`lowbit_compile.formats`:
