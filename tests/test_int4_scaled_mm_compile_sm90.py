@@ -4,8 +4,7 @@ and > 128 rows), and read what it compiled to, held in CI without a GPU:
 
 - the dot is Hopper's fp8 MMA (wgmma, `ttng.warp_group_dot`) wherever the tile has >= 64 rows;
 - the int4 -> fp8 conversion is the packed fp16 -> e4m3 convert (`cvt.rn.satfinite.e4m3x2.f16x2`),
-  not a float32 round trip, in the tile or, for DEQUANT configs, in `int4_codes_kernel` (their
-  tile reads fp8 bytes and converts nothing);
+  not a float32 round trip;
 - no spills (no local-memory loads or stores in the SASS, where the Triton wheel can disassemble).
 
 The compiles run in a subprocess without TRITON_INTERPRET (tests/_sm90.py)."""
@@ -24,23 +23,17 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from lowbit_compile.kernels import int4_scaled_mm as I
 
+fn = I.int4_scaled_mm_kernel
+assert isinstance(fn, triton.runtime.jit.JITFunction), type(fn)
+POINTERS = {"x_ptr": "*fp8e4nv", "w_ptr": "*u8", "out_ptr": "*bf16"}
+
 def compile_case(case):
     meta = I.Int4ScaledMeta(case["n"], case["k"], 128)
-    if "config" in case:
-        fn = I.int4_scaled_mm_kernel
-        config = I.Int4ScaledConfig.from_tuple(case["config"])
-        w_type = "*fp8e4nv" if config.DEQUANT else "*u8"
-        pointers = {"x_ptr": "*fp8e4nv", "w_ptr": w_type, "out_ptr": "*bf16"}
-        cons = I.kernel_arguments(meta, config, has_bias=False)
-        options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    else:  # the DEQUANT configs' pass
-        fn = I.int4_codes_kernel
-        pointers = {"w_ptr": "*u8", "out_ptr": "*fp8e4nv"}
-        cons = dict(zip(("BLOCK_N", "BLOCK_K"), I.CODES_BLOCK))
-        options = {"num_warps": 4, "num_stages": 1}
-    assert isinstance(fn, triton.runtime.jit.JITFunction), type(fn)
-    sig, attrs = signature_of(fn, pointers, int_divisible=lambda name: name not in ("M", "n0", "N0", "ROWS"))
+    config = I.Int4ScaledConfig.from_tuple(case["config"])
+    sig, attrs = signature_of(fn, POINTERS, int_divisible=lambda name: name != "M")
+    cons = I.kernel_arguments(meta, config, has_bias=False)
     src = ASTSource(fn=fn, signature=sig, constexprs=cons, attrs=attrs)
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     try:
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     except Exception as e:  # noqa: BLE001
@@ -84,16 +77,6 @@ def test_candidates_of_the_w4_auto_buckets_compile_for_sm90_without_spills():
             continue  # the tuner skips a config that does not fit (it fails to launch)
         if config.BLOCK_M >= 64:
             assert result["wgmma"] >= 1, (config, result)
-        assert (result["cvt_f16x2"] == 0) if config.DEQUANT else (result["cvt_f16x2"] >= 1), (config, result)
-        assert result["cvt_f32"] == 0, (config, result)
+        assert result["cvt_f16x2"] >= 1 and result["cvt_f32"] == 0, (config, result)
         if result["has_sass"]:  # a Triton without nvdisasm gives no SASS
             assert result["local"] == 0, (config, result)
-    assert any(config.DEQUANT for config in configs)
-
-
-def test_dequant_pass_converts_packed_without_spills():
-    (result,) = _compile([dict(n=4096, k=4096)])
-    assert "error" not in result, result
-    assert result["cvt_f16x2"] >= 1 and result["cvt_f32"] == 0, result
-    if result["has_sass"]:
-        assert result["local"] == 0, result

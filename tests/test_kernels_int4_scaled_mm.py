@@ -146,55 +146,6 @@ def test_all_zero_weight_groups_between_others():
         assert not out.isnan().any() and sqnr(expected, out) > 60, config
 
 
-def test_codes_pass_writes_each_code_as_fp8_exactly():
-    """`int4_codes_kernel` (the DEQUANT configs' pass): rows n0.. of the packed weight, every code of
-    a row (odd row count, K not a multiple of its 256-wide tile), as the fp8 value of code - 8."""
-    torch.manual_seed(4)
-    n, k, n0, rows = 70, 384, 5, 41
-    w_data = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
-    meta = int4.Int4ScaledMeta(n, k, 128)
-    out = torch.full((rows, k), float("nan")).to(torch.float8_e4m3fn)
-    int4.launch_codes(w_data, out, meta, n0=n0)
-    expected = reference.unpack_4bit(w_data[n0 : n0 + rows]).float() - 8
-    assert torch.equal(out.float(), expected)
-
-
-# DEQUANT: the codes as fp8 bytes, then the tile reads them (K a multiple of 128, not of 256; odd M, N)
-@pytest.mark.parametrize(
-    "m, config",
-    [(1, C(16, 32, 128, 4, 3, 1, 1, 1)), (37, C(32, 16, 64, 4, 3, 1, 0, 1)), (37, C(16, 64, 128, 4, 3, 1, 0, 1))],
-)
-def test_dequant_configs_match_reference(m, config):
-    torch.manual_seed(m)
-    operands = _operands(m, 40, 384)
-    out = _launch_poisoned(*operands, config)
-    assert not out.isnan().any()
-    assert sqnr(_reference(*operands), out) > 60
-
-
-def test_dequant_runs_a_large_weight_in_chunks_of_rows(monkeypatch):
-    """Over `CODES_CHUNK_ELEMENTS`, the codes are written and multiplied in chunks of rows (256 here:
-    three chunks for 600 rows, the last one short), each into its own output and bias columns."""
-    monkeypatch.setattr(int4, "CODES_CHUNK_ELEMENTS", 256 * 128)
-    calls = []
-    launch_codes = int4.launch_codes
-    monkeypatch.setattr(
-        int4, "launch_codes", lambda *a, n0=0, **kw: calls.append((n0, a[1].shape[0])) or launch_codes(*a, n0=n0, **kw)
-    )
-    torch.manual_seed(6)
-    operands = _operands(3, 600, 128)
-    out = _launch_poisoned(*operands, C(16, 64, 128, 4, 3, 1, 1, 1))
-    assert calls == [(0, 256), (256, 256), (512, 88)]
-    assert not out.isnan().any() and sqnr(_reference(*operands), out) > 60
-
-
-def test_dequant_configs_have_no_split_k():
-    meta = int4.Int4ScaledMeta(4096, 4096, 128)
-    assert not int4.config_is_valid(C(128, 128, 128, 8, 3, 2, 1, 1), meta)
-    assert int4.config_is_valid(C(128, 128, 128, 8, 3, 1, 1, 1), meta)
-    assert any(c.DEQUANT for c in int4._candidates(4096, meta))
-
-
 def test_every_candidate_is_valid_and_every_default_runs():
     torch.manual_seed(0)
     for n, k in ((24, 256), (4096, 14336)):

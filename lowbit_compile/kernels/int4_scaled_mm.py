@@ -72,9 +72,6 @@ class Int4ScaledConfig:
     # 1: the accumulator is rescaled to the next group's scale and the MMA accumulates into it (one
     # accumulator, so larger tiles fit); 0: each step's product is scaled and added (two)
     RESCALE: int = 0
-    # 1: `int4_codes_kernel` first writes the codes as fp8 e4m3 bytes (exact; in chunks of rows), then
-    # the tile reads those bytes instead of unpacking nibbles in its loop (no split K)
-    DEQUANT: int = 0
 
     def as_tuple(self) -> tuple[int, ...]:
         return dataclasses.astuple(self)
@@ -114,7 +111,6 @@ if triton is not None:
         stride_om,
         stride_os,  # split-K: elements between the partial outputs of two K slices
         K_SLICE,  # split-K: K elements per slice, a multiple of GROUP (K when SPLIT_K == 1)
-        n0,  # CODES8: the weight's rows are rows n0.. of the whole weight: its scale rows, output and bias columns
         HAS_BIAS: tl.constexpr,
         GROUP: tl.constexpr,  # elements per weight scale along K
         BLOCK_M: tl.constexpr,
@@ -123,7 +119,6 @@ if triton is not None:
         GROUP_M: tl.constexpr,  # row tiles that share a sweep over N (L2 reuse of weight tiles)
         SPLIT_K: tl.constexpr,
         RESCALE: tl.constexpr,  # the accumulator is kept in units of the current group's scale
-        CODES8: tl.constexpr,  # w_ptr holds the codes as fp8 e4m3 bytes (R, K) (`int4_codes_kernel`)
     ):
         HALF_K: tl.constexpr = BLOCK_K // 2
         pid = tl.program_id(0)
@@ -147,25 +142,16 @@ if triton is not None:
         offs_m_safe = tl.where(m_mask, offs_m, 0)  # rows and channels past the edge read row 0; never stored
         offs_n_safe = tl.where(n_mask, offs_n, 0)
         x_ptrs = x_ptr + offs_m_safe[:, None] * stride_xm + (k_begin + tl.arange(0, BLOCK_K))[None, :]
-        if CODES8:  # a chunk of rows: n0 offsets its scales, output and bias (else 0, not read: registers)
-            w_ptrs = w_ptr + offs_n_safe[:, None] * stride_wn + (k_begin + tl.arange(0, BLOCK_K))[None, :]
-            w_scale_ptr += n0 * stride_ws
-            bias_ptr += n0
-            out_ptr += n0
-        else:
-            w_ptrs = w_ptr + offs_n_safe[:, None] * stride_wn + (k_begin // 2 + tl.arange(0, HALF_K))[None, :]
+        w_ptrs = w_ptr + offs_n_safe[:, None] * stride_wn + (k_begin // 2 + tl.arange(0, HALF_K))[None, :]
         w_scale_ptrs = w_scale_ptr + offs_n_safe * stride_ws
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         unit = tl.full((BLOCK_N,), 1.0, dtype=tl.float32)  # RESCALE: the scale acc is counted in
         for k0 in range(k_begin, k_end, BLOCK_K):
             x = tl.load(x_ptrs)
-            if CODES8:
-                w = tl.load(w_ptrs)
-            else:
-                packed = tl.load(w_ptrs)  # [BLOCK_N, HALF_K] bytes: elements 2i (low) and 2i + 1 (high)
-                codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K))  # natural K order
-                w = _int4_to_fp8(codes)
+            packed = tl.load(w_ptrs)  # [BLOCK_N, HALF_K] bytes: elements 2i (low) and 2i + 1 (high)
+            codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K))  # natural K order
+            w = _int4_to_fp8(codes)
             w_scale = tl.load(w_scale_ptrs + k0 // GROUP)
             if RESCALE:
                 # acc * s_prev / s + P = (sum of the earlier groups' s_j P_j) / s + P: one accumulator,
@@ -176,7 +162,7 @@ if triton is not None:
             else:
                 acc += tl.dot(x, tl.trans(w)) * w_scale[None, :]
             x_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K if CODES8 else HALF_K
+            w_ptrs += HALF_K
 
         if RESCALE:
             acc = acc * unit[None, :]
@@ -185,24 +171,6 @@ if triton is not None:
             acc += tl.load(bias_ptr + offs_n_safe).to(tl.float32)[None, :]
         out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
-
-    @triton.jit
-    def int4_codes_kernel(
-        w_ptr, out_ptr, N0, ROWS, K, stride_wn, stride_on, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
-    ):
-        """out (ROWS, K) = the int4 codes of the weight's rows N0..N0 + ROWS - 1 as fp8 e4m3 bytes,
-        exactly (`_int4_to_fp8`): the DEQUANT configs' pass, 1 byte written per 0.5 read."""
-        pid = tl.program_id(0)
-        tiles_k = tl.cdiv(K, BLOCK_K)
-        rows = (pid // tiles_k) * BLOCK_N + tl.arange(0, BLOCK_N)
-        HALF_K: tl.constexpr = BLOCK_K // 2
-        bytes_k = (pid % tiles_k) * HALF_K + tl.arange(0, HALF_K)
-        mask = (rows < ROWS)[:, None] & (bytes_k < K // 2)[None, :]
-        packed = tl.load(w_ptr + (N0 + rows)[:, None] * stride_wn + bytes_k[None, :], mask=mask, other=0)
-        codes = _int4_to_fp8(tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K)))
-        columns = (pid % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
-        store_mask = (rows < ROWS)[:, None] & (columns < K)[None, :]
-        tl.store(out_ptr + rows[:, None] * stride_on + columns[None, :], codes, mask=store_mask)
 
 
 # -- launch parameters ----------------------------------------------------------------------------
@@ -222,10 +190,7 @@ class Int4ScaledMeta:
 
 
 def config_is_valid(config: Int4ScaledConfig, meta: Int4ScaledMeta) -> bool:
-    """fp8 MMA steps of >= 32, inside one group; tiles of >= 16 (tl.dot's smallest); DEQUANT tiles
-    write whole outputs per chunk (no split K)."""
-    if config.DEQUANT and config.SPLIT_K != 1:
-        return False
+    """fp8 MMA steps of >= 32, inside one group; tiles of >= 16 (tl.dot's smallest)."""
     return config.BLOCK_K % 32 == 0 and meta.group % config.BLOCK_K == 0 and min(config.BLOCK_M, config.BLOCK_N) >= 16
 
 
@@ -239,7 +204,6 @@ def kernel_arguments(meta: Int4ScaledMeta, config: Int4ScaledConfig, has_bias: b
         GROUP_M=8,
         SPLIT_K=config.SPLIT_K,
         RESCALE=config.RESCALE,
-        CODES8=bool(config.DEQUANT),
     )
 
 
@@ -270,10 +234,6 @@ def _candidates(bucket_m: int, meta: Int4ScaledMeta) -> list[Int4ScaledConfig]:
         configs = [C(128, 128, 128, 8, 3, 1, 1), C(128, 256, 128, 8, 3, 1, 1), C(128, 256, 64, 8, 4, 1, 1)]
         configs += [C(256, 128, 64, 8, 3, 1, 1), C(64, 256, 128, 8, 3, 1, 1), C(128, 128, 128, 4, 3, 1, 1)]
         configs += [C(128, 128, 64, 8, 4), C(128, 64, 128, 4, 4), C(64, 256, 128, 8, 3)]
-        # DEQUANT: the codes written as fp8 bytes once per call, then the same tiles without the
-        # nibble -> fp8 conversion in the loop (each weight tile is converted once, not once per row tile)
-        configs += [C(128, 128, 128, 8, 3, 1, 1, 1), C(128, 256, 128, 8, 3, 1, 1, 1), C(128, 128, 128, 8, 4, 1, 1, 1)]
-        configs += [C(256, 128, 64, 8, 3, 1, 1, 1)]
     max_n = max(16, triton.next_power_of_2(meta.n))
     clamped = [
         dataclasses.replace(c, BLOCK_N=min(c.BLOCK_N, max_n), BLOCK_K=min(c.BLOCK_K, meta.group)) for c in configs
@@ -305,14 +265,6 @@ def launch(
 ) -> None:
     """The launches for all rows of `x2d` (M, K fp8) into `out` (M, N, contiguous); `x_scale` (M, 1).
     `active`, `max_rows` and `wrap` as in `weight_only.launch`."""
-    if config.DEQUANT:
-        _launch_codes_gemm(x2d, x_scale, w_data, w_scale, bias, out, meta, config, active, wrap)
-        return
-    _launch_tile(x2d, x_scale, w_data, w_scale, bias, out, meta, config, active, max_rows, wrap)
-
-
-def _launch_tile(x2d, x_scale, w_data, w_scale, bias, out, meta, config, active, max_rows, wrap, n0: int = 0) -> None:
-    """One config's launches; with DEQUANT, w_data holds fp8 codes of the weight's rows n0.. (meta.n of them)."""
     m = x2d.shape[0]
     kernel = common.runner(int4_scaled_mm_kernel, config.num_warps, config.num_stages)
     if wrap is not None:
@@ -336,53 +288,13 @@ def _launch_tile(x2d, x_scale, w_data, w_scale, bias, out, meta, config, active,
         x2d.stride(0),
         w_data.stride(0),
         w_scale.stride(0),
-        target.stride(-2),
+        meta.n,
         split_stride,
         k_slice(meta, config),
-        n0,
         **kernel_arguments(meta, config, bias is not None),
     )
     if config.SPLIT_K > 1:
         common.sum_partials(target, out, config.SPLIT_K, split_stride, active=active, wrap=wrap)
-
-
-CODES_BLOCK = (32, 256)  # int4_codes_kernel's tile (rows, K)
-# A DEQUANT config's fp8 code buffer holds at most this many elements (64 MB): an LM head
-# (128256 x 4096) is converted and multiplied in chunks of rows, as weight_only's DEQUANT does.
-CODES_CHUNK_ELEMENTS = 2**26
-
-
-def codes_chunk_rows(meta: Int4ScaledMeta) -> int:
-    """Weight rows per DEQUANT chunk: all of them, or a multiple of 256 under the element bound."""
-    if meta.n * meta.k <= CODES_CHUNK_ELEMENTS:
-        return meta.n
-    return max(256, CODES_CHUNK_ELEMENTS // meta.k // 256 * 256)
-
-
-def launch_codes(w_data: torch.Tensor, out: torch.Tensor, meta: Int4ScaledMeta, active=1, wrap=None, n0: int = 0):
-    """out (R, K) fp8 e4m3 = the codes of the weight's rows n0..n0 + R - 1, exactly; the grid is
-    multiplied by `active` (0 launches nothing)."""
-    block_n, block_k = CODES_BLOCK
-    rows = out.shape[0]
-    kernel = common.runner(int4_codes_kernel, 4, 1)
-    if wrap is not None:
-        kernel = wrap(kernel)
-    kernel[(triton.cdiv(rows, block_n) * triton.cdiv(meta.k, block_k) * active,)](
-        w_data, out, n0, rows, meta.k, w_data.stride(0), out.stride(0), BLOCK_N=block_n, BLOCK_K=block_k
-    )
-
-
-def _launch_codes_gemm(x2d, x_scale, w_data, w_scale, bias, out, meta, config, active, wrap) -> None:
-    """A DEQUANT config: per chunk of at most `CODES_CHUNK_ELEMENTS` weight rows, the codes as fp8
-    bytes (`launch_codes`), then the tile on them writes the chunk's output columns. The buffer has
-    a static size (a size with `active` in it would put a guard on a dynamic M)."""
-    step = codes_chunk_rows(meta)
-    for n0 in range(0, meta.n, step):
-        rows = min(step, meta.n - n0)
-        codes = torch.empty((rows, meta.k), dtype=torch.float8_e4m3fn, device=x2d.device)
-        launch_codes(w_data, codes, meta, active, wrap, n0=n0)
-        chunk = dataclasses.replace(meta, n=rows)
-        _launch_tile(x2d, x_scale, codes, w_scale, bias, out, chunk, config, active, None, wrap, n0=n0)
 
 
 # -- tuning -----------------------------------------------------------------------------------------
