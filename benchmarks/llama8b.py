@@ -635,21 +635,26 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     return rows
 
 
+def make_inputs(plan: Plan) -> dict[str, Any]:
+    """The prompt (batch 1) and its positions, one decode token at batch 1 and `plan.batch`, and one
+    small device tensor per decode position (made before any timing), from a fixed seed."""
+    generator = torch.Generator().manual_seed(1)
+    vocab = plan.config.vocab_size
+    return {
+        "prompt": torch.randint(0, vocab, (1, plan.prefill), generator=generator).to(plan.device),
+        "prompt_positions": torch.arange(plan.prefill, device=plan.device),
+        "one": torch.randint(0, vocab, (1, 1), generator=generator).to(plan.device),
+        "many": torch.randint(0, vocab, (plan.batch, 1), generator=generator).to(plan.device),
+        "positions": [torch.tensor([p], device=plan.device) for p in range(plan.prefill, plan.max_len)],
+    }
+
+
 def _run(
     plan: Plan, names: list[str], release: bool, on_row: Callable[[list[dict[str, Any]]], None] | None = None
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     start = time.perf_counter()
     model = build_model(plan)
-    generator = torch.Generator().manual_seed(1)
-    vocab = plan.config.vocab_size
-    inputs = {
-        "prompt": torch.randint(0, vocab, (1, plan.prefill), generator=generator).to(plan.device),
-        "prompt_positions": torch.arange(plan.prefill, device=plan.device),
-        "one": torch.randint(0, vocab, (1, 1), generator=generator).to(plan.device),
-        "many": torch.randint(0, vocab, (plan.batch, 1), generator=generator).to(plan.device),
-        # one small device tensor per decode position, made before any timing
-        "positions": [torch.tensor([p], device=plan.device) for p in range(plan.prefill, plan.max_len)],
-    }
+    inputs = make_inputs(plan)
     with torch.no_grad():  # eager bf16 reference: the first decode step's logits after the prompt
         model.allocate_cache(1, plan.max_len)
         reference = model(inputs["prompt"], inputs["prompt_positions"]).float()

@@ -115,14 +115,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     config = replace(LLAMA3_8B, num_layers=args.layers)
     plan = Plan(config, "cuda", torch.bfloat16, prefill=args.prefill, batch=args.batch, steps=args.steps, warmup=4,
                 prefill_reps=1, cudagraphs=True)  # fmt: skip
-    generator = torch.Generator().manual_seed(1)
-    inputs = {
-        "prompt": torch.randint(0, config.vocab_size, (1, plan.prefill), generator=generator).cuda(),
-        "prompt_positions": torch.arange(plan.prefill, device="cuda"),
-        "one": torch.randint(0, config.vocab_size, (1, 1), generator=generator).cuda(),
-        "many": torch.randint(0, config.vocab_size, (args.batch, 1), generator=generator).cuda(),
-        "positions": [torch.tensor([p], device="cuda") for p in range(plan.prefill, plan.max_len)],
-    }
+    inputs = llama8b.make_inputs(plan)
     names = ["bf16", *(name.strip() for name in args.policies.split(",") if name.strip())]
     rows = []
     model = llama8b.build_model(plan)
