@@ -9,7 +9,9 @@ call starts with a cold L2 (flushed; the flush's time is measured alone and subt
 model whose weights do not stay in L2 (`--warm-l2`: the method of runs before 2026-11-23b). Prints speedup ratios
 over eager bf16, writes JSON and, if matplotlib is available, a PNG. A recipe written `w4a16@kmajor`
 folds its int4 weights K-major (`LOWBIT_INT4_KMAJOR=1`, opt-in: see `ops.weight_packing`), to
-compare the two layouts in one run.
+compare the two layouts in one run; `fp8-block@static` compiles one graph per M (dynamic=False), as
+a fixed-length prefill graph is, where a static M may run cuBLAS (`kernels/cublas_blockwise.py`);
+every other variant is one graph for all M (dynamic=True), as in serving.
 """
 
 from __future__ import annotations
@@ -129,10 +131,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             elif name == "bf16-inductor":
                 fn = torch.compile(layer, dynamic=True)
             else:
-                policy = name.partition("@")[0]
-                fn = torch.compile(
-                    layer, backend="lowbit", dynamic=True, options={"policy": policy, "compute_sqnr": False}
-                )
+                policy, _, variant = name.partition("@")
+                # "<recipe>@static": one graph per M (as a prefill graph of fixed length), where a
+                # static M in a compute-bound bucket may run cuBLAS (kernels/cublas_blockwise.py);
+                # otherwise one graph serves every M, as in serving
+                options = {"policy": policy, "compute_sqnr": False}
+                fn = torch.compile(layer, backend="lowbit", dynamic=variant != "static", options=options)
             # "<recipe>@kmajor": int4 weights folded K-major (opt-in), against the reference layout
             packing = contextlib.nullcontext()
             if name in recipes and name.endswith("@kmajor"):

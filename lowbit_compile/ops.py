@@ -505,8 +505,13 @@ if HAS_TRITON:
         family, s_meta = _scaled_kernels(x_fmt, w_fmt, w_data)  # int4 weights: kernels/int4_scaled_mm.py
         x2d = x.contiguous().reshape(-1, w_meta.k)
         m = x2d.shape[0]
-        out = torch.empty((m, w_meta.n), dtype=out_dtype, device=x.device)
         wrap = torch.library.wrap_triton
+        if isinstance(m, int) and m >= weight_only_below_m and family.uses_cublas(s_meta, m, x.device):
+            # a static M above the switch: cuBLAS's block-scaled GEMM (kernels/cublas_blockwise.py)
+            x_data, x_scale = _scaled.quantize_rows(x2d, get_format(x_fmt), wrap=wrap)
+            out = family.cublas_mm(x_data, x_scale, w_data, w_scale, bias, out_dtype, wrap)
+            return out.reshape(*x.shape[:-1], w_meta.n)
+        out = torch.empty((m, w_meta.n), dtype=out_dtype, device=x.device)
         low = _common.restrict_plan(weight_only_plan, _weight_only._PLAN_FIELDS, 1, weight_only_below_m - 1)
         _weight_only.launch_plan(x2d, w_data, w_scale, w_zero_point, bias, out, w_meta, low, wrap=wrap)
         high = _common.restrict_plan(scaled_plan, family._PLAN_FIELDS, weight_only_below_m, None)

@@ -40,7 +40,7 @@ except ImportError:  # pragma: no cover - triton is optional
     tl = None
 
 from lowbit_compile.formats import ElementType, Format, Granularity, ScaleType
-from lowbit_compile.kernels import common
+from lowbit_compile.kernels import common, cublas_blockwise
 
 
 def supports(x_fmt: Format, w_fmt: Format) -> str | None:
@@ -93,6 +93,19 @@ if triton is not None:
         conversion on sm_89+; exact, every integer of [-8, 7] being an e4m3 value)."""
         value = (nibble.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1032.0
         return value.to(tl.float8e4nv)
+
+    @triton.jit
+    def codes_to_fp8_kernel(w_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+        """out (N, K) fp8 e4m3 bytes = the int4 codes of w (N, K//2 packed bytes, contiguous), exactly:
+        byte i gives elements 2i (low nibble) and 2i + 1 (high)."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        packed = tl.load(w_ptr + offs, mask=mask, other=0)
+        low = _int4_to_fp8(packed & 0xF).to(tl.uint8, bitcast=True)
+        high = _int4_to_fp8(packed >> 4).to(tl.uint8, bitcast=True)
+        out_offs = tl.reshape(tl.join(2 * offs, 2 * offs + 1), (2 * BLOCK,))
+        out_mask = tl.reshape(tl.join(mask, mask), (2 * BLOCK,))
+        tl.store(out_ptr + out_offs, tl.reshape(tl.join(low, high), (2 * BLOCK,)), mask=out_mask)
 
     @triton.jit
     def int4_scaled_mm_kernel(
@@ -344,6 +357,54 @@ def _plan(meta, out_dtype, has_bias, device, tune: bool, min_rows: int) -> tuple
     )  # fmt: skip
 
 
+# -- cuBLAS for a static M in the compute-bound bucket -------------------------------------------------
+
+# The weight's codes as fp8 bytes take N * K bytes per call (twice the packed weight); above this many
+# elements (an LM head) the Triton tiles run instead of holding such a copy.
+CUBLAS_MAX_WEIGHT_ELEMENTS = 2**26
+CONVERT_BLOCK = 1024
+
+
+def uses_cublas(meta: Int4ScaledMeta, m, device: torch.device) -> bool:
+    """Whether a call of `m` rows runs `cublas_mm`: a static M in the compute-bound bucket, groups
+    of 128 (cuBLAS's 1x128 weight scales), a weight of at most `CUBLAS_MAX_WEIGHT_ELEMENTS`, and
+    shapes and a device cuBLAS takes. Measured on H100 (RESULTS.md, fifteenth session): the GEMM
+    1.27-1.37x of bf16 at M >= 2048, where the Triton tiles run at 0.67-0.78x."""
+    if meta.group != cublas_blockwise.GROUP or meta.n * meta.k > CUBLAS_MAX_WEIGHT_ELEMENTS:
+        return False
+    if not isinstance(m, int) or m < common.M_BUCKETS[-1][0]:
+        return False
+    return cublas_blockwise.usable(m, meta.n, meta.k, device)
+
+
+def codes_to_fp8(w_data: torch.Tensor, active=1, wrap=None) -> torch.Tensor:
+    """The int4 codes of `w_data` (N, K//2 packed, stored as code + 8) as fp8 e4m3 (N, K), exact."""
+    n, half_k = w_data.shape
+    out = torch.empty((n, 2 * half_k), dtype=torch.uint8, device=w_data.device)
+    kernel = wrap(codes_to_fp8_kernel) if wrap is not None else codes_to_fp8_kernel
+    numel = n * half_k
+    kernel[(triton.cdiv(numel, CONVERT_BLOCK) * active,)](w_data.contiguous(), out, numel, BLOCK=CONVERT_BLOCK)
+    return out.view(torch.float8_e4m3fn)
+
+
+def cublas_mm(
+    x_data: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_data: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    wrap=None,
+) -> torch.Tensor:
+    """(M, N): per-token fp8 x (scales (M, 1)) times the int4 weight, as cuBLAS's 1x128 x 1x128
+    block-scaled GEMM on the weight's codes converted to fp8 (`codes_to_fp8`) with its group scales,
+    and the token's scale repeated over the K groups: the same products and scales as the tiles."""
+    groups = w_scale.shape[1]
+    x_groups = x_scale.reshape(-1, 1).expand(-1, groups)
+    w_fp8 = codes_to_fp8(w_data, wrap=wrap)
+    return cublas_blockwise.mm_1x128_1x128(x_data, x_groups, w_fp8, w_scale, bias, out_dtype)
+
+
 def unflatten_plan(flat: list[int]) -> list[tuple[int, int | None, Int4ScaledConfig]]:
     buckets = common.unflatten_plan(flat, _PLAN_FIELDS)
     return [(first, last, Int4ScaledConfig.from_tuple(c)) for first, last, c in buckets]
@@ -374,6 +435,9 @@ def run(
 
     meta = Int4ScaledMeta.of(get_format(x_fmt), get_format(w_fmt), w_data)
     x2d = x_data.contiguous().reshape(-1, meta.k)
+    if uses_cublas(meta, x2d.shape[0], x_data.device):
+        out = cublas_mm(x2d, x_scale, w_data, w_scale, bias, out_dtype, wrap)
+        return out.reshape(*x_data.shape[:-1], meta.n)
     out = torch.empty((x2d.shape[0], meta.n), dtype=out_dtype, device=x_data.device)
     launch_plan(x2d, x_scale.contiguous().reshape(-1, 1), w_data, w_scale, bias, out, meta, flat_plan, wrap=wrap)
     return out.reshape(*x_data.shape[:-1], meta.n)

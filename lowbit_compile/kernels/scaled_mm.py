@@ -40,7 +40,7 @@ except ImportError:  # pragma: no cover - triton is optional
     tl = None
 
 from lowbit_compile.formats import ElementType, Format, Granularity, ScaleType
-from lowbit_compile.kernels import common
+from lowbit_compile.kernels import common, cublas_blockwise
 
 BLOCK_SCALE_SIZE = 128  # the fp8-block recipe: 1x128 activation groups, 128x128 weight blocks
 
@@ -669,9 +669,31 @@ def run(
     x2d = x_data.contiguous().reshape(-1, meta.k)
     m = x2d.shape[0]
     x_scale2d = x_scale.reshape(1, 1) if meta.x_per_tensor else x_scale.contiguous().reshape(-1, x_scale.shape[-1])
+    if uses_cublas(meta, m, x_data.device):
+        out = cublas_blockwise.mm_1x128_128x128(x2d, x_scale2d, w_data, w_scale, bias, out_dtype)
+        return out.reshape(*x_data.shape[:-1], meta.n)
     out = torch.empty((m, meta.n), dtype=out_dtype, device=x_data.device)
     launch_plan(x2d, x_scale2d, w_data, w_scale, bias, out, meta, flat_plan, wrap=wrap)
     return out.reshape(*x_data.shape[:-1], meta.n)
+
+
+# Rows from which a static M of an fp8-block GEMM runs cuBLAS's block-scaled kernel (the first row of
+# the compute-bound bucket): on H100 it measured 1.57-1.78x of bf16 at M >= 512 against 1.06-1.20x
+# for `scaled_mm_block_kernel` (RESULTS.md, fifteenth session). A dynamic M stays on the Triton tiles:
+# a call with a symbolic M cannot choose between an aten GEMM's output and the tiles' without a
+# guard or a copy (DESIGN-NOTES "cuBLAS block-scaled GEMMs").
+CUBLAS_MIN_ROWS = common.M_BUCKETS[-1][0]
+
+
+def uses_cublas(meta: ScaledMeta, m, device: torch.device) -> bool:
+    """Whether a call of `m` rows runs `cublas_blockwise.mm_1x128_128x128` (fp8-block, static M in
+    the compute-bound bucket, whole 128-row weight blocks, shapes and device cuBLAS takes), not the
+    Triton tiles."""
+    if not meta.block_scales or meta.int8 or not isinstance(m, int) or m < CUBLAS_MIN_ROWS:
+        return False
+    if meta.n % BLOCK_SCALE_SIZE:  # torch 2.11's fake impl of `_scaled_mm_v2` wants N / 128 blocks, whole
+        return False
+    return cublas_blockwise.usable(m, meta.n, meta.k, device)
 
 
 def launch_plan(x2d, x_scale2d, w_data, w_scale, bias, out, meta: ScaledMeta, flat_plan: list[int], wrap=None) -> None:
