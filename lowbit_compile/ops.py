@@ -606,14 +606,21 @@ def _decode_runs_sdpa() -> bool:
 # Kernels measured slower than bf16 somewhere, with no faster path for the same stored weight: the
 # report says so rather than the dispatch hiding it (issue 6 item 5; benchmarks/RESULTS.md).
 SLOWER_THAN_BF16 = {
-    "triton:fp8_block": "slower than bf16 at M > 128 on H100 (0.6-0.9x); no other kernel runs 128x128 blocks",
+    # benchmarks/RESULTS.md, fifteenth session (bench_linear, Llama-3-8B shapes, the activation's
+    # quantization included): one graph for all M against one graph per M (cuBLAS at static M).
+    "triton:fp8_block": (
+        "slower than bf16 at M > 128 on H100 under a dynamic M (0.72-1.12x); a static M >= 129 runs"
+        " cuBLAS's block-scaled GEMM instead on sm_90 (1.10-1.55x)"
+    ),
     # benchmarks/RESULTS.md "2026-11-24 (fourth session), H100 — w4-auto first run" (Llama-3-8B
-    # shapes, row quantization included; the GEMM alone in parentheses). Also reached through
-    # `auto_mm` (w4-auto at or above its switch M), whose report names it as well.
+    # shapes, row quantization included; the GEMM alone in parentheses), and the fifteenth session's
+    # static M. Also reached through `auto_mm` (w4-auto at or above its switch M), whose report names
+    # it as well.
     "triton:int4_fp8": (
         "slower than bf16 at M >= 128 on H100 (0.39-0.78x, GEMM alone 0.42-0.84x; 0.70-1.12x at M = 64),"
         " 0.67-0.78x at M >= 2048 where w4-auto runs it; w4a16, the other kernel for this weight, is"
-        " slower there still (0.50-0.52x)"
+        " slower there still (0.50-0.52x); a static M runs cuBLAS on the codes converted to fp8 instead"
+        " on sm_90 (0.85-1.05x at M = 2048, 1.06-1.22x at 8192)"
     ),
 }
 

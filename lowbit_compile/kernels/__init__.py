@@ -4,6 +4,8 @@
 - `scaled_mm.py`, `int4_scaled_mm.py`: 8-bit scaled GEMMs and int4 x fp8 (`lowbit::scaled_mm`,
   `lowbit::auto_mm`).
 - `attention.py`, `attention_decode.py`: quantized flash attention (`lowbit::block_attention`).
+- `cublas_blockwise.py`: cuBLAS's block-scaled fp8 GEMMs (`F.scaled_mm`), which `scaled_mm.py` and
+  `int4_scaled_mm.py` run for a static M in their compute-bound bucket on sm_90.
 - `weight_search.py`: the int4 scale search run at fold time (not an op; `weight_search.py`).
 - `tuning.py`, `common.py`, `analysis_cache.py`: disk-cached tile-config tuning, shared launch
   pieces, and the memo of torch's mutation analysis of our kernels.

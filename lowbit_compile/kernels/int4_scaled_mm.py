@@ -21,7 +21,9 @@ and BLOCK_K divides GROUP, so every K step is whole (no masks along K) and lies 
 
 Code paths, by tile config (`Int4ScaledConfig`): plain tiles (BLOCK_M rows x BLOCK_N channels), and
 SPLIT_K > 1, where programs take K slices (whole groups) and write fp32 partials summed by
-`common.splitk_sum_kernel`.
+`common.splitk_sum_kernel`. A static M in the compute-bound bucket (groups of 128, sm_90) instead
+converts the codes to fp8 bytes in one pass (`codes_to_fp8_kernel`) and runs cuBLAS's 1x128 x 1x128
+block-scaled GEMM on them (`cublas_mm`, `kernels/cublas_blockwise.py`): the same products and scales.
 """
 
 from __future__ import annotations
