@@ -74,45 +74,28 @@ def weight_block_scales(w_scale: torch.Tensor, k: int) -> torch.Tensor:
 EPILOGUE_BIAS_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def _epilogue_bias(bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor | None:
-    if bias is None or out_dtype not in EPILOGUE_BIAS_DTYPES:
-        return None
-    return bias.to(out_dtype)
-
-
-def mm_1x128_128x128(
+def mm(
     x_data: torch.Tensor,
     x_scale: torch.Tensor,
     w_data: torch.Tensor,
     w_scale: torch.Tensor,
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
+    weight_block_rows: int,
 ) -> torch.Tensor:
-    """(M, N) = x (1x128 groups, scales (M, K/128)) @ w (128x128 blocks, scales (N/128, K/128)).T + bias
-    (the bias in cuBLAS's epilogue, before the one rounding to `out_dtype`)."""
-    k = x_data.shape[1]
-    scaling = F.ScalingType
+    """(M, N) = x (fp8, 1x128 groups, scales (M, K/128)) @ w (fp8 (N, K)).T + bias, in `out_dtype`.
+    `weight_block_rows` 128: w's scales are per 128x128 block, (N/128, K/128); 1: per 1x128 group
+    along K, (N, K/128). The bias is added in cuBLAS's epilogue (before the one rounding) for 16-bit
+    outputs, afterwards otherwise."""
+    if weight_block_rows == GROUP:
+        recipe_b, w_scale_cublas = F.ScalingType.BlockWise128x128, weight_block_scales(w_scale, x_data.shape[1])
+    elif weight_block_rows == 1:
+        recipe_b, w_scale_cublas = F.ScalingType.BlockWise1x128, m_major(w_scale)
+    else:
+        raise ValueError(f"cuBLAS block-scaled weights are 128x128 blocks or 1x128 groups, not {weight_block_rows}x128")
+    in_epilogue = bias is not None and out_dtype in EPILOGUE_BIAS_DTYPES
     out = F.scaled_mm(
-        x_data, w_data.t(), m_major(x_scale), scaling.BlockWise1x128,
-        weight_block_scales(w_scale, k), scaling.BlockWise128x128,
-        bias=_epilogue_bias(bias, out_dtype), output_dtype=out_dtype,
+        x_data, w_data.t(), m_major(x_scale), F.ScalingType.BlockWise1x128, w_scale_cublas, recipe_b,
+        bias=bias.to(out_dtype) if in_epilogue else None, output_dtype=out_dtype,
     )  # fmt: skip
-    return out if bias is None or out_dtype in EPILOGUE_BIAS_DTYPES else out + bias.to(out_dtype)
-
-
-def mm_1x128_1x128(
-    x_data: torch.Tensor,
-    x_scale: torch.Tensor,
-    w_data: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    out_dtype: torch.dtype,
-) -> torch.Tensor:
-    """(M, N) = x (scales (M, K/128)) @ w (1x128 groups along K, scales (N, K/128)).T + bias."""
-    scaling = F.ScalingType
-    out = F.scaled_mm(
-        x_data, w_data.t(), m_major(x_scale), scaling.BlockWise1x128,
-        m_major(w_scale), scaling.BlockWise1x128,
-        bias=_epilogue_bias(bias, out_dtype), output_dtype=out_dtype,
-    )  # fmt: skip
-    return out if bias is None or out_dtype in EPILOGUE_BIAS_DTYPES else out + bias.to(out_dtype)
+    return out if bias is None or in_epilogue else out + bias.to(out_dtype)

@@ -404,7 +404,7 @@ def cublas_mm(
     groups = w_scale.shape[1]
     x_groups = x_scale.reshape(-1, 1).expand(-1, groups)
     w_fp8 = codes_to_fp8(w_data, wrap=wrap)
-    return cublas_blockwise.mm_1x128_1x128(x_data, x_groups, w_fp8, w_scale, bias, out_dtype)
+    return cublas_blockwise.mm(x_data, x_groups, w_fp8, w_scale, bias, out_dtype, weight_block_rows=1)
 
 
 def unflatten_plan(flat: list[int]) -> list[tuple[int, int | None, Int4ScaledConfig]]:

@@ -672,7 +672,7 @@ def run(
     m = x2d.shape[0]
     x_scale2d = x_scale.reshape(1, 1) if meta.x_per_tensor else x_scale.contiguous().reshape(-1, x_scale.shape[-1])
     if uses_cublas(meta, m, x_data.device):
-        out = cublas_blockwise.mm_1x128_128x128(x2d, x_scale2d, w_data, w_scale, bias, out_dtype)
+        out = cublas_blockwise.mm(x2d, x_scale2d, w_data, w_scale, bias, out_dtype, BLOCK_SCALE_SIZE)
         return out.reshape(*x_data.shape[:-1], meta.n)
     out = torch.empty((m, meta.n), dtype=out_dtype, device=x_data.device)
     launch_plan(x2d, x_scale2d, w_data, w_scale, bias, out, meta, flat_plan, wrap=wrap)
@@ -688,7 +688,7 @@ CUBLAS_MIN_ROWS = common.M_BUCKETS[-1][0]
 
 
 def uses_cublas(meta: ScaledMeta, m, device: torch.device) -> bool:
-    """Whether a call of `m` rows runs `cublas_blockwise.mm_1x128_128x128` (fp8-block, static M in
+    """Whether a call of `m` rows runs `cublas_blockwise.mm` (fp8-block, static M in
     the compute-bound bucket, whole 128-row weight blocks, shapes and device cuBLAS takes), not the
     Triton tiles."""
     if not meta.block_scales or meta.int8 or not isinstance(m, int) or m < CUBLAS_MIN_ROWS:
