@@ -379,13 +379,13 @@ def uses_cublas(meta: Int4ScaledMeta, m, device: torch.device) -> bool:
     return cublas_blockwise.usable(m, meta.n, meta.k, device)
 
 
-def codes_to_fp8(w_data: torch.Tensor, active=1, wrap=None) -> torch.Tensor:
+def codes_to_fp8(w_data: torch.Tensor, wrap=None) -> torch.Tensor:
     """The int4 codes of `w_data` (N, K//2 packed, stored as code + 8) as fp8 e4m3 (N, K), exact."""
     n, half_k = w_data.shape
     out = torch.empty((n, 2 * half_k), dtype=torch.uint8, device=w_data.device)
     kernel = wrap(codes_to_fp8_kernel) if wrap is not None else codes_to_fp8_kernel
     numel = n * half_k
-    kernel[(triton.cdiv(numel, CONVERT_BLOCK) * active,)](w_data.contiguous(), out, numel, BLOCK=CONVERT_BLOCK)
+    kernel[(triton.cdiv(numel, CONVERT_BLOCK),)](w_data.contiguous(), out, numel, BLOCK=CONVERT_BLOCK)
     return out.view(torch.float8_e4m3fn)
 
 
